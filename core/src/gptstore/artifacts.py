@@ -1,0 +1,175 @@
+"""Artifacts on disk: model folders with a ``manifest.json`` that records their lineage.
+
+An artifact is written to a temporary folder next to its final place and renamed into place, so a
+crash never leaves half an artifact where the store looks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gptstore.converter import structure, unstructure
+from gptstore.errors import InvalidInput, NotFound
+from gptstore.types import Artifact, Manifest, RecipeStep
+
+MANIFEST = "manifest.json"
+_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+# Libraries whose versions decide whether a derived model can be reproduced.
+_TRACKED_LIBRARIES = (
+    "gptstore",
+    "torch",
+    "transformers",
+    "peft",
+    "optimum-onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "safetensors",
+    "tokenizers",
+)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_files(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 for every file under ``folder`` except the manifest."""
+    return {
+        path.relative_to(folder).as_posix(): sha256_file(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _TRACKED_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def new_artifact_id(stem: str) -> str:
+    """A fresh id: a slug of ``stem`` plus a random suffix (``smollm2-135m.prune-3f9a0c1d``)."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "artifact"
+    return f"{slug[:100]}-{uuid.uuid4().hex[:8]}"
+
+
+def check_artifact_id(artifact_id: str) -> str:
+    """Refuse ids that could name a path outside the store (``../x``, ``a/b``)."""
+    if not _ID.match(artifact_id) or ".." in artifact_id:
+        raise InvalidInput(
+            "artifact id",
+            [
+                f"{artifact_id!r} is not an artifact id; ids are 1-128 characters of a-z, 0-9, "
+                "'.', '_' or '-'"
+            ],
+        )
+    return artifact_id
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise NotFound(f"{folder} has no {MANIFEST}; it is not a gptstore artifact")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(str(path), [f"not valid JSON: {exc}"]) from None
+    return structure(data, Manifest, what=str(path))
+
+
+def derive_manifest(
+    parent: Artifact,
+    folder: Path,
+    *,
+    strategy: str,
+    options: dict[str, Any],
+    kind: str | None = None,
+    data_digest: str | None = None,
+    metrics_before: dict[str, float] | None = None,
+    metrics_after: dict[str, float] | None = None,
+) -> Manifest:
+    """The manifest of a new artifact in ``folder`` made from ``parent`` by one recipe step."""
+    return Manifest(
+        id=new_artifact_id(f"{parent.id.rsplit('-', 1)[0]}.{strategy}"),
+        kind=kind or parent.manifest.kind,  # type: ignore[arg-type]
+        parent=parent.id,
+        origin=parent.manifest.origin,
+        step=RecipeStep(strategy, options),
+        data_digest=data_digest,
+        metrics_before=metrics_before or {},
+        metrics_after=metrics_after or {},
+        files=hash_files(folder),
+        library_versions=library_versions(),
+        created_at=datetime.now(UTC),
+    )
+
+
+class ArtifactStore:
+    """The ``artifacts/`` folder of a store home: one sub-folder per artifact id."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def staging_dir(self) -> Path:
+        """An empty temporary folder on the same file system, for a new artifact's files."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
+
+    def commit(self, staging: Path, manifest: Manifest) -> Artifact:
+        """Write the manifest into ``staging`` and rename it to ``artifacts/<id>``."""
+        target = self.root / check_artifact_id(manifest.id)
+        if target.exists():
+            raise InvalidInput("artifact", [f"{manifest.id} already exists in {self.root}"])
+        write_json_atomic(staging / MANIFEST, unstructure(manifest))
+        os.replace(staging, target)
+        return Artifact(target, manifest)
+
+    def discard(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def get(self, artifact_id: str) -> Artifact:
+        folder = self.root / check_artifact_id(artifact_id)
+        if not folder.is_dir():
+            raise NotFound(f"no artifact {artifact_id!r} in {self.root}")
+        return Artifact(folder, read_manifest(folder))
+
+    def list(self) -> list[Artifact]:
+        if not self.root.is_dir():
+            return []
+        return [
+            Artifact(p, read_manifest(p))
+            for p in sorted(self.root.iterdir())
+            if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
+        ]

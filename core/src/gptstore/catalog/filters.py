@@ -1,0 +1,158 @@
+"""Hard constraints of a Requirement, each in two forms that agree: an SQL clause over the
+catalog (to filter a million cards) and a Python check on one card (to explain an exclusion).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
+
+from gptstore.errors import InvalidInput
+from gptstore.scoring import UNKNOWN_DTYPE_BYTES
+from gptstore.types import ModelCard, Requirement
+from gptstore.units import DTYPE_BYTES, format_bytes, format_count
+
+
+def words(text: str) -> list[str]:
+    """Tokens as SQLite's unicode61 tokenizer (remove_diacritics 2) sees them."""
+    folded = unicodedata.normalize("NFKD", text.lower())
+    folded = "".join(ch for ch in folded if not unicodedata.combining(ch))
+    return re.findall(r"[^\W_]+", folded)
+
+
+def fts_query(text: str) -> str:
+    """An FTS5 MATCH expression: every word must appear, as a word or a word's prefix.
+
+    Words are quoted so user text can never be read as FTS5 syntax.
+    """
+    terms = words(text)
+    if not terms:
+        raise InvalidInput("query", [f"{text!r} has no words to search for"])
+    return " ".join(f'"{term}"*' for term in terms)
+
+
+def query_matches(card: ModelCard, text: str) -> bool:
+    haystack = set(words(" ".join((card.name, card.description, *card.tags))))
+    return all(any(word.startswith(term) for word in haystack) for term in words(text))
+
+
+#: (kind, value) -> bit, as the catalog's vocabulary table assigns them.
+Bits = Mapping[tuple[str, str], int]
+
+
+def sql_filters(
+    req: Requirement, bits: Bits | None = None, *, fast: bool = True
+) -> tuple[str, list[str], list[Any]]:
+    """What to select from, WHERE clauses (to be ANDed) and the parameters of both, in order.
+
+    With ``fast`` (the default), a requirement with a task reads ``card_tasks c``, whose indexes
+    lead with the task, and the i-th metric floor joins ``card_metrics f{i}`` (so rankings can
+    read ``f{i}.value``). ``fast=False`` reads ``cards c`` with subqueries only, so that
+    ``NOT (clauses)`` selects exactly the cards that fail. Both tables have the columns in
+    :data:`~gptstore.catalog.schema.SELECTION_COLUMNS`. ``bits`` lets language filters test
+    bits inside the covering index; languages without a bit fall back to card_languages.
+    """
+    bits = bits or {}
+    table = "cards c"
+    clauses: list[str] = []
+    params: list[Any] = []
+    if fast and req.task:
+        table = "card_tasks c"
+        clauses.append("c.task = ?")
+        params.append(req.task)
+    if fast:
+        for index in range(len(req.metric_floors)):
+            table += (
+                f" JOIN card_metrics f{index} ON f{index}.card_id = c.id "
+                f"AND f{index}.name = ? AND f{index}.value >= ?"
+            )
+        params[:0] = [x for floor in req.metric_floors for x in (floor.name, floor.minimum)]
+    if not req.include_delisted:
+        clauses.append("c.listed = 1")
+    if req.sources:
+        clauses.append(f"c.source IN ({', '.join('?' * len(req.sources))})")
+        params.extend(req.sources)
+    if req.task and not fast:
+        clauses.append("c.id IN (SELECT id FROM card_tasks WHERE task = ?)")
+        params.append(req.task)
+    if req.min_params is not None:
+        clauses.append("c.parameters >= ?")
+        params.append(req.min_params)
+    if req.max_params is not None:
+        clauses.append("c.parameters <= ?")
+        params.append(req.max_params)
+    if req.licenses:
+        clauses.append(f"c.license IN ({', '.join('?' * len(req.licenses))})")
+        params.extend(req.licenses)
+    mask = sum(1 << bits["language", lang] for lang in req.languages if ("language", lang) in bits)
+    if mask:
+        clauses.append("(c.language_bits & ?) = ?")
+        params.extend((mask, mask))
+    for language in req.languages:
+        if ("language", language) not in bits:
+            clauses.append("c.id IN (SELECT card_id FROM card_languages WHERE language = ?)")
+            params.append(language)
+    if req.min_context is not None:
+        clauses.append("c.context_length >= ?")
+        params.append(req.min_context)
+    if req.memory_budget is not None:
+        if req.dtype:
+            clauses.append("c.parameters * ? <= ?")
+            params.extend((DTYPE_BYTES[req.dtype], req.memory_budget))
+        else:
+            clauses.append(f"c.parameters * coalesce(c.dtype_bytes, {UNKNOWN_DTYPE_BYTES}) <= ?")
+            params.append(req.memory_budget)
+    for floor in req.metric_floors if not fast else ():
+        clauses.append("c.id IN (SELECT card_id FROM card_metrics WHERE name = ? AND value >= ?)")
+        params.extend((floor.name, floor.minimum))
+    if req.query:
+        clauses.append("c.id IN (SELECT rowid FROM cards_fts WHERE cards_fts MATCH ?)")
+        params.append(fts_query(req.query))
+    return table, clauses, params
+
+
+def violations(card: ModelCard, req: Requirement, *, listed: bool = True) -> list[str]:
+    """Every hard constraint ``card`` fails, as a readable line; empty when it passes all."""
+    failed: list[str] = []
+    p = card.parameters
+    if not listed and not req.include_delisted:
+        failed.append(f"no longer listed by source {card.source}")
+    if req.sources and card.source not in req.sources:
+        failed.append(f"source {card.source} not in {', '.join(req.sources)}")
+    if req.task and req.task not in card.tasks:
+        failed.append(f"task {req.task} not among {', '.join(card.tasks) or 'no tasks'}")
+    if req.min_params is not None and (p is None or p < req.min_params):
+        failed.append(f"{format_count(p)} parameters < min {format_count(req.min_params)}")
+    if req.max_params is not None and (p is None or p > req.max_params):
+        failed.append(f"{format_count(p)} parameters > max {format_count(req.max_params)}")
+    if req.licenses and card.license not in req.licenses:
+        failed.append(f"license {card.license or 'unknown'} not in {', '.join(req.licenses)}")
+    missing = [lang for lang in req.languages if lang not in card.languages]
+    if missing:
+        failed.append(
+            f"language(s) {', '.join(missing)} not among "
+            f"{', '.join(card.languages) or 'none listed'}"
+        )
+    if req.min_context is not None and (
+        card.context_length is None or card.context_length < req.min_context
+    ):
+        failed.append(f"context {card.context_length or 'unknown'} < min {req.min_context}")
+    if req.memory_budget is not None:
+        per_weight = (
+            DTYPE_BYTES[req.dtype] if req.dtype else (card.dtype_bytes or UNKNOWN_DTYPE_BYTES)
+        )
+        if p is None or p * per_weight > req.memory_budget:
+            at = req.dtype or card.dtype or "float32"
+            need = format_bytes(p * per_weight) if p is not None else "unknown size"
+            failed.append(f"weights {need} at {at} > budget {format_bytes(req.memory_budget)}")
+    for floor in req.metric_floors:
+        metric = card.metric(floor.name)
+        value = metric.normalized if metric else None
+        if value is None or value < floor.minimum:
+            shown = "missing" if value is None else f"{value:.3g}"
+            failed.append(f"{floor.name} {shown} < floor {floor.minimum:g}")
+    if req.query and not query_matches(card, req.query):
+        failed.append(f"does not match query {req.query!r}")
+    return failed

@@ -1,0 +1,129 @@
+"""The catalog's SQLite schema and its migrations.
+
+``PRAGMA user_version`` holds the schema version; :data:`MIGRATIONS` [i] takes a catalog from
+version i to i + 1. Add a migration at the end; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 0 -> 1
+    """
+    -- Only the columns filters and rankings read, so rows stay narrow; the rest is in card_docs.
+    CREATE TABLE cards (
+        id INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        listed INTEGER NOT NULL DEFAULT 1,
+        parameters INTEGER,
+        size_log REAL,
+        dtype_bytes REAL,
+        context_length INTEGER,
+        license TEXT,
+        quality REAL,
+        popularity_score REAL NOT NULL DEFAULT 0,
+        updated_days REAL,
+        language_bits INTEGER NOT NULL DEFAULT 0
+    );
+    -- Covers every column that filters and built-in rankings read (but source, metric floors and
+    -- text), so a selection without a task scans this index and never the table.
+    CREATE INDEX cards_select ON cards (
+        listed, parameters, context_length, license, dtype_bytes, size_log, quality,
+        popularity_score, updated_days, language_bits
+    );
+    CREATE INDEX cards_source ON cards (source, listed);
+    -- The whole card (JSON), its ids and sync bookkeeping; card_id is cards.id.
+    CREATE TABLE card_docs (
+        card_id INTEGER PRIMARY KEY,
+        uid TEXT NOT NULL UNIQUE,
+        model_id TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        synced_at TEXT NOT NULL,
+        delisted_at TEXT,
+        card TEXT NOT NULL
+    );
+    CREATE INDEX card_docs_model_id ON card_docs (model_id);
+    -- One row per (task, card) holding the selection columns of cards: nearly every requirement
+    -- names a task, and these indexes seek straight to its cards by license or by size.
+    CREATE TABLE card_tasks (
+        task TEXT NOT NULL,
+        id INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        listed INTEGER NOT NULL,
+        parameters INTEGER,
+        size_log REAL,
+        dtype_bytes REAL,
+        context_length INTEGER,
+        license TEXT,
+        quality REAL,
+        popularity_score REAL NOT NULL,
+        updated_days REAL,
+        language_bits INTEGER NOT NULL
+    );
+    CREATE INDEX card_tasks_by_license ON card_tasks (
+        task, listed, license, parameters, context_length, dtype_bytes, size_log, quality,
+        popularity_score, updated_days, language_bits, id
+    );
+    CREATE INDEX card_tasks_by_size ON card_tasks (
+        task, listed, parameters, license, context_length, dtype_bytes, size_log, quality,
+        popularity_score, updated_days, language_bits, id
+    );
+    CREATE INDEX card_tasks_card ON card_tasks (id);
+    -- Languages get one bit each in language_bits (the first 62 seen), so a language filter is a
+    -- bit test inside an index; card_languages stays complete for languages past the 62nd.
+    CREATE TABLE vocabulary (
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        bit INTEGER NOT NULL,
+        PRIMARY KEY (kind, value)
+    ) WITHOUT ROWID;
+    CREATE TABLE card_languages (
+        language TEXT NOT NULL,
+        card_id INTEGER NOT NULL,
+        PRIMARY KEY (language, card_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX card_languages_card ON card_languages (card_id);
+    -- Normalized (0-1, higher is better) metric values, for floors and quality rankings.
+    CREATE TABLE card_metrics (
+        name TEXT NOT NULL,
+        card_id INTEGER NOT NULL,
+        value REAL NOT NULL,
+        PRIMARY KEY (name, card_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX card_metrics_card ON card_metrics (card_id);
+    CREATE INDEX card_metrics_value ON card_metrics (name, value);
+    CREATE VIRTUAL TABLE cards_fts USING fts5 (
+        name, description, tags, tokenize = 'unicode61 remove_diacritics 2'
+    );
+    CREATE TABLE sync_runs (
+        id INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        finished_at TEXT NOT NULL,
+        added INTEGER NOT NULL,
+        updated INTEGER NOT NULL,
+        unchanged INTEGER NOT NULL,
+        delisted INTEGER NOT NULL,
+        refused INTEGER NOT NULL,
+        error TEXT
+    );
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+#: Columns of the selection tables (``cards`` and ``card_tasks``, both read as ``c``) that
+#: filters and ``rank_sql`` expressions may use.
+SELECTION_COLUMNS = (
+    "id",
+    "source",
+    "listed",
+    "parameters",
+    "size_log",
+    "dtype_bytes",
+    "context_length",
+    "license",
+    "quality",
+    "popularity_score",
+    "updated_days",
+    "language_bits",
+)

@@ -1,0 +1,431 @@
+"""The catalog: model cards in SQLite (WAL), searchable and filterable at a million cards.
+
+Writes run in one ``BEGIN IMMEDIATE`` transaction; reads that take several statements run in one
+read transaction, so a reader sees the catalog before or after a sync, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from attrs import evolve, frozen
+
+from gptstore.catalog.filters import fts_query, sql_filters
+from gptstore.catalog.schema import MIGRATIONS, SCHEMA_VERSION
+from gptstore.converter import converter
+from gptstore.errors import CatalogError, NotFound
+from gptstore.scoring import epoch_days, popularity_score, size_log
+from gptstore.types import ModelCard, Requirement
+
+
+@frozen
+class Entry:
+    """A card as the catalog holds it: whether its source still lists it, and when seen."""
+
+    card: ModelCard
+    listed: bool
+    synced_at: str
+    id: int
+
+
+@frozen
+class SourceSync:
+    """What one source's sync changed."""
+
+    source: str
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    delisted: int = 0
+    refused: tuple[tuple[str, str], ...] = ()
+    error: str | None = None
+
+
+#: Bits 0..61 of language_bits are handed out; SQLite integers are signed 64-bit.
+MAX_BITS = 62
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a script into statements (executescript would commit our transaction)."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            yield buffer
+            buffer = ""
+    if buffer.strip():
+        raise CatalogError(f"unterminated statement in a migration: {buffer.strip()[:60]}")
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _fingerprint(document: str) -> str:
+    return hashlib.sha256(document.encode()).hexdigest()[:32]
+
+
+def _document(card: ModelCard) -> str:
+    return json.dumps(converter.unstructure(card), sort_keys=True, separators=(",", ":"))
+
+
+class Catalog:
+    """A catalog file. Connections are per thread; the object may be shared between threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.migrate()
+
+    # -- connections and transactions ----------------------------------------------------------
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA cache_size = -65536")
+            except sqlite3.DatabaseError as exc:
+                raise CatalogError(
+                    f"cannot open catalog {self.path}: {exc}; move the file "
+                    "away and run `gptstore sync` to rebuild it"
+                ) from None
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        conn = self.connection
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """One snapshot for several statements (nested calls share the outer one)."""
+        conn = self.connection
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    # -- schema ----------------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        return int(self.connection.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        try:
+            with self.write() as conn:
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                if version > SCHEMA_VERSION:
+                    raise CatalogError(
+                        f"catalog {self.path} has schema version {version}, newer than this "
+                        f"gptstore knows ({SCHEMA_VERSION}); upgrade gptstore"
+                    )
+                for number in range(version, SCHEMA_VERSION):
+                    for statement in _statements(MIGRATIONS[number]):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {number + 1}")
+        except sqlite3.DatabaseError as exc:
+            raise CatalogError(
+                f"cannot open catalog {self.path}: {exc}; move the file away and "
+                "run `gptstore sync` to rebuild it"
+            ) from None
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def bits(self) -> dict[tuple[str, str], int]:
+        """The vocabulary: (kind, value) -> bit of the language_bits columns."""
+        return {
+            (kind, value): bit
+            for kind, value, bit in self.connection.execute(
+                "SELECT kind, value, bit FROM vocabulary"
+            )
+        }
+
+    @staticmethod
+    def _mask(
+        conn: sqlite3.Connection,
+        bits: dict[tuple[str, str], int],
+        kind: str,
+        values: tuple[str, ...],
+    ) -> int:
+        mask = 0
+        for value in values:
+            if (kind, value) not in bits:
+                used = sum(1 for k, _v in bits if k == kind)
+                if used >= MAX_BITS:
+                    continue  # filtered through card_languages instead
+                bits[kind, value] = used
+                conn.execute(
+                    "INSERT INTO vocabulary (kind, value, bit) VALUES (?, ?, ?)",
+                    (kind, value, used),
+                )
+            mask |= 1 << bits[kind, value]
+        return mask
+
+    def _insert(
+        self,
+        conn: sqlite3.Connection,
+        card: ModelCard,
+        document: str,
+        fingerprint: str,
+        now: str,
+        card_id: int | None,
+        bits: dict[tuple[str, str], int],
+    ) -> None:
+        selection = (
+            card.source,
+            card.parameters,
+            size_log(card.parameters),
+            card.dtype_bytes,
+            card.context_length,
+            card.license,
+            card.quality,
+            popularity_score(card.popularity),
+            epoch_days(card.updated_at or card.created_at),
+            self._mask(conn, bits, "language", card.languages),
+        )
+        columns = (
+            "source, parameters, size_log, dtype_bytes, context_length, license, quality, "
+            "popularity_score, updated_days, language_bits"
+        )
+        if card_id is None:
+            card_id = conn.execute(
+                f"INSERT INTO cards ({columns}, listed) VALUES (?,?,?,?,?,?,?,?,?,?,1)", selection
+            ).lastrowid
+        else:
+            assignments = ", ".join(f"{name.strip()} = ?" for name in columns.split(","))
+            conn.execute(
+                f"UPDATE cards SET {assignments}, listed = 1 WHERE id = ?", (*selection, card_id)
+            )
+            conn.execute("DELETE FROM card_tasks WHERE id = ?", (card_id,))
+            for table in ("card_languages", "card_metrics"):
+                conn.execute(f"DELETE FROM {table} WHERE card_id = ?", (card_id,))
+            conn.execute("DELETE FROM cards_fts WHERE rowid = ?", (card_id,))
+        conn.execute(
+            "INSERT OR REPLACE INTO card_docs (card_id, uid, model_id, fingerprint, "
+            "synced_at, delisted_at, card) VALUES (?, ?, ?, ?, ?, NULL, ?)",
+            (card_id, card.uid, card.model_id, fingerprint, now, document),
+        )
+        conn.executemany(
+            f"INSERT INTO card_tasks (task, id, listed, {columns}) "
+            f"VALUES (?,?,1,?,?,?,?,?,?,?,?,?,?)",
+            [(task, card_id, *selection) for task in card.tasks],
+        )
+        conn.executemany(
+            "INSERT OR IGNORE INTO card_languages (language, card_id) VALUES (?, ?)",
+            [(lang, card_id) for lang in card.languages],
+        )
+        conn.executemany(
+            "INSERT OR IGNORE INTO card_metrics (name, card_id, value) VALUES (?,?,?)",
+            [(m.name, card_id, m.normalized) for m in card.metrics if m.normalized is not None],
+        )
+        conn.execute(
+            "INSERT INTO cards_fts (rowid, name, description, tags) VALUES (?,?,?,?)",
+            (card_id, card.name, card.description, " ".join(card.tags)),
+        )
+
+    def replace_source(
+        self, conn: sqlite3.Connection, source: str, cards: Iterable[ModelCard]
+    ) -> SourceSync:
+        """Upsert ``cards`` as everything ``source`` lists now; mark the rest delisted.
+
+        Runs inside the caller's write transaction.
+        """
+        now = datetime.now(UTC).isoformat()
+        existing = {
+            uid: (card_id, fp, listed)
+            for uid, card_id, fp, listed in conn.execute(
+                "SELECT d.uid, c.id, d.fingerprint, c.listed FROM cards c "
+                "JOIN card_docs d ON d.card_id = c.id WHERE c.source = ?",
+                (source,),
+            )
+        }
+        added = updated = unchanged = 0
+        seen: set[str] = set()
+        bits = self.bits()
+        for card in cards:
+            if card.source != source:
+                raise CatalogError(
+                    f"source {source!r} produced a card of source {card.source!r} "
+                    f"({card.model_id}); a source must set source={source!r}"
+                )
+            if card.uid in seen:
+                continue
+            seen.add(card.uid)
+            document = _document(card)
+            fingerprint = _fingerprint(document)
+            previous = existing.get(card.uid)
+            if previous is None:
+                self._insert(conn, card, document, fingerprint, now, None, bits)
+                added += 1
+            elif previous[1] != fingerprint or not previous[2]:
+                self._insert(conn, card, document, fingerprint, now, previous[0], bits)
+                updated += 1
+            else:
+                conn.execute(
+                    "UPDATE card_docs SET synced_at = ? WHERE card_id = ?", (now, previous[0])
+                )
+                unchanged += 1
+        gone = [
+            card_id
+            for uid, (card_id, _fp, listed) in existing.items()
+            if uid not in seen and listed
+        ]
+        conn.executemany("UPDATE cards SET listed = 0 WHERE id = ?", [(i,) for i in gone])
+        conn.executemany("UPDATE card_tasks SET listed = 0 WHERE id = ?", [(i,) for i in gone])
+        conn.executemany(
+            "UPDATE card_docs SET delisted_at = ? WHERE card_id = ?", [(now, i) for i in gone]
+        )
+        return SourceSync(source, added, updated, unchanged, len(gone))
+
+    def record_sync(self, conn: sqlite3.Connection, result: SourceSync, started: str) -> None:
+        conn.execute(
+            "INSERT INTO sync_runs (source, started_at, finished_at, added, updated, unchanged, "
+            "delisted, refused, error) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                result.source,
+                started,
+                datetime.now(UTC).isoformat(),
+                result.added,
+                result.updated,
+                result.unchanged,
+                result.delisted,
+                len(result.refused),
+                result.error,
+            ),
+        )
+
+    def upsert(self, cards: Sequence[ModelCard], source: str) -> SourceSync:
+        """Replace what the catalog holds for ``source`` with ``cards``, atomically."""
+        started = datetime.now(UTC).isoformat()
+        with self.write() as conn:
+            result = self.replace_source(conn, source, cards)
+            self.record_sync(conn, result, started)
+        return result
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _entries(self, conn: sqlite3.Connection, ids: Sequence[int]) -> list[Entry]:
+        if not ids:
+            return []
+        rows: dict[int, tuple[str, int, str]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for card_id, document, listed, synced in conn.execute(
+                f"SELECT d.card_id, d.card, c.listed, d.synced_at FROM card_docs d "
+                f"JOIN cards c ON c.id = d.card_id WHERE d.card_id IN ({marks})",
+                chunk,
+            ):
+                rows[card_id] = (document, listed, synced)
+        return [
+            Entry(
+                converter.structure(json.loads(rows[i][0]), ModelCard),
+                bool(rows[i][1]),
+                rows[i][2],
+                i,
+            )
+            for i in ids
+            if i in rows
+        ]
+
+    def entries(self, ids: Sequence[int]) -> list[Entry]:
+        with self.read() as conn:
+            return self._entries(conn, ids)
+
+    def count(self, *, listed_only: bool = False) -> int:
+        where = " WHERE listed = 1" if listed_only else ""
+        return int(self.connection.execute(f"SELECT count(*) FROM cards{where}").fetchone()[0])
+
+    def sources(self) -> dict[str, int]:
+        return dict(
+            self.connection.execute(
+                "SELECT source, count(*) FROM cards WHERE listed = 1 "
+                "GROUP BY source ORDER BY source"
+            )
+        )
+
+    def resolve(self, name: str) -> Entry:
+        """A card by uid (``local:foo``) or by model id when only one source has it."""
+        with self.read() as conn:
+            rows = conn.execute(
+                "SELECT card_id, uid FROM card_docs WHERE uid = ?", (name,)
+            ).fetchall()
+            if not rows:
+                rows = conn.execute(
+                    "SELECT card_id, uid FROM card_docs WHERE model_id = ? ORDER BY uid", (name,)
+                ).fetchall()
+            if not rows:
+                like = conn.execute(
+                    "SELECT uid FROM card_docs WHERE uid LIKE ? ESCAPE '\\' ORDER BY uid LIMIT 5",
+                    (f"%{_escape_like(name)}%",),
+                ).fetchall()
+                hint = (
+                    f"; did you mean {', '.join(r[0] for r in like)}?"
+                    if like
+                    else "; `gptstore search` lists the catalog, `gptstore sync` refreshes it"
+                )
+                raise NotFound(f"no model {name!r} in the catalog{hint}")
+            if len(rows) > 1:
+                raise NotFound(
+                    f"{name!r} is ambiguous: {', '.join(r[1] for r in rows)}; "
+                    "write it as SOURCE:MODEL_ID"
+                )
+            return self._entries(conn, [rows[0][0]])[0]
+
+    def search(self, requirement: Requirement, *, limit: int = 20) -> tuple[list[Entry], int]:
+        """Cards meeting ``requirement``: by text relevance when it has a query, else by
+        popularity; and how many match in all."""
+        tables, clauses, params = sql_filters(evolve(requirement, query=None), self.bits())
+        order = "c.popularity_score DESC, c.id"
+        if requirement.query:
+            tables += " JOIN cards_fts ON cards_fts.rowid = c.id"
+            clauses.append("cards_fts MATCH ?")
+            params.append(fts_query(requirement.query))
+            order = "bm25(cards_fts), c.id"
+        where = " AND ".join(clauses) or "1"
+        with self.read() as conn:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT c.id FROM {tables} WHERE {where} ORDER BY {order} LIMIT ?",
+                    [*params, limit],
+                )
+            ]
+            total = conn.execute(f"SELECT count(*) FROM {tables} WHERE {where}", params).fetchone()[
+                0
+            ]
+            return self._entries(conn, ids), int(total)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read query (selection uses this inside :meth:`read`)."""
+        return self.connection.execute(sql, params).fetchall()

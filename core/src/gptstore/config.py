@@ -1,0 +1,95 @@
+"""The store home (``$GPTSTORE_HOME``, default ``~/.gptstore``) and its ``config.toml``.
+
+.. code-block:: toml
+
+    [sources.local]
+    paths = ["~/models"]          # folders the built-in ``local`` source scans
+
+    [sources.hf]
+    enabled = false               # any source can be switched off
+
+    [policies.balanced]
+    weights = { quality = 0.4, size = 0.3, popularity = 0.15, recency = 0.15 }
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from attrs import Factory, frozen
+
+from gptstore.converter import structure
+from gptstore.errors import InvalidInput
+
+CONFIG_FILE = "config.toml"
+CATALOG_FILE = "catalog.db"
+
+
+def store_home() -> Path:
+    """``$GPTSTORE_HOME`` when set, else ``~/.gptstore``."""
+    return Path(os.environ.get("GPTSTORE_HOME") or "~/.gptstore").expanduser()
+
+
+@frozen(kw_only=True)
+class Config:
+    """The parsed ``config.toml``: a raw table per source and per policy.
+
+    Each table is checked by the plugin that owns it (its record's ``options_type``).
+    """
+
+    sources: dict[str, dict[str, Any]] = Factory(dict)
+    policies: dict[str, dict[str, Any]] = Factory(dict)
+
+    def source_enabled(self, name: str) -> bool:
+        return self.sources.get(name, {}).get("enabled", True) is not False
+
+    def source_options(self, name: str) -> dict[str, Any]:
+        return {k: v for k, v in self.sources.get(name, {}).items() if k != "enabled"}
+
+
+class Store:
+    """The files of one store home."""
+
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = (home or store_home()).expanduser()
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / CONFIG_FILE
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.home / CATALOG_FILE
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "artifacts"
+
+    def read_raw_config(self) -> dict[str, Any]:
+        if not self.config_path.is_file():
+            return {}
+        try:
+            return tomllib.loads(self.config_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidInput(str(self.config_path), [f"not valid TOML: {exc}"]) from None
+
+    def config(self) -> Config:
+        return structure(self.read_raw_config(), Config, what=str(self.config_path))
+
+    def write_raw_config(self, data: dict[str, Any]) -> None:
+        """Check ``data`` as a Config, then replace config.toml atomically."""
+        structure(data, Config, what="configuration")
+        self.home.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.home, prefix=".config.", suffix=".toml")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                tomli_w.dump(data, handle)
+            os.replace(tmp, self.config_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -1,0 +1,297 @@
+"""The plugin manager: built-ins and installed plugins on one pluggy manager.
+
+Entry points of the group ``gptstore`` load one at a time. A plugin that fails to import, whose
+hooks do not match the specs, or whose hook raises or returns something other than records, is
+skipped with a :class:`PluginLoadWarning` naming it and kept as a failed :class:`PluginInfo`, so
+``gptstore plugins`` and the API can show what went wrong. ``GPTSTORE_STRICT_PLUGINS=1`` raises
+instead. ``GPTSTORE_DISABLED_PLUGINS=a,b`` blocks plugins by name; ``GPTSTORE_LOAD_PLUGINS=a,b``
+loads only those installed plugins (built-ins stay unless disabled).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import warnings
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Any, Literal, TypeVar
+
+import pluggy
+from attrs import evolve, frozen
+
+from gptstore import hookspecs
+from gptstore.converter import structure
+from gptstore.errors import PluginError, UnknownName
+from gptstore.records import (
+    ModelSource,
+    OptimizationStrategy,
+    ScoringPolicy,
+    ServingBackend,
+    _Registration,
+)
+
+ENTRY_POINT_GROUP = "gptstore"
+#: Built-in plugins: registered like any other, under these plugin names.
+DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("gptstore.local", "gptstore.builtins.local"),
+    ("gptstore.scoring", "gptstore.builtins.scoring"),
+)
+_HOOK_RECORDS: dict[str, type[_Registration]] = {
+    "gptstore_model_sources": ModelSource,
+    "gptstore_scoring_policies": ScoringPolicy,
+    "gptstore_optimization_strategies": OptimizationStrategy,
+    "gptstore_serving_backends": ServingBackend,
+}
+R = TypeVar("R", bound=_Registration)
+
+
+class PluginLoadWarning(UserWarning):
+    """A plugin was skipped; ``gptstore plugins`` shows why."""
+
+
+@frozen(kw_only=True)
+class PluginInfo:
+    """One plugin as ``gptstore plugins`` shows it."""
+
+    name: str
+    module: str | None = None
+    distribution: str | None = None
+    version: str | None = None
+    hooks: tuple[str, ...] = ()
+    status: Literal["loaded", "failed", "disabled"] = "loaded"
+    error: str | None = None
+    builtin: bool = False
+
+    @property
+    def provider(self) -> str:
+        """Who provides it, for messages: ``gptstore-lora 0.1 (plugin lora)``."""
+        dist = f"{self.distribution} {self.version}" if self.distribution else "an unknown package"
+        role = "built-in" if self.builtin else "plugin"
+        return f"{dist} ({role} {self.name})"
+
+
+def _env_names(variable: str) -> set[str] | None:
+    value = os.environ.get(variable)
+    if value is None or not value.strip():
+        return None
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def _gptstore_version() -> str | None:
+    try:
+        return importlib.metadata.version("gptstore")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager with gptstore's loading rules and typed access to records."""
+
+    def __init__(self, *, strict: bool | None = None) -> None:
+        super().__init__(ENTRY_POINT_GROUP)
+        self.add_hookspecs(hookspecs)
+        self.strict = (
+            os.environ.get("GPTSTORE_STRICT_PLUGINS", "") not in ("", "0")
+            if strict is None
+            else strict
+        )
+        self._infos: dict[str, PluginInfo] = {}
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def load_builtins(self) -> None:
+        """Register :data:`DEFAULT_PLUGINS` (unless disabled by ``GPTSTORE_DISABLED_PLUGINS``)."""
+        for name, module_name in DEFAULT_PLUGINS:
+            info = PluginInfo(
+                name=name,
+                module=module_name,
+                distribution="gptstore",
+                version=_gptstore_version(),
+                builtin=True,
+            )
+            if self._disabled(info):
+                continue
+            self._load(info, lambda m=module_name: importlib.import_module(m))
+
+    def load_entrypoints(self, group: str = ENTRY_POINT_GROUP) -> None:
+        """Import and register every installed plugin of ``group``, one at a time."""
+        only = _env_names("GPTSTORE_LOAD_PLUGINS")
+        for entry_point in importlib.metadata.entry_points(group=group):
+            dist = entry_point.dist
+            info = PluginInfo(
+                name=entry_point.name,
+                module=entry_point.value,
+                distribution=dist.name if dist else None,
+                version=dist.version if dist else None,
+            )
+            if entry_point.name in self._infos:
+                other = self._infos[entry_point.name]
+                self._fail(info, f"plugin name {info.name!r} is already taken by {other.provider}")
+                continue
+            if only is not None and entry_point.name not in only:
+                continue
+            if self._disabled(info):
+                continue
+            self._load(info, entry_point.load)
+
+    def register_plugin(
+        self, plugin: Any, name: str, *, distribution: str | None = None, version: str | None = None
+    ) -> PluginInfo:
+        """Register an object or module holding hook implementations (tests, embedding apps)."""
+        info = PluginInfo(
+            name=name,
+            module=getattr(plugin, "__name__", None),
+            distribution=distribution,
+            version=version,
+        )
+        self._load(info, lambda: plugin)
+        return self._infos[name]
+
+    def unregister_plugin(self, name: str) -> None:
+        if self.get_plugin(name) is not None:
+            self.unregister(name=name)
+        self._infos.pop(name, None)
+
+    def _disabled(self, info: PluginInfo) -> bool:
+        if info.name not in (_env_names("GPTSTORE_DISABLED_PLUGINS") or set()):
+            return False
+        self.set_blocked(info.name)
+        self._infos[info.name] = evolve(
+            info, status="disabled", error="disabled by GPTSTORE_DISABLED_PLUGINS"
+        )
+        return True
+
+    def _load(self, info: PluginInfo, load: Any) -> None:
+        try:
+            plugin = load()
+        except Exception as exc:  # a broken plugin breaks only itself
+            self._fail(info, f"import failed: {type(exc).__name__}: {exc}", exc)
+            return
+        try:
+            self.register(plugin, name=info.name)
+        except Exception as exc:
+            self._fail(info, f"bad hooks: {exc}", exc)
+            return
+        unknown = [
+            caller.name for caller in self.get_hookcallers(plugin) or [] if not caller.has_spec()
+        ]
+        if unknown:
+            self.unregister(plugin)
+            known = ", ".join(_HOOK_RECORDS)
+            self._fail(
+                info,
+                f"bad hooks: {', '.join(sorted(unknown))} "
+                f"{'is not a gptstore hook' if len(unknown) == 1 else 'are not gptstore hooks'}"
+                f" (known hooks: {known})",
+            )
+            return
+        hooks = tuple(sorted(caller.name for caller in self.get_hookcallers(plugin) or []))
+        self._infos[info.name] = evolve(info, hooks=hooks, status="loaded")
+
+    def _fail(self, info: PluginInfo, message: str, exc: BaseException | None = None) -> None:
+        if self.strict:
+            raise PluginError(f'Error loading plugin "{info.name}": {message}') from exc
+        self._infos[info.name] = evolve(info, status="failed", error=message)
+        warnings.warn(
+            f"skipped plugin {info.name!r} from {info.provider}: {message}",
+            PluginLoadWarning,
+            stacklevel=3,
+        )
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def plugin_infos(self) -> list[PluginInfo]:
+        """Every plugin seen: loaded, failed or disabled, built-ins first."""
+        return sorted(self._infos.values(), key=lambda i: (not i.builtin, i.name))
+
+    def _records(self, hook_name: str) -> list[tuple[_Registration, PluginInfo]]:
+        record_type = _HOOK_RECORDS[hook_name]
+        collected: list[tuple[_Registration, PluginInfo]] = []
+        for impl in reversed(getattr(self.hook, hook_name).get_hookimpls()):
+            info = self._infos.get(impl.plugin_name) or PluginInfo(name=impl.plugin_name)
+            try:
+                produced = impl.function()
+                items = (
+                    []
+                    if produced is None
+                    else ([produced] if isinstance(produced, _Registration) else list(produced))
+                )
+                bad = [item for item in items if not isinstance(item, record_type)]
+                if bad:
+                    raise TypeError(
+                        f"{hook_name} must yield {record_type.__name__} records, got {bad[0]!r}"
+                    )
+            except Exception as exc:
+                self._fail(info, f"{hook_name} failed: {type(exc).__name__}: {exc}", exc)
+                continue
+            collected.extend((item, info) for item in items)
+        return collected
+
+    def registrations(self, record_type: type[R]) -> dict[str, R]:
+        """Records of one extension point by name; two with one name raise PluginError."""
+        hook_name = next(h for h, t in _HOOK_RECORDS.items() if t is record_type)
+        found: dict[str, tuple[_Registration, PluginInfo]] = {}
+        for record, info in self._records(hook_name):
+            if record.name in found:
+                first = found[record.name][1]
+                raise PluginError(
+                    f"{record.kind} {record.name!r} is registered twice: by {first.provider} and "
+                    f"by {info.provider}; uninstall one or disable it with "
+                    f"GPTSTORE_DISABLED_PLUGINS={info.name}"
+                )
+            found[record.name] = (record, info)
+        return {name: record for name, (record, _info) in found.items()}  # type: ignore[misc]
+
+    def providers(self, record_type: type[_Registration]) -> dict[str, PluginInfo]:
+        """Record name -> the plugin that registered it."""
+        hook_name = next(h for h, t in _HOOK_RECORDS.items() if t is record_type)
+        return {record.name: info for record, info in self._records(hook_name)}
+
+    def get(self, record_type: type[R], name: str) -> R:
+        """The record called ``name``, or UnknownName listing the valid names."""
+        records = self.registrations(record_type)
+        key = name.strip().lower()
+        if key not in records:
+            raise UnknownName(record_type.kind, name, list(records))
+        return records[key]
+
+
+def build(record: _Registration, options: Any | None = None, *, where: str = "$") -> Any:
+    """Structure raw ``options`` into the record's ``options_type`` and call its factory.
+
+    Sources and policies take options at construction; this is how the core builds them.
+    """
+    if record.options_type is None:
+        if options:
+            raise PluginError(
+                f"{record.kind} {record.name!r} takes no options, got "
+                f"{', '.join(sorted(options))} @ {where}"
+            )
+        return record.factory(None)
+    structured: Any = structure(
+        options or {},
+        record.options_type,
+        what=f"options of {record.kind} {record.name!r}",
+        path=where,
+    )
+    return record.factory(structured)
+
+
+def make_plugin_manager(
+    *,
+    entrypoints: bool = True,
+    builtins: bool = True,
+    strict: bool | None = None,
+    extra: Iterable[tuple[str, ModuleType | object]] = (),
+) -> PluginManager:
+    """The host: a manager with built-ins, installed plugins and ``extra`` (name, plugin) pairs."""
+    manager = PluginManager(strict=strict)
+    if builtins:
+        manager.load_builtins()
+    if entrypoints:
+        manager.load_entrypoints()
+    for name, plugin in extra:
+        manager.register_plugin(plugin, name)
+    return manager

@@ -1,0 +1,128 @@
+"""Selection: hard filters, then a scoring policy's scores, then ranking, with explanations.
+
+A ranked candidate is explained by its score breakdown; an excluded card by the constraints it
+fails. Policies that implement ``rank_sql`` are ranked inside SQLite, so a selection over a million
+cards reads only the top ``limit`` cards into Python.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from attrs import frozen
+
+from gptstore.catalog import Catalog, Entry
+from gptstore.catalog.filters import sql_filters, violations
+from gptstore.errors import GptstoreError
+from gptstore.protocols import Scorer, SqlRankable
+from gptstore.types import ModelCard, Requirement, Score
+
+#: Most candidates a policy without ``rank_sql`` may score one by one in Python.
+PYTHON_SCORING_LIMIT = 200_000
+
+
+@frozen
+class Candidate:
+    """One card's place in a selection: ranked with a score, or excluded with reasons."""
+
+    entry: Entry
+    rank: int | None = None
+    score: Score | None = None
+    failures: tuple[str, ...] = ()
+
+    @property
+    def card(self) -> ModelCard:
+        return self.entry.card
+
+
+@frozen
+class Selection:
+    """The outcome of :func:`select_models`.
+
+    :param matched: cards meeting every hard constraint (``ranked`` holds the best ``limit``).
+    :param excluded: up to ``explain_excluded`` cards that failed, fewest failures first.
+    :param ranked_in: where the ranking ran: ``sql`` or ``python``.
+    """
+
+    requirement: Requirement
+    policy: str
+    ranked: tuple[Candidate, ...]
+    excluded: tuple[Candidate, ...]
+    matched: int
+    total: int
+    ranked_in: Literal["sql", "python"]
+
+
+def _sort_key(entry: Entry, score: Score) -> tuple[float, float, int]:
+    # Ties: smaller model first, then catalog order, the same order as the SQL ranking.
+    params = entry.card.parameters if entry.card.parameters is not None else math.inf
+    return (-score.total, params, entry.id)
+
+
+def select_models(
+    catalog: Catalog,
+    scorer: Scorer,
+    requirement: Requirement,
+    *,
+    policy: str,
+    limit: int = 10,
+    explain_excluded: int = 20,
+) -> Selection:
+    """Rank the cards that meet ``requirement`` with ``scorer``; explain up to
+    ``explain_excluded`` of the cards that do not."""
+    ranking = scorer.rank_sql(requirement) if isinstance(scorer, SqlRankable) else None
+    with catalog.read():
+        bits = catalog.bits()
+        table, clauses, params = sql_filters(requirement, bits)
+        where = " AND ".join(clauses) or "1"
+        total = catalog.execute("SELECT count(*) FROM cards")[0][0]
+        if ranking is not None:
+            matched = catalog.execute(f"SELECT count(*) FROM {table} WHERE {where}", params)[0][0]
+            ids = [
+                row[0]
+                for row in catalog.execute(
+                    f"SELECT c.id, {ranking.expression} AS score FROM {table} WHERE {where} "
+                    f"ORDER BY score DESC, c.parameters IS NULL, c.parameters, c.id LIMIT ?",
+                    [*ranking.params, *params, limit],
+                )
+            ]
+        else:
+            ids = [
+                row[0] for row in catalog.execute(f"SELECT c.id FROM {table} WHERE {where}", params)
+            ]
+            matched = len(ids)
+            if matched > PYTHON_SCORING_LIMIT:
+                raise GptstoreError(
+                    f"policy {policy!r} scores in Python and {matched:,} models meet the "
+                    f"requirement (limit {PYTHON_SCORING_LIMIT:,}); add constraints or use a "
+                    "policy with rank_sql"
+                )
+        scored = [(entry, scorer.score(entry.card, requirement)) for entry in catalog.entries(ids)]
+        scored.sort(key=lambda pair: _sort_key(pair[0], pair[1]))
+        ranked = tuple(
+            Candidate(entry, rank, score)
+            for rank, (entry, score) in enumerate(scored[:limit], start=1)
+        )
+
+        excluded: list[Candidate] = []
+        if explain_excluded > 0:
+            _cards, clauses, params = sql_filters(requirement, bits, fast=False)
+            where = " AND ".join(clauses) or "1"
+            rows = catalog.execute(
+                f"SELECT c.id FROM cards c WHERE NOT coalesce(({where}), 0) ORDER BY c.id LIMIT ?",
+                [*params, explain_excluded],
+            )
+            for entry in catalog.entries([row[0] for row in rows]):
+                failures = violations(entry.card, requirement, listed=entry.listed)
+                excluded.append(Candidate(entry, failures=tuple(failures)))
+            excluded.sort(key=lambda c: (len(c.failures), c.card.uid))
+    return Selection(
+        requirement,
+        policy,
+        ranked,
+        tuple(excluded),
+        int(matched),
+        int(total),
+        "sql" if ranking is not None else "python",
+    )

@@ -1,0 +1,88 @@
+"""``gptstore sync``: fill the catalog from every enabled model source."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from gptstore.catalog import Catalog, SourceSync
+from gptstore.config import Config
+from gptstore.errors import GptstoreError, UnknownName
+from gptstore.manager import PluginManager, build
+from gptstore.protocols import Refusal
+from gptstore.records import ModelSource
+from gptstore.types import ModelCard, SearchQuery
+
+#: Called as progress(source name, cards listed so far).
+Progress = Callable[[str, int], None]
+
+
+def enabled_sources(
+    manager: PluginManager, config: Config, names: tuple[str, ...] = ()
+) -> dict[str, ModelSource]:
+    """Registered sources not switched off in config (only ``names`` when given)."""
+    records = manager.registrations(ModelSource)
+    for name in names:
+        if name not in records:
+            raise UnknownName("model source", name, list(records))
+    return {
+        name: record
+        for name, record in records.items()
+        if (name in names if names else config.source_enabled(name))
+    }
+
+
+def sync_catalog(
+    catalog: Catalog,
+    manager: PluginManager,
+    config: Config,
+    names: tuple[str, ...] = (),
+    progress: Progress | None = None,
+) -> list[SourceSync]:
+    """List every enabled source, then write all listings in one transaction.
+
+    A source that fails keeps its cards as they were and reports its error; the others sync.
+    Readers see the catalog before or after the sync, never in between.
+    """
+    listings: dict[str, tuple[list[ModelCard], list[Refusal], str]] = {}
+    failures: dict[str, tuple[str, str]] = {}
+    for name, record in enabled_sources(manager, config, names).items():
+        started = datetime.now(UTC).isoformat()
+        cards: list[ModelCard] = []
+        refusals: list[Refusal] = []
+        try:
+            source = build(record, config.source_options(name), where=f"$.sources.{name}")
+            for item in source.search(SearchQuery()):
+                if isinstance(item, Refusal):
+                    refusals.append(item)
+                    continue
+                cards.append(item)
+                if progress:
+                    progress(name, len(cards))
+        except GptstoreError as exc:
+            failures[name] = (str(exc), started)
+            continue
+        except Exception as exc:  # a broken source must not stop the others
+            failures[name] = (f"{type(exc).__name__}: {exc}", started)
+            continue
+        listings[name] = (cards, refusals, started)
+
+    results: list[SourceSync] = []
+    with catalog.write() as conn:
+        for name, (cards, refusals, started) in listings.items():
+            result = catalog.replace_source(conn, name, cards)
+            result = SourceSync(
+                result.source,
+                result.added,
+                result.updated,
+                result.unchanged,
+                result.delisted,
+                tuple((r.model_id, r.reason) for r in refusals),
+            )
+            catalog.record_sync(conn, result, started)
+            results.append(result)
+        for name, (error, started) in failures.items():
+            result = SourceSync(name, error=error)
+            catalog.record_sync(conn, result, started)
+            results.append(result)
+    return sorted(results, key=lambda r: r.source)

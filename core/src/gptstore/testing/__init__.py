@@ -1,0 +1,101 @@
+"""The pytest plugin ``gptstore.testing`` (registered through the ``pytest11`` entry point).
+
+Fixtures for gptstore and its plugins' tests:
+
+- ``plugin_manager``: a fresh manager with the built-ins only (installed plugins are not loaded,
+  so tests do not depend on what else is installed); register a test plugin with
+  ``plugin_manager.register_plugin(obj, "name")``.
+- ``store_home``: a temporary store home, also set as ``$GPTSTORE_HOME``.
+- ``tiny_model``: a tiny real HF-format causal LM folder (2-layer Llama, hidden 128, 4 heads,
+  2 KV heads, ~2k-token byte-level BPE, safetensors), built once per test session.
+- ``fake_dist``: installs a fake distribution (a real ``*.dist-info`` folder with entry points)
+  on sys.path, to test plugin loading as pip would install it.
+
+and :func:`run_cli`, which runs the ``gptstore`` command in a subprocess as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gptstore.config import Store
+from gptstore.manager import PluginManager, make_plugin_manager
+
+
+@pytest.fixture
+def plugin_manager() -> Iterator[PluginManager]:
+    return make_plugin_manager(entrypoints=False)
+
+
+@pytest.fixture
+def store_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    home = tmp_path / "gptstore-home"
+    monkeypatch.setenv("GPTSTORE_HOME", str(home))
+    return Store(home)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gptstore.testing.models import build_causal_lm
+
+    return build_causal_lm(
+        tmp_path_factory.mktemp("tiny-model") / "tiny-llama",
+        readme={
+            "license": "apache-2.0",
+            "language": ["en"],
+            "pipeline_tag": "text-generation",
+            "tags": ["tiny", "test"],
+        },
+    )
+
+
+@pytest.fixture
+def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Path]]:
+    """``fake_dist("gptstore-x", {"x": "x_plugin"}, {"x_plugin": source})`` -> the site folder.
+
+    The distribution is a real ``*.dist-info`` folder with METADATA and entry_points.txt, so
+    importlib.metadata finds it exactly as it finds a pip-installed plugin.
+    """
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    added: list[str] = []
+
+    def make(
+        name: str, entry_points: dict[str, str], modules: dict[str, str], version: str = "1.0"
+    ) -> Path:
+        info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        lines = "".join(f"{ep} = {target}\n" for ep, target in entry_points.items())
+        (info / "entry_points.txt").write_text(f"[gptstore]\n{lines}")
+        for module, source in modules.items():
+            (root / f"{module}.py").write_text(textwrap.dedent(source))
+            added.append(module)
+        return root
+
+    yield make
+    for module in added:
+        sys.modules.pop(module, None)
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``gptstore ARGS`` in a subprocess with a wide terminal; returns the finished process."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "gptstore.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )

@@ -1,0 +1,374 @@
+"""The data gptstore passes around: model cards, requirements, scores, artifacts and lineage.
+
+All records are attrs classes, frozen where they are values. They cross process and HTTP
+boundaries through the one converter in :mod:`gptstore.converter`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from attrs import Factory, define, field, frozen
+
+from gptstore.errors import Cancelled, InvalidInput
+from gptstore.units import DTYPE_BYTES, format_count, normalize_dtype
+
+# Metrics where lower is better are kept on the card but never read as "quality".
+_LOWER_IS_BETTER = ("perplexity", "ppl", "loss", "wer", "cer", "error", "bpb", "bits_per_byte")
+
+
+def _key(value: Any) -> str:
+    return str(value).strip().lower()
+
+
+def _optional_key(value: Any) -> str | None:
+    return str(value).strip().lower() or None if value else None
+
+
+def _optional_text(value: Any) -> str | None:
+    return str(value).strip() or None if value else None
+
+
+def _no_progress(_fraction: float, _message: str) -> None:
+    return None
+
+
+def _tuple_of_str(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)
+
+
+def _lower_tuple(value: Any) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(v.strip().lower() for v in _tuple_of_str(value) if v.strip()))
+
+
+# ---------------------------------------------------------------------------------------------
+# model cards
+
+
+@frozen(kw_only=True)
+class Metric:
+    """One evaluation result of a model.
+
+    :param name: what was measured, usually the benchmark (``mmlu``, ``hellaswag``, ``wikitext``).
+    :param value: the value as reported (accuracy may be 0-1 or 0-100).
+    :param kind: the metric type (``acc``, ``acc_norm``, ``perplexity``).
+    :param origin: ``reported`` by the model's author, or ``measured`` here by gptstore.
+    """
+
+    name: str = field(converter=_key)
+    value: float = field(converter=float)
+    kind: str | None = None
+    dataset: str | None = None
+    origin: Literal["reported", "measured"] = "reported"
+
+    @property
+    def higher_is_better(self) -> bool:
+        text = f"{self.name} {self.kind or ''}".lower()
+        return not any(word in text for word in _LOWER_IS_BETTER)
+
+    @property
+    def normalized(self) -> float | None:
+        """The value on a 0-1 scale where 1 is best, or None when it has no such reading.
+
+        Accuracy-like metrics reported as 0-1 or 0-100 both map to 0-1; metrics where lower is
+        better (perplexity, loss) have none.
+        """
+        if not self.higher_is_better or self.value < 0:
+            return None
+        if self.value <= 1:
+            return self.value
+        if self.value <= 100:
+            return self.value / 100
+        return None
+
+
+@frozen(kw_only=True)
+class ModelCard:
+    """What the catalog knows about one model from one source.
+
+    ``parameters`` and ``dtype`` come from safetensors headers, never from loading weights.
+    ``popularity`` is the source's download count (0 when it has none).
+    """
+
+    source: str
+    model_id: str
+    revision: str | None = None
+    name: str = field(default=Factory(lambda self: self.model_id, takes_self=True))
+    description: str = ""
+    architecture: str | None = None
+    parameters: int | None = None
+    dtype: str | None = None
+    size_bytes: int | None = None
+    context_length: int | None = None
+    tasks: tuple[str, ...] = field(default=(), converter=_lower_tuple)
+    languages: tuple[str, ...] = field(default=(), converter=_lower_tuple)
+    license: str | None = field(default=None, converter=_optional_key)
+    tags: tuple[str, ...] = field(default=(), converter=_tuple_of_str)
+    base_model: str | None = None
+    metrics: tuple[Metric, ...] = ()
+    popularity: int = 0
+    likes: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    location: str | None = None
+
+    @property
+    def uid(self) -> str:
+        """``source:model_id``, unique in a catalog."""
+        return f"{self.source}:{self.model_id}"
+
+    @property
+    def dtype_bytes(self) -> float | None:
+        if self.dtype is None:
+            return None
+        try:
+            return DTYPE_BYTES[normalize_dtype(self.dtype)]
+        except InvalidInput:
+            return None
+
+    @property
+    def quality(self) -> float | None:
+        """Mean of the card's normalized higher-is-better metrics, None when it reports none."""
+        values = [m.normalized for m in self.metrics if m.normalized is not None]
+        return sum(values) / len(values) if values else None
+
+    def metric(self, name: str) -> Metric | None:
+        name = name.strip().lower()
+        return next((m for m in self.metrics if m.name == name), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# requirements and scores
+
+
+@frozen
+class MetricFloor:
+    """``name`` must be reported with a normalized value of at least ``minimum`` (0-1)."""
+
+    name: str = field(converter=_key)
+    minimum: float = field(converter=float)
+
+    @minimum.validator
+    def _check(self, _attribute: Any, value: float) -> None:
+        if not 0 <= value <= 1:
+            raise ValueError(
+                f"metric floor for {self.name} must lie in 0..1 (got {value}); "
+                "accuracy-like metrics are compared on a 0-1 scale"
+            )
+
+
+def _optional_dtype(value: str | None) -> str | None:
+    return normalize_dtype(value) if value else None
+
+
+def _positive(_instance: Any, attribute: Any, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value}")
+
+
+@frozen(kw_only=True)
+class Requirement:
+    """What a user needs. Every set field is a hard constraint; unset fields do not filter.
+
+    :param memory_budget: bytes the weights may take; computed at ``dtype`` when set, else at the
+        card's own dtype (float32 when unknown).
+    :param languages: every one of these must be listed by the card.
+    :param licenses: an allowlist; the card's license must be one of them.
+    :param query: free text that must match the card's name, description or tags.
+    """
+
+    task: str | None = field(default=None, converter=_optional_key)
+    min_params: int | None = field(default=None, validator=_positive)
+    max_params: int | None = field(default=None, validator=_positive)
+    licenses: tuple[str, ...] = field(default=(), converter=_lower_tuple)
+    languages: tuple[str, ...] = field(default=(), converter=_lower_tuple)
+    min_context: int | None = field(default=None, validator=_positive)
+    memory_budget: int | None = field(default=None, validator=_positive)
+    dtype: str | None = field(default=None, converter=_optional_dtype)
+    metric_floors: tuple[MetricFloor, ...] = ()
+    sources: tuple[str, ...] = field(default=(), converter=_lower_tuple)
+    query: str | None = field(default=None, converter=_optional_text)
+    include_delisted: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_params and self.max_params and self.min_params > self.max_params:
+            raise InvalidInput(
+                "requirement",
+                [
+                    f"min_params {format_count(self.min_params)} is above max_params "
+                    f"{format_count(self.max_params)}"
+                ],
+            )
+
+
+@frozen
+class Criterion:
+    """One line of a score breakdown: a 0-1 ``value``, its ``weight`` and a readable ``detail``."""
+
+    name: str
+    value: float
+    weight: float
+    detail: str
+
+
+@frozen
+class Score:
+    """A policy's verdict on one card: ``total`` (higher ranks first) and why."""
+
+    total: float
+    breakdown: tuple[Criterion, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+@frozen(kw_only=True)
+class SearchQuery:
+    """What to ask a source for. Unset fields do not filter; ``limit`` bounds the answer."""
+
+    text: str | None = None
+    task: str | None = None
+    limit: int | None = None
+
+
+@frozen
+class SourceStatus:
+    """Whether a source can answer now (``online``) and a line saying how it is set up."""
+
+    online: bool
+    message: str
+
+
+# ---------------------------------------------------------------------------------------------
+# artifacts and lineage
+
+
+@frozen
+class RecipeStep:
+    """The optimization step that made an artifact: strategy name and its structured options."""
+
+    strategy: str
+    options: dict[str, Any] = Factory(dict)
+
+
+@frozen(kw_only=True)
+class Manifest:
+    """Lineage of an artifact, stored as ``manifest.json`` in its folder.
+
+    :param parent: id of the artifact this one was derived from (None for an imported model).
+    :param origin: the catalog card it descends from (``source:model_id@revision``).
+    :param files: relative path -> sha256 of every file in the artifact.
+    """
+
+    id: str
+    kind: Literal["hf", "onnx"] = "hf"
+    parent: str | None = None
+    origin: str | None = None
+    step: RecipeStep | None = None
+    data_digest: str | None = None
+    metrics_before: dict[str, float] = Factory(dict)
+    metrics_after: dict[str, float] = Factory(dict)
+    files: dict[str, str] = Factory(dict)
+    library_versions: dict[str, str] = Factory(dict)
+    created_at: datetime | None = None
+
+
+@frozen
+class Artifact:
+    """A model folder on disk (HF format or ONNX) with its manifest."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+
+@define(kw_only=True)
+class OptimizationContext:
+    """What an optimization strategy gets besides the artifact and its options.
+
+    :param output_dir: an empty folder to write the new artifact's files into; the core moves it
+        into the store atomically once ``apply`` returns.
+    :param data: training or calibration texts (empty when the strategy needs none).
+    :param progress: called with (fraction done 0-1, message).
+    :param cancel_event: set when the job is cancelled; call :meth:`check_cancelled` often.
+    """
+
+    output_dir: Path
+    data: tuple[str, ...] = ()
+    progress: Callable[[float, str], None] = _no_progress
+    cancel_event: threading.Event = Factory(threading.Event)
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`~gptstore.errors.Cancelled` when the job was cancelled."""
+        if self.cancel_event.is_set():
+            raise Cancelled("optimization cancelled")
+
+
+# ---------------------------------------------------------------------------------------------
+# serving
+
+
+@frozen
+class ChatMessage:
+    role: str
+    content: str
+
+
+@frozen(kw_only=True)
+class GenerationRequest:
+    """One prompt to complete. ``temperature`` 0 means greedy decoding."""
+
+    prompt: str
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+
+
+@frozen
+class TokenLogprob:
+    """A token, its log-probability, and (when asked) the most likely alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@frozen(kw_only=True)
+class Generation:
+    """A completed generation. ``finish_reason`` is ``stop`` or ``length``."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@frozen
+class TextLogprobs:
+    """Log-probability of each token of a given text under the model (the first has none)."""
+
+    tokens: tuple[str, ...]
+    logprobs: tuple[float | None, ...]
+
+
+@frozen
+class RunnerHealth:
+    ok: bool
+    message: str = ""

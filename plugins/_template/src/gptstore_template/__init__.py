@@ -1,0 +1,1 @@
+"""A gptstore plugin to copy and start from."""
