@@ -99,8 +99,11 @@ def sql_filters(
         params.append(req.min_context)
     if req.memory_budget is not None:
         if req.dtype:
-            clauses.append("c.parameters * ? <= ?")
-            params.extend((DTYPE_BYTES[req.dtype], req.memory_budget))
+            # The product is the constraint; the bound before it (a hair looser) lets SQLite
+            # seek the size index instead of computing the product for every card.
+            bound = req.memory_budget / DTYPE_BYTES[req.dtype] * (1 + 1e-9)
+            clauses.append("c.parameters <= ? AND c.parameters * ? <= ?")
+            params.extend((bound, DTYPE_BYTES[req.dtype], req.memory_budget))
         else:
             clauses.append(f"c.parameters * coalesce(c.dtype_bytes, {UNKNOWN_DTYPE_BYTES}) <= ?")
             params.append(req.memory_budget)
