@@ -109,6 +109,19 @@ def test_readers_see_all_or_nothing_of_a_sync(tmp_path):
     assert writer.count(listed_only=True) == 3000
 
 
+def test_opening_and_reading_do_not_wait_for_a_writer(tmp_path):
+    path = tmp_path / "catalog.db"
+    writer = Catalog(path)
+    writer.upsert([ModelCard(source="s", model_id="a")], source="s")
+    with writer.write() as conn:
+        conn.execute("UPDATE cards SET listed = 0")
+        reader = Catalog(path)  # would block for the busy timeout if opening took a write lock
+        reader.connection.execute("PRAGMA busy_timeout = 0")
+        assert reader.count(listed_only=True) == 1  # the committed state, not the pending one
+        reader.close()
+    assert writer.count(listed_only=True) == 0
+
+
 def test_text_search_ranks_and_combines_with_filters(catalog):
     catalog.upsert(
         [
@@ -191,6 +204,9 @@ def test_sql_filters_agree_with_python_checks(filled, requirement):
         rows = filled.execute(f"SELECT c.id FROM {table} WHERE {where}", params)
         assert len(rows) == len({row[0] for row in rows})
         assert {row[0] for row in rows} == in_python
+    found, total = filled.search(requirement, limit=len(entries))
+    assert {e.id for e in found} == in_python
+    assert total == len(in_python)
     # the complement, as selection queries it to explain exclusions
     _table, clauses, params = sql_filters(requirement, filled.bits(), fast=False)
     failing = filled.execute(

@@ -160,7 +160,7 @@ def gptstore_optimization_strategies() -> Iterable[OptimizationStrategy]:
         import json
         import shutil
 
-        from attrs import evolve, frozen
+        from attrs import frozen
 
         from gptstore import hookimpl
         from gptstore.artifacts import derive_manifest

@@ -149,8 +149,10 @@ def quality_part(card: ModelCard, req: Requirement) -> Part:
 
 def quality_sql(req: Requirement) -> SqlPart:
     if req.metric_floors:
-        # The selection joins the i-th floor's metric as f{i} (see catalog.filters.sql_filters).
-        parts = " + ".join(f"f{i}.value" for i in range(len(req.metric_floors)))
+        # The selection reads the first floor's metric as c.value and joins the others as f1,
+        # f2... (see catalog.filters.sql_filters).
+        names = ["c.value"] + [f"f{i}.value" for i in range(1, len(req.metric_floors))]
+        parts = " + ".join(names)
         return SqlPart(f"(({parts}) / {float(len(req.metric_floors))})")
     return SqlPart("coalesce(c.quality, 0.0)")
 

@@ -47,36 +47,45 @@ def sql_filters(
 ) -> tuple[str, list[str], list[Any]]:
     """What to select from, WHERE clauses (to be ANDed) and the parameters of both, in order.
 
-    With ``fast`` (the default), a requirement with a task reads ``card_tasks c``, whose indexes
-    lead with the task, and the i-th metric floor joins ``card_metrics f{i}`` (so rankings can
-    read ``f{i}.value``). ``fast=False`` reads ``cards c`` with subqueries only, so that
-    ``NOT (clauses)`` selects exactly the cards that fail. Both tables have the columns in
-    :data:`~gptstore.catalog.schema.SELECTION_COLUMNS`. ``bits`` lets language filters test
-    bits inside the covering index; languages without a bit fall back to card_languages.
+    With ``fast`` (the default) the requirement picks the selection table whose index leads with
+    its most selective constraint: ``card_metrics c`` for a metric floor (``c.value`` is the first
+    floor's value, further floors join ``card_metrics f1``, ``f2``...), else ``card_tasks c`` for
+    a task, else ``cards c``. ``fast=False`` always reads ``cards c`` with subqueries only, so
+    that ``NOT (clauses)`` selects exactly the cards that fail. Every table has the columns in
+    :data:`~gptstore.catalog.schema.SELECTION_COLUMNS`. ``bits`` lets task and language filters
+    test bits inside an index; values without a bit fall back to card_tasks / card_languages.
     """
     bits = bits or {}
     table = "cards c"
     clauses: list[str] = []
     params: list[Any] = []
-    if fast and req.task:
+    floors = req.metric_floors if fast else ()
+    if floors:
+        table = "card_metrics c"
+        for index, floor in enumerate(floors[1:], start=1):
+            table += (
+                f" JOIN card_metrics f{index} ON f{index}.id = c.id "
+                f"AND f{index}.name = ? AND f{index}.value >= ?"
+            )
+            params.extend((floor.name, floor.minimum))  # join parameters come first
+        clauses.append("c.name = ? AND c.value >= ?")
+        params.extend((floors[0].name, floors[0].minimum))
+    if req.task and fast and not floors:
         table = "card_tasks c"
         clauses.append("c.task = ?")
         params.append(req.task)
-    if fast:
-        for index in range(len(req.metric_floors)):
-            table += (
-                f" JOIN card_metrics f{index} ON f{index}.card_id = c.id "
-                f"AND f{index}.name = ? AND f{index}.value >= ?"
-            )
-        params[:0] = [x for floor in req.metric_floors for x in (floor.name, floor.minimum)]
+    elif req.task and ("task", req.task) in bits:
+        clauses.append("(c.task_bits & ?) != 0")
+        params.append(1 << bits["task", req.task])
+    elif req.task:
+        # Correlated EXISTS: one index lookup per card reached, and exact under NOT.
+        clauses.append("EXISTS (SELECT 1 FROM card_tasks t WHERE t.id = c.id AND t.task = ?)")
+        params.append(req.task)
     if not req.include_delisted:
         clauses.append("c.listed = 1")
     if req.sources:
         clauses.append(f"c.source IN ({', '.join('?' * len(req.sources))})")
         params.extend(req.sources)
-    if req.task and not fast:
-        clauses.append("c.id IN (SELECT id FROM card_tasks WHERE task = ?)")
-        params.append(req.task)
     if req.min_params is not None:
         clauses.append("c.parameters >= ?")
         params.append(req.min_params)
@@ -92,7 +101,9 @@ def sql_filters(
         params.extend((mask, mask))
     for language in req.languages:
         if ("language", language) not in bits:
-            clauses.append("c.id IN (SELECT card_id FROM card_languages WHERE language = ?)")
+            clauses.append(
+                "EXISTS (SELECT 1 FROM card_languages l WHERE l.language = ? AND l.card_id = c.id)"
+            )
             params.append(language)
     if req.min_context is not None:
         clauses.append("c.context_length >= ?")
@@ -107,8 +118,11 @@ def sql_filters(
         else:
             clauses.append(f"c.parameters * coalesce(c.dtype_bytes, {UNKNOWN_DTYPE_BYTES}) <= ?")
             params.append(req.memory_budget)
-    for floor in req.metric_floors if not fast else ():
-        clauses.append("c.id IN (SELECT card_id FROM card_metrics WHERE name = ? AND value >= ?)")
+    for floor in req.metric_floors if not floors else ():
+        clauses.append(
+            "EXISTS (SELECT 1 FROM card_metrics m WHERE m.name = ? AND m.id = c.id "
+            "AND m.value >= ?)"
+        )
         params.extend((floor.name, floor.minimum))
     if req.query:
         clauses.append("c.id IN (SELECT rowid FROM cards_fts WHERE cards_fts MATCH ?)")

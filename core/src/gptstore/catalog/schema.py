@@ -22,7 +22,8 @@ MIGRATIONS: tuple[str, ...] = (
         quality REAL,
         popularity_score REAL NOT NULL DEFAULT 0,
         updated_days REAL,
-        language_bits INTEGER NOT NULL DEFAULT 0
+        language_bits INTEGER NOT NULL DEFAULT 0,
+        task_bits INTEGER NOT NULL DEFAULT 0
     );
     -- Covers every column that filters and built-in rankings read (but source, metric floors and
     -- text), so a selection without a task scans this index and never the table.
@@ -68,8 +69,9 @@ MIGRATIONS: tuple[str, ...] = (
         popularity_score, updated_days, language_bits, id
     );
     CREATE INDEX card_tasks_card ON card_tasks (id);
-    -- Languages get one bit each in language_bits (the first 62 seen), so a language filter is a
-    -- bit test inside an index; card_languages stays complete for languages past the 62nd.
+    -- Tasks and languages get one bit each in task_bits / language_bits (the first 62 of each
+    -- kind), so filtering by them is a bit test inside an index; card_tasks and card_languages
+    -- stay complete for values past the 62nd.
     CREATE TABLE vocabulary (
         kind TEXT NOT NULL,
         value TEXT NOT NULL,
@@ -82,15 +84,32 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (language, card_id)
     ) WITHOUT ROWID;
     CREATE INDEX card_languages_card ON card_languages (card_id);
-    -- Normalized (0-1, higher is better) metric values, for floors and quality rankings.
+    -- Normalized (0-1, higher is better) metric values, one row per (metric, card) with the
+    -- selection columns of cards: a requirement with a metric floor seeks straight to the cards
+    -- above it (tasks are then a bit test in task_bits).
     CREATE TABLE card_metrics (
         name TEXT NOT NULL,
-        card_id INTEGER NOT NULL,
+        id INTEGER NOT NULL,
         value REAL NOT NULL,
-        PRIMARY KEY (name, card_id)
+        source TEXT NOT NULL,
+        listed INTEGER NOT NULL,
+        parameters INTEGER,
+        size_log REAL,
+        dtype_bytes REAL,
+        context_length INTEGER,
+        license TEXT,
+        quality REAL,
+        popularity_score REAL NOT NULL,
+        updated_days REAL,
+        language_bits INTEGER NOT NULL,
+        task_bits INTEGER NOT NULL,
+        PRIMARY KEY (name, id)
     ) WITHOUT ROWID;
-    CREATE INDEX card_metrics_card ON card_metrics (card_id);
-    CREATE INDEX card_metrics_value ON card_metrics (name, value);
+    CREATE INDEX card_metrics_card ON card_metrics (id);
+    CREATE INDEX card_metrics_select ON card_metrics (
+        name, listed, value, parameters, license, context_length, dtype_bytes, size_log, quality,
+        popularity_score, updated_days, language_bits, task_bits
+    );
     CREATE VIRTUAL TABLE cards_fts USING fts5 (
         name, description, tags, tokenize = 'unicode61 remove_diacritics 2'
     );

@@ -49,7 +49,7 @@ class SourceSync:
     error: str | None = None
 
 
-#: Bits 0..61 of language_bits are handed out; SQLite integers are signed 64-bit.
+#: Bits 0..61 of task_bits / language_bits are handed out; SQLite integers are signed 64-bit.
 MAX_BITS = 62
 
 
@@ -63,6 +63,22 @@ def _statements(script: str) -> Iterator[str]:
             buffer = ""
     if buffer.strip():
         raise CatalogError(f"unterminated statement in a migration: {buffer.strip()[:60]}")
+
+
+# Columns copied from a card into every selection table (card_tasks leaves out task_bits).
+_SELECTION = (
+    "source",
+    "parameters",
+    "size_log",
+    "dtype_bytes",
+    "context_length",
+    "license",
+    "quality",
+    "popularity_score",
+    "updated_days",
+    "language_bits",
+    "task_bits",
+)
 
 
 def _escape_like(text: str) -> str:
@@ -141,7 +157,11 @@ class Catalog:
         return int(self.connection.execute("PRAGMA user_version").fetchone()[0])
 
     def migrate(self) -> None:
+        """Bring the schema up to date. Opening an up-to-date catalog takes no write lock, so
+        readers never wait for a sync in progress."""
         try:
+            if self.schema_version() == SCHEMA_VERSION:
+                return
             with self.write() as conn:
                 version = int(conn.execute("PRAGMA user_version").fetchone()[0])
                 if version > SCHEMA_VERSION:
@@ -162,7 +182,7 @@ class Catalog:
     # -- writing ---------------------------------------------------------------------------------
 
     def bits(self) -> dict[tuple[str, str], int]:
-        """The vocabulary: (kind, value) -> bit of the language_bits columns."""
+        """The vocabulary: (kind, value) -> bit of the task_bits / language_bits columns."""
         return {
             (kind, value): bit
             for kind, value, bit in self.connection.execute(
@@ -182,7 +202,7 @@ class Catalog:
             if (kind, value) not in bits:
                 used = sum(1 for k, _v in bits if k == kind)
                 if used >= MAX_BITS:
-                    continue  # filtered through card_languages instead
+                    continue  # filtered through card_tasks / card_languages instead
                 bits[kind, value] = used
                 conn.execute(
                     "INSERT INTO vocabulary (kind, value, bit) VALUES (?, ?, ?)",
@@ -212,41 +232,43 @@ class Catalog:
             popularity_score(card.popularity),
             epoch_days(card.updated_at or card.created_at),
             self._mask(conn, bits, "language", card.languages),
+            self._mask(conn, bits, "task", card.tasks),
         )
-        columns = (
-            "source, parameters, size_log, dtype_bytes, context_length, license, quality, "
-            "popularity_score, updated_days, language_bits"
-        )
+        columns = ", ".join(_SELECTION)
+        marks = ", ".join("?" * len(_SELECTION))
         if card_id is None:
             card_id = conn.execute(
-                f"INSERT INTO cards ({columns}, listed) VALUES (?,?,?,?,?,?,?,?,?,?,1)", selection
+                f"INSERT INTO cards ({columns}, listed) VALUES ({marks}, 1)", selection
             ).lastrowid
         else:
-            assignments = ", ".join(f"{name.strip()} = ?" for name in columns.split(","))
+            assignments = ", ".join(f"{name} = ?" for name in _SELECTION)
             conn.execute(
                 f"UPDATE cards SET {assignments}, listed = 1 WHERE id = ?", (*selection, card_id)
             )
-            conn.execute("DELETE FROM card_tasks WHERE id = ?", (card_id,))
-            for table in ("card_languages", "card_metrics"):
-                conn.execute(f"DELETE FROM {table} WHERE card_id = ?", (card_id,))
+            for table in ("card_tasks", "card_metrics"):
+                conn.execute(f"DELETE FROM {table} WHERE id = ?", (card_id,))
+            conn.execute("DELETE FROM card_languages WHERE card_id = ?", (card_id,))
             conn.execute("DELETE FROM cards_fts WHERE rowid = ?", (card_id,))
         conn.execute(
             "INSERT OR REPLACE INTO card_docs (card_id, uid, model_id, fingerprint, "
             "synced_at, delisted_at, card) VALUES (?, ?, ?, ?, ?, NULL, ?)",
             (card_id, card.uid, card.model_id, fingerprint, now, document),
         )
+        # card_tasks has no task_bits: its rows are already one task each.
         conn.executemany(
-            f"INSERT INTO card_tasks (task, id, listed, {columns}) "
-            f"VALUES (?,?,1,?,?,?,?,?,?,?,?,?,?)",
-            [(task, card_id, *selection) for task in card.tasks],
+            f"INSERT INTO card_tasks (task, id, listed, {', '.join(_SELECTION[:-1])}) "
+            f"VALUES (?, ?, 1, {', '.join('?' * (len(_SELECTION) - 1))})",
+            [(task, card_id, *selection[:-1]) for task in card.tasks],
         )
         conn.executemany(
             "INSERT OR IGNORE INTO card_languages (language, card_id) VALUES (?, ?)",
             [(lang, card_id) for lang in card.languages],
         )
+        metrics = {m.name: m.normalized for m in card.metrics if m.normalized is not None}
         conn.executemany(
-            "INSERT OR IGNORE INTO card_metrics (name, card_id, value) VALUES (?,?,?)",
-            [(m.name, card_id, m.normalized) for m in card.metrics if m.normalized is not None],
+            f"INSERT INTO card_metrics (name, id, value, listed, {columns}) "
+            f"VALUES (?, ?, ?, 1, {marks})",
+            [(name, card_id, value, *selection) for name, value in metrics.items()],
         )
         conn.execute(
             "INSERT INTO cards_fts (rowid, name, description, tags) VALUES (?,?,?,?)",
@@ -301,7 +323,8 @@ class Catalog:
             if uid not in seen and listed
         ]
         conn.executemany("UPDATE cards SET listed = 0 WHERE id = ?", [(i,) for i in gone])
-        conn.executemany("UPDATE card_tasks SET listed = 0 WHERE id = ?", [(i,) for i in gone])
+        for table in ("card_tasks", "card_metrics"):
+            conn.executemany(f"UPDATE {table} SET listed = 0 WHERE id = ?", [(i,) for i in gone])
         conn.executemany(
             "UPDATE card_docs SET delisted_at = ? WHERE card_id = ?", [(now, i) for i in gone]
         )
@@ -405,13 +428,19 @@ class Catalog:
     def search(self, requirement: Requirement, *, limit: int = 20) -> tuple[list[Entry], int]:
         """Cards meeting ``requirement``: by text relevance when it has a query, else by
         popularity; and how many match in all."""
-        tables, clauses, params = sql_filters(evolve(requirement, query=None), self.bits())
-        order = "c.popularity_score DESC, c.id"
         if requirement.query:
-            tables += " JOIN cards_fts ON cards_fts.rowid = c.id"
-            clauses.append("cards_fts MATCH ?")
-            params.append(fts_query(requirement.query))
+            # Driven by the text matches: FTS5 finds them, each is checked against the filters
+            # by rowid, and only the survivors get a bm25 rank.
+            _cards, clauses, params = sql_filters(
+                evolve(requirement, query=None), self.bits(), fast=False
+            )
+            tables = "cards_fts CROSS JOIN cards c ON c.id = cards_fts.rowid"
+            clauses.insert(0, "cards_fts MATCH ?")
+            params.insert(0, fts_query(requirement.query))
             order = "bm25(cards_fts), c.id"
+        else:
+            tables, clauses, params = sql_filters(requirement, self.bits())
+            order = "c.popularity_score DESC, c.id"
         where = " AND ".join(clauses) or "1"
         with self.read() as conn:
             ids = [
