@@ -428,31 +428,37 @@ class Catalog:
     def search(self, requirement: Requirement, *, limit: int = 20) -> tuple[list[Entry], int]:
         """Cards meeting ``requirement``: by text relevance when it has a query, else by
         popularity; and how many match in all."""
-        if requirement.query:
-            # Driven by the text matches: FTS5 finds them, each is checked against the filters
-            # by rowid, and only the survivors get a bm25 rank.
-            _cards, clauses, params = sql_filters(
-                evolve(requirement, query=None), self.bits(), fast=False
-            )
-            tables = "cards_fts CROSS JOIN cards c ON c.id = cards_fts.rowid"
-            clauses.insert(0, "cards_fts MATCH ?")
-            params.insert(0, fts_query(requirement.query))
-            order = "bm25(cards_fts), c.id"
-        else:
-            tables, clauses, params = sql_filters(requirement, self.bits())
-            order = "c.popularity_score DESC, c.id"
-        where = " AND ".join(clauses) or "1"
+        bits = self.bits()
         with self.read() as conn:
-            ids = [
-                row[0]
-                for row in conn.execute(
-                    f"SELECT c.id FROM {tables} WHERE {where} ORDER BY {order} LIMIT ?",
-                    [*params, limit],
+            if requirement.query:
+                # Driven by the text matches: FTS5 finds them, each is checked against the
+                # filters by rowid, and the survivors are ranked and counted in one pass.
+                _cards, clauses, params = sql_filters(
+                    evolve(requirement, query=None), bits, fast=False
                 )
-            ]
-            total = conn.execute(f"SELECT count(*) FROM {tables} WHERE {where}", params).fetchone()[
-                0
-            ]
+                where = " AND ".join(["cards_fts MATCH ?", *clauses])
+                rows = conn.execute(
+                    "WITH hits AS MATERIALIZED (SELECT c.id AS id, bm25(cards_fts) AS rank "
+                    f"FROM cards_fts CROSS JOIN cards c ON c.id = cards_fts.rowid WHERE {where}) "
+                    "SELECT (SELECT count(*) FROM hits), id FROM hits ORDER BY rank, id LIMIT ?",
+                    [fts_query(requirement.query), *params, limit],
+                ).fetchall()
+                total = rows[0][0] if rows else 0
+                ids = [row[1] for row in rows]
+            else:
+                table, clauses, params = sql_filters(requirement, bits)
+                where = " AND ".join(clauses) or "1"
+                ids = [
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT c.id FROM {table} WHERE {where} "
+                        "ORDER BY c.popularity_score DESC, c.id LIMIT ?",
+                        [*params, limit],
+                    )
+                ]
+                (total,) = conn.execute(
+                    f"SELECT count(*) FROM {table} WHERE {where}", params
+                ).fetchone()
             return self._entries(conn, ids), int(total)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
