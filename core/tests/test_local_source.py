@@ -153,3 +153,46 @@ def test_status_says_what_to_do():
     status = LocalSource(LocalOptions()).status()
     assert not status.online
     assert "gptstore init --local-path" in status.message
+
+
+def test_index_shard_names_cannot_leave_the_folder(models, tmp_path):
+    (tmp_path / "secret.safetensors").write_bytes(b"not for the store")
+    folder = models / "tiny"
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "../../secret.safetensors"}})
+    )
+    with pytest.raises(InvalidInput, match=r"is not a \*\.safetensors file name in this folder"):
+        read_card(folder, "tiny")
+
+
+def test_fetch_refuses_files_linked_from_outside_the_folder(models, tmp_path):
+    (tmp_path / "elsewhere.txt").write_text("private")
+    (models / "tiny" / "notes.txt").symlink_to(tmp_path / "elsewhere.txt")
+    source = LocalSource(LocalOptions(paths=(str(models),)))
+    with pytest.raises(RefusedModel, match=r"notes\.txt link\(s\) outside"):
+        source.fetch("tiny", None, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_configured_folder_that_is_itself_a_model(models, tmp_path):
+    source = LocalSource(LocalOptions(paths=str(models / "tiny")))  # one path, as a string
+    [card] = list(source.search(SearchQuery()))
+    assert card.model_id == "tiny"
+    assert (source.fetch("tiny", card.revision, tmp_path / "dest") / "config.json").is_file()
+    with pytest.raises(GptstoreError, match="already exists"):
+        source.fetch("tiny", card.revision, tmp_path / "dest")
+
+
+def test_malformed_metadata_is_refused_alone(models):
+    broken = models / "broken"
+    shutil.copytree(models / "tiny", broken)
+    (broken / "README.md").write_text(
+        readme_text({"model-index": ["just a string"], "license": ["mit", "apache-2.0"]}, "x")
+    )
+    assert read_card(broken, "broken").license == "mit"
+    (broken / "model.safetensors").write_bytes(b'\x0f\x00\x00\x00\x00\x00\x00\x00{"w": "oops"}')
+    source = LocalSource(LocalOptions(paths=(str(models),)))
+    items = {i.model_id: i for i in source.search(SearchQuery())}
+    assert isinstance(items["tiny"], ModelCard)
+    assert isinstance(items["broken"], Refusal)
+    assert "no valid shape" in items["broken"].reason

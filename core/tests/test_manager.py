@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from gptstore.errors import PluginError, UnknownName
@@ -141,7 +143,9 @@ def test_load_plugins_loads_only_those(fake_dist, monkeypatch):
     fake_dist("gptstore-broken", {"broken": "broken_plugin"}, {"broken_plugin": BROKEN_IMPORT})
     monkeypatch.setenv("GPTSTORE_LOAD_PLUGINS", "flat")
     manager = make_plugin_manager()  # no warning: broken is never imported
-    assert "broken" not in infos(manager)
+    assert "broken_plugin" not in sys.modules
+    assert infos(manager)["broken"].status == "disabled"
+    assert infos(manager)["broken"].error == "not listed in GPTSTORE_LOAD_PLUGINS"
     assert infos(manager)["flat"].status == "loaded"
     assert infos(manager)["gptstore.local"].status == "loaded"
 
@@ -190,3 +194,20 @@ def test_cli_still_works_with_a_broken_plugin(fake_dist, tmp_path):
     assert "Traceback" not in result.stderr
     result = run_cli("select", "--task", "text-generation", env=env)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_plugin_name_collision_keeps_the_first_and_reports_the_second(fake_dist):
+    fake_dist("gptstore-impostor", {"gptstore.scoring": "impostor"}, {"impostor": GOOD})
+    with pytest.warns(PluginLoadWarning, match="'gptstore.scoring' is already taken by gptstore"):
+        manager = make_plugin_manager()
+    [builtin] = [
+        i
+        for i in manager.plugin_infos()
+        if i.distribution == "gptstore" and i.name == "gptstore.scoring"
+    ]
+    assert (builtin.status, builtin.builtin) == ("loaded", True)
+    [impostor] = [i for i in manager.plugin_infos() if i.distribution == "gptstore-impostor"]
+    assert impostor.status == "failed"
+    assert "flat" not in manager.registrations(ScoringPolicy)
+    with pytest.raises(PluginError, match="already taken"):
+        manager.register_plugin(object(), "gptstore.local")

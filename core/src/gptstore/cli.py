@@ -7,6 +7,7 @@ traceback. Heavy libraries are never imported here.
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import warnings
 from functools import cached_property
@@ -26,7 +27,7 @@ from gptstore.converter import structure, unstructure
 from gptstore.errors import GptstoreError
 from gptstore.manager import PluginLoadWarning, PluginManager, build, make_plugin_manager
 from gptstore.records import ModelSource, OptimizationStrategy, ScoringPolicy, ServingBackend
-from gptstore.selection import Selection, select_models
+from gptstore.selection import Candidate, Selection, explain_model, select_models
 from gptstore.sync import enabled_sources, sync_catalog
 from gptstore.types import ModelCard, Requirement
 from gptstore.units import format_bytes, format_count, parse_bytes, parse_count
@@ -62,6 +63,10 @@ class GptstoreGroup(click.Group):
             return super().invoke(ctx)
         except GptstoreError as exc:
             raise click.ClickException(str(exc)) from None
+        except sqlite3.Error as exc:
+            raise click.ClickException(f"catalog: {exc}") from None
+        except OSError as exc:  # a home or model folder that cannot be read or written
+            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}") from None
 
 
 def _show_warning(message: Any, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
@@ -328,7 +333,13 @@ def _card_summary(card: ModelCard) -> dict[str, str]:
 @cli.command()
 @click.argument("text", required=False)
 @requirement_options
-@click.option("--limit", default=20, show_default=True, help="Most results to show.")
+@click.option(
+    "--limit",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most results to show.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def search(app: App, /, text: str | None, limit: int, as_json: bool, **flags: Any) -> None:
@@ -417,6 +428,17 @@ def show(app: App, model: str, as_json: bool) -> None:
 # -- select --
 
 
+def _candidate_json(candidate: Candidate) -> dict[str, Any]:
+    return {
+        "rank": candidate.rank,
+        "uid": candidate.card.uid,
+        "score": candidate.score.total if candidate.score else None,
+        "breakdown": unstructure(candidate.score.breakdown) if candidate.score else [],
+        "failures": list(candidate.failures),
+        "card": unstructure(candidate.card),
+    }
+
+
 def _selection_json(selection: Selection) -> dict[str, Any]:
     return {
         "policy": selection.policy,
@@ -424,16 +446,7 @@ def _selection_json(selection: Selection) -> dict[str, Any]:
         "total": selection.total,
         "matched": selection.matched,
         "ranked_in": selection.ranked_in,
-        "ranked": [
-            {
-                "rank": c.rank,
-                "uid": c.card.uid,
-                "score": c.score.total if c.score else None,
-                "breakdown": unstructure(c.score.breakdown) if c.score else [],
-                "card": unstructure(c.card),
-            }
-            for c in selection.ranked
-        ],
+        "ranked": [_candidate_json(c) for c in selection.ranked],
         "excluded": [{"uid": c.card.uid, "failures": list(c.failures)} for c in selection.excluded],
     }
 
@@ -448,12 +461,26 @@ def _selection_json(selection: Selection) -> dict[str, Any]:
     multiple=True,
     help="balanced policy weight NAME=VALUE (repeatable), e.g. quality=0.6.",
 )
-@click.option("--limit", default=10, show_default=True, help="Most ranked models to show.")
+@click.option(
+    "--limit",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most ranked models to show.",
+)
 @click.option(
     "--explain-excluded",
     default=20,
     show_default=True,
-    help="How many excluded models to explain (0: none).",
+    type=click.IntRange(min=0),
+    help="How many excluded models to explain, in catalog order (0: none).",
+)
+@click.option(
+    "--why",
+    "why",
+    multiple=True,
+    metavar="MODEL",
+    help="Explain where MODEL stands: its failed constraints, or its score.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
@@ -465,6 +492,7 @@ def select(
     weights: tuple[str, ...],
     limit: int,
     explain_excluded: int,
+    why: tuple[str, ...],
     as_json: bool,
     **flags: Any,
 ) -> None:
@@ -489,10 +517,24 @@ def select(
         limit=limit,
         explain_excluded=explain_excluded,
     )
+    explained = [explain_model(app.catalog, scorer, requirement, model) for model in why]
     if as_json:
-        _emit_json(_selection_json(selection))
+        _emit_json({**_selection_json(selection), "why": [_candidate_json(c) for c in explained]})
         return
     _print_selection(selection)
+    for candidate in explained:
+        if candidate.failures:
+            out.print(f"{candidate.card.uid} is excluded: " + "; ".join(candidate.failures))
+        else:
+            assert candidate.score is not None
+            out.print(
+                f"{candidate.card.uid} meets the requirement, score "
+                f"{candidate.score.total:.3f}: "
+                + "; ".join(
+                    f"{c.name} {c.value:.2f}×{c.weight:g} ({c.detail})"
+                    for c in candidate.score.breakdown
+                )
+            )
 
 
 def _print_selection(selection: Selection) -> None:

@@ -5,6 +5,7 @@ Never use cattrs' global converter: plugins may register hooks on it and change 
 
 from __future__ import annotations
 
+import typing
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +40,23 @@ def _format_exception(exc: BaseException, type_: Any) -> str:
     return cattrs.v.format_exception(exc, type_)
 
 
+def _is_str_sequence(type_: Any) -> bool:
+    origin = typing.get_origin(type_)
+    args = typing.get_args(type_)
+    return (
+        origin in (tuple, list)
+        and args in ((str, ...), (str,))
+        and not (origin is tuple and args == (str,))
+    )
+
+
+def _structure_str_sequence(value: Any, type_: Any) -> Any:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise TypeError(f"expected a list of strings, got {type(value).__name__}")
+    items = [_strict(str, (str,))(item, str) for item in value]
+    return typing.get_origin(type_)(items)
+
+
 def make_converter() -> cattrs.Converter:
     """Build a converter: strict scalars, ISO-8601 datetimes, paths as strings, no extra keys."""
     converter = cattrs.Converter(forbid_extra_keys=True)
@@ -51,6 +69,8 @@ def make_converter() -> cattrs.Converter:
     )
     converter.register_unstructure_hook(datetime, lambda v: v.isoformat())
     converter.register_structure_hook(Path, lambda v, _t: Path(v))
+    # cattrs would split "a/b" into ("a", "/", "b"): a list of strings must be a list.
+    converter.register_structure_hook_func(_is_str_sequence, _structure_str_sequence)
     converter.register_unstructure_hook(Path, str)
     return converter
 

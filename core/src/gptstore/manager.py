@@ -126,11 +126,12 @@ class PluginManager(pluggy.PluginManager):
                 distribution=dist.name if dist else None,
                 version=dist.version if dist else None,
             )
-            if entry_point.name in self._infos:
-                other = self._infos[entry_point.name]
-                self._fail(info, f"plugin name {info.name!r} is already taken by {other.provider}")
+            if self._taken(info):
                 continue
             if only is not None and entry_point.name not in only:
+                self._infos[info.name] = evolve(
+                    info, status="disabled", error="not listed in GPTSTORE_LOAD_PLUGINS"
+                )
                 continue
             if self._disabled(info):
                 continue
@@ -146,6 +147,10 @@ class PluginManager(pluggy.PluginManager):
             distribution=distribution,
             version=version,
         )
+        if name in self._infos:
+            raise PluginError(
+                f"plugin name {name!r} is already taken by {self._infos[name].provider}"
+            )
         self._load(info, lambda: plugin)
         return self._infos[name]
 
@@ -153,6 +158,18 @@ class PluginManager(pluggy.PluginManager):
         if self.get_plugin(name) is not None:
             self.unregister(name=name)
         self._infos.pop(name, None)
+
+    def _taken(self, info: PluginInfo) -> bool:
+        """Whether another plugin holds ``info.name``; if so, record ``info`` beside it."""
+        other = self._infos.get(info.name)
+        if other is None:
+            return False
+        self._fail(
+            info,
+            f"plugin name {info.name!r} is already taken by {other.provider}",
+            key=f"{info.name} ({info.provider})",
+        )
+        return True
 
     def _disabled(self, info: PluginInfo) -> bool:
         if info.name not in (_env_names("GPTSTORE_DISABLED_PLUGINS") or set()):
@@ -190,10 +207,17 @@ class PluginManager(pluggy.PluginManager):
         hooks = tuple(sorted(caller.name for caller in self.get_hookcallers(plugin) or []))
         self._infos[info.name] = evolve(info, hooks=hooks, status="loaded")
 
-    def _fail(self, info: PluginInfo, message: str, exc: BaseException | None = None) -> None:
+    def _fail(
+        self,
+        info: PluginInfo,
+        message: str,
+        exc: BaseException | None = None,
+        *,
+        key: str | None = None,
+    ) -> None:
         if self.strict:
             raise PluginError(f'Error loading plugin "{info.name}": {message}') from exc
-        self._infos[info.name] = evolve(info, status="failed", error=message)
+        self._infos[key or info.name] = evolve(info, status="failed", error=message)
         warnings.warn(
             f"skipped plugin {info.name!r} from {info.provider}: {message}",
             PluginLoadWarning,

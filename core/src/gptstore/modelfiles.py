@@ -24,22 +24,6 @@ from gptstore.errors import InvalidInput, RefusedModel
 from gptstore.types import Metric
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-)
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "README.md",
-    "chat_template.jinja",
-    *TOKENIZER_FILES,
-)
 _CONTEXT_KEYS = (
     "max_position_embeddings",
     "n_positions",
@@ -93,15 +77,33 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+_SHARD_NAME = re.compile(r"^[\w.-]+\.safetensors$")
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, with every symlink followed, lies inside ``folder``."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder, following model.safetensors.index.json when sharded."""
+    """The safetensors files of a folder, following model.safetensors.index.json when sharded.
+
+    Shard names come from a file we did not write: each must be a plain ``*.safetensors`` name
+    in this folder, so an index cannot point the store at ``../../anything``.
+    """
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise InvalidInput(str(index), [f"not a safetensors index: {exc}"]) from None
-        names = sorted(set(weight_map.values()))
+            names = sorted(set(weight_map.values()))
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+            raise InvalidInput(str(index), [f"not a safetensors index: {exc!r}"]) from None
+        bad = [n for n in names if not isinstance(n, str) or not _SHARD_NAME.match(n)]
+        if bad:
+            raise InvalidInput(
+                str(index),
+                [f"shard name {bad[0]!r} is not a *.safetensors file name in this folder"],
+            )
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise InvalidInput(str(index), [f"shard {missing[0]} listed but missing"])
@@ -117,14 +119,19 @@ def count_parameters(files: list[Path]) -> tuple[int, str | None]:
         for name, entry in read_safetensors_header(path).items():
             if name == "__metadata__":
                 continue
-            count = math.prod(entry.get("shape", []))
-            total += count
-            start, end = entry.get("data_offsets", (0, 0))
-            by_dtype[_SAFETENSORS_DTYPES.get(entry.get("dtype", ""), entry.get("dtype", "?"))] += (
-                end - start
-            )
-    dtype = by_dtype.most_common(1)[0][0] if by_dtype else None
-    return total, dtype
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+            if (
+                not isinstance(shape, list)
+                or not all(isinstance(d, int) for d in shape)
+                or not isinstance(offsets, list)
+                or len(offsets) != 2
+            ):
+                raise InvalidInput(str(path), [f"tensor {name!r} has no valid shape and offsets"])
+            total += math.prod(shape)
+            dtype = str(entry.get("dtype", "?"))
+            by_dtype[_SAFETENSORS_DTYPES.get(dtype, dtype.lower())] += offsets[1] - offsets[0]
+    return total, (by_dtype.most_common(1)[0][0] if by_dtype else None)
 
 
 def check_weights(folder: Path) -> list[Path]:
@@ -206,31 +213,38 @@ def _slug(value: Any) -> str:
     return str(value).strip().lower().rsplit("/", 1)[-1]
 
 
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The dict items of a list (front matter is user-written: anything else is skipped)."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
 def parse_model_index(model_index: Any) -> tuple[Metric, ...]:
-    """Metrics of a ``model-index`` block, named by dataset (``mmlu``, ``mmlu/acc_norm``)."""
+    """Metrics of a ``model-index`` block, named by dataset (``mmlu``, ``mmlu/acc_norm``).
+
+    Entries that are not shaped like the Hugging Face format are skipped, not fatal.
+    """
     metrics: dict[str, Metric] = {}
-    if not isinstance(model_index, list):
-        return ()
-    for entry in model_index:
-        for result in (entry or {}).get("results") or []:
-            dataset = (result or {}).get("dataset") or {}
-            dataset_name = dataset.get("name") or dataset.get("type") or "unknown"
-            for metric in (result or {}).get("metrics") or []:
-                value = (metric or {}).get("value")
-                if not isinstance(value, int | float) or isinstance(value, bool):
-                    continue
-                kind = metric.get("type") or metric.get("name")
-                name = _slug(dataset.get("type") or dataset_name)
-                if name in metrics:
-                    name = f"{name}/{_slug(kind)}"
-                if name not in metrics:
-                    metrics[name] = Metric(
-                        name=name,
-                        value=float(value),
-                        kind=kind,
-                        dataset=str(dataset_name),
-                        origin="reported",
-                    )
+    results = [r for entry in _dicts(model_index) for r in _dicts(entry.get("results"))]
+    for result in results:
+        found = result.get("dataset")
+        dataset: dict[str, Any] = found if isinstance(found, dict) else {}
+        dataset_name = dataset.get("name") or dataset.get("type") or "unknown"
+        for metric in _dicts(result.get("metrics")):
+            value = metric.get("value")
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            kind = metric.get("type") or metric.get("name")
+            name = _slug(dataset.get("type") or dataset_name)
+            if name in metrics:
+                name = f"{name}/{_slug(kind)}"
+            if name not in metrics:
+                metrics[name] = Metric(
+                    name=name,
+                    value=float(value),
+                    kind=kind and str(kind),
+                    dataset=str(dataset_name),
+                    origin="reported",
+                )
     return tuple(metrics.values())
 
 

@@ -41,7 +41,8 @@ class Selection:
     """The outcome of :func:`select_models`.
 
     :param matched: cards meeting every hard constraint (``ranked`` holds the best ``limit``).
-    :param excluded: up to ``explain_excluded`` cards that failed, fewest failures first.
+    :param excluded: the first ``explain_excluded`` failing cards in catalog order (a sample,
+        not the nearest misses), fewest failures first; ``explain_model`` explains any card.
     :param ranked_in: where the ranking ran: ``sql`` or ``python``.
     """
 
@@ -126,3 +127,15 @@ def select_models(
         int(total),
         "sql" if ranking is not None else "python",
     )
+
+
+def explain_model(
+    catalog: Catalog, scorer: Scorer, requirement: Requirement, model: str
+) -> Candidate:
+    """Where one model stands against ``requirement``: the constraints it fails, or (when it
+    meets them all) its score and breakdown. ``model`` is ``source:model_id`` or a model id."""
+    entry = catalog.resolve(model)
+    failures = violations(entry.card, requirement, listed=entry.listed)
+    if failures:
+        return Candidate(entry, failures=tuple(failures))
+    return Candidate(entry, score=scorer.score(entry.card, requirement))

@@ -22,6 +22,7 @@ def enabled_sources(
 ) -> dict[str, ModelSource]:
     """Registered sources not switched off in config (only ``names`` when given)."""
     records = manager.registrations(ModelSource)
+    names = tuple(name.strip().lower() for name in names)
     for name in names:
         if name not in records:
             raise UnknownName("model source", name, list(records))
@@ -56,6 +57,13 @@ def sync_catalog(
                 if isinstance(item, Refusal):
                     refusals.append(item)
                     continue
+                if not isinstance(item, ModelCard) or item.source != name:
+                    # Checked here, not in the write transaction, so a broken source fails
+                    # alone instead of rolling back every other source's sync.
+                    raise GptstoreError(
+                        f"source {name!r} produced {item!r:.80}; a source must yield ModelCard "
+                        f"records with source={name!r} (or Refusal records)"
+                    )
                 cards.append(item)
                 if progress:
                     progress(name, len(cards))

@@ -37,7 +37,8 @@ def _no_progress(_fraction: float, _message: str) -> None:
     return None
 
 
-def _tuple_of_str(value: Any) -> tuple[str, ...]:
+def str_tuple(value: Any) -> tuple[str, ...]:
+    """An attrs converter: ``"a"`` -> ``("a",)``, ``["a", "b"]`` -> ``("a", "b")``, None -> ()."""
     if value is None:
         return ()
     if isinstance(value, str):
@@ -46,7 +47,7 @@ def _tuple_of_str(value: Any) -> tuple[str, ...]:
 
 
 def _lower_tuple(value: Any) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(v.strip().lower() for v in _tuple_of_str(value) if v.strip()))
+    return tuple(dict.fromkeys(v.strip().lower() for v in str_tuple(value) if v.strip()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,14 +112,25 @@ class ModelCard:
     tasks: tuple[str, ...] = field(default=(), converter=_lower_tuple)
     languages: tuple[str, ...] = field(default=(), converter=_lower_tuple)
     license: str | None = field(default=None, converter=_optional_key)
-    tags: tuple[str, ...] = field(default=(), converter=_tuple_of_str)
+    tags: tuple[str, ...] = field(default=(), converter=str_tuple)
     base_model: str | None = None
-    metrics: tuple[Metric, ...] = ()
+    metrics: tuple[Metric, ...] = field(default=())
     popularity: int = 0
     likes: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
     location: str | None = None
+
+    @metrics.validator
+    def _unique_metrics(self, _attribute: Any, metrics: tuple[Metric, ...]) -> None:
+        # One value per name: filters, rankings and explanations must all read the same one.
+        names = [m.name for m in metrics]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"metric(s) {', '.join(repeated)} appear more than once; give each "
+                "result its own name (e.g. mmlu/acc_norm)"
+            )
 
     @property
     def uid(self) -> str:

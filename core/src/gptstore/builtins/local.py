@@ -12,20 +12,21 @@ from attrs import field, frozen
 from gptstore import hookimpl
 from gptstore.errors import GptstoreError, InvalidInput, NotFound, RefusedModel
 from gptstore.modelfiles import (
-    MODEL_FILES,
+    PICKLE_SUFFIXES,
     architecture_tasks,
     as_tuple,
     check_weights,
     context_length,
     count_parameters,
     folder_times,
+    inside,
     parse_model_index,
     read_config,
     read_readme,
 )
 from gptstore.protocols import Refusal
 from gptstore.records import ModelSource
-from gptstore.types import ModelCard, SearchQuery, SourceStatus
+from gptstore.types import ModelCard, SearchQuery, SourceStatus, str_tuple
 
 
 @frozen
@@ -36,7 +37,7 @@ class LocalOptions:
     :param max_depth: how many folder levels below each path to look for models.
     """
 
-    paths: tuple[str, ...] = field(default=(), converter=tuple)
+    paths: tuple[str, ...] = field(default=(), converter=str_tuple)
     max_depth: int = 3
 
 
@@ -63,9 +64,9 @@ def read_card(folder: Path, model_id: str, source: str = "local") -> ModelCard:
     architecture = architectures[0] if architectures else None
     files = [p for p in folder.iterdir() if p.is_file()]
     created, updated = folder_times([*weights, folder / "config.json"])
-    license_value = meta.get("license")
+    license_value = next(iter(as_tuple(meta.get("license"))), None)
     if license_value == "other" and meta.get("license_name"):
-        license_value = meta["license_name"]
+        license_value = str(meta["license_name"])
     return ModelCard(
         source=source,
         model_id=model_id,
@@ -138,25 +139,31 @@ class LocalSource:
                 except (RefusedModel, InvalidInput) as exc:
                     yield Refusal(model_id, str(exc))
                     continue
+                except (OSError, ValueError, TypeError, AttributeError) as exc:
+                    # One unreadable folder must not stop the others from syncing.
+                    yield Refusal(model_id, f"{folder}: unreadable: {type(exc).__name__}: {exc}")
+                    continue
                 if _matches(card, query):
                     yield card
                     produced += 1
                     if query.limit is not None and produced >= query.limit:
                         return
 
-    def _folder(self, model_id: str) -> Path:
+    def _folder(self, model_id: str) -> tuple[Path, Path]:
+        """(model folder, the root it is in) for an id; the id comes from users and requests,
+        so it must name a model folder inside a configured root."""
         for root in self.roots:
-            folder = (root / model_id).resolve()
-            # The id comes from users and requests: it must name a folder inside a root.
-            if folder.is_relative_to(root.resolve()) and (folder / "config.json").is_file():
-                return folder
+            base = root.resolve()
+            folder = base if model_id == root.name else (root / model_id).resolve()
+            if folder.is_relative_to(base) and (folder / "config.json").is_file():
+                return folder, base
         raise NotFound(
             f"local model {model_id!r} is not in any configured folder "
             f"({', '.join(map(str, self.roots)) or 'none configured'})"
         )
 
     def fetch(self, model_id: str, revision: str | None, dest: Path) -> Path:
-        folder = self._folder(model_id)
+        folder, root = self._folder(model_id)
         weights = check_weights(folder)
         current = _revision(folder, weights)
         if revision is not None and revision != current:
@@ -165,11 +172,21 @@ class LocalSource:
                 f"(revision {revision}, now {current}); run `gptstore sync`"
             )
         target = dest / model_id.replace("/", "--")
+        if target.exists():
+            raise GptstoreError(f"cannot fetch {model_id!r}: {target} already exists")
+        files = [
+            p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix not in PICKLE_SUFFIXES
+        ]
+        # A symlink may point anywhere; copy only what stays inside the configured folder.
+        outside = [p.name for p in files if not inside(p, root)]
+        if outside:
+            raise RefusedModel(
+                f"{folder}: {', '.join(outside)} link(s) outside {root}; "
+                "copy the files into the model folder"
+            )
         target.mkdir(parents=True)
-        index = folder / "model.safetensors.index.json"
-        for path in [*weights, *(folder / name for name in MODEL_FILES), index]:
-            if path.is_file():
-                shutil.copy2(path, target / path.name)
+        for path in files:
+            shutil.copy2(path, target / path.name)
         return target
 
     def status(self) -> SourceStatus:

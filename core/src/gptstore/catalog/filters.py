@@ -15,9 +15,15 @@ from gptstore.types import ModelCard, Requirement
 from gptstore.units import DTYPE_BYTES, format_bytes, format_count
 
 
+def fts_text(text: str) -> str:
+    """Text as stored in the FTS index: NFKC, so ligatures and superscripts ("ﬁ", "²") become
+    the letters and digits that queries are made of."""
+    return unicodedata.normalize("NFKC", text)
+
+
 def words(text: str) -> list[str]:
-    """Tokens as SQLite's unicode61 tokenizer (remove_diacritics 2) sees them."""
-    folded = unicodedata.normalize("NFKD", text.lower())
+    """Tokens as SQLite's unicode61 tokenizer (remove_diacritics 2) sees ``fts_text(text)``."""
+    folded = unicodedata.normalize("NFKD", fts_text(text).lower())
     folded = "".join(ch for ch in folded if not unicodedata.combining(ch))
     return re.findall(r"[^\W_]+", folded)
 

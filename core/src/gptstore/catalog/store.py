@@ -18,7 +18,7 @@ from typing import Any
 
 from attrs import evolve, frozen
 
-from gptstore.catalog.filters import fts_query, sql_filters
+from gptstore.catalog.filters import fts_query, fts_text, sql_filters
 from gptstore.catalog.schema import MIGRATIONS, SCHEMA_VERSION
 from gptstore.converter import converter
 from gptstore.errors import CatalogError, NotFound
@@ -85,8 +85,13 @@ def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+#: Bump when the derived columns change meaning (normalization of metrics, popularity or size
+#: scales, dtype sizes): every card's fingerprint changes, so the next sync recomputes them all.
+DERIVATION_VERSION = "1"
+
+
 def _fingerprint(document: str) -> str:
-    return hashlib.sha256(document.encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{DERIVATION_VERSION}\n{document}".encode()).hexdigest()[:32]
 
 
 def _document(card: ModelCard) -> str:
@@ -272,7 +277,7 @@ class Catalog:
         )
         conn.execute(
             "INSERT INTO cards_fts (rowid, name, description, tags) VALUES (?,?,?,?)",
-            (card_id, card.name, card.description, " ".join(card.tags)),
+            (card_id, *map(fts_text, (card.name, card.description, " ".join(card.tags)))),
         )
 
     def replace_source(

@@ -12,7 +12,7 @@ from attrs import field, frozen
 
 from gptstore import hookimpl
 from gptstore.records import ScoringPolicy
-from gptstore.types import Criterion, ModelCard, Requirement, Score
+from gptstore.types import Criterion, ModelCard, Requirement, Score, str_tuple
 
 PERMISSIVE = ("apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0")
 
@@ -21,7 +21,7 @@ PERMISSIVE = ("apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0")
 class PermissiveFirstOptions:
     """``[policies.permissive-first]`` in config.toml."""
 
-    licenses: tuple[str, ...] = field(default=PERMISSIVE, converter=tuple)
+    licenses: tuple[str, ...] = field(default=PERMISSIVE, converter=str_tuple)
 
 
 class PermissiveFirst:
