@@ -135,7 +135,7 @@ def test_show_and_search(home):
             "min_params 2.0B is above max_params",
         ),
         (("show", "nothing-like-this"), "no model 'nothing-like-this' in the catalog"),
-        (("sync", "hub"), "unknown model source 'hub'; valid names: local"),
+        (("sync", "hub"), "unknown model source 'hub'; valid names:"),
         (("search", "?!"), "has no words to search for"),
     ],
 )

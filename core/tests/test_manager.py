@@ -110,7 +110,7 @@ def test_hooks_that_do_not_match_the_specs_are_refused(fake_dist, source, expect
     assert info.status == "failed"
     assert expected in info.error
     assert manager.get_plugin("bad") is None
-    assert set(manager.registrations(ModelSource)) == {"local"}
+    assert "local" in manager.registrations(ModelSource)
 
 
 def test_hook_yielding_wrong_objects_is_reported(fake_dist):

@@ -56,8 +56,6 @@ def test_sql_ranking_agrees_with_python_scores(synthetic, plugin_manager, policy
     assert (in_sql.ranked_in, in_python.ranked_in) == ("sql", "python")
     assert in_sql.matched == in_python.matched > 0
     assert [c.card.uid for c in in_sql.ranked] == [c.card.uid for c in in_python.ranked]
-    scores = [c.score.total for c in in_sql.ranked]
-    assert scores == sorted(scores, reverse=True)
 
 
 def card(model_id, **fields):

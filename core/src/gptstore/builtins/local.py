@@ -90,7 +90,8 @@ def read_card(folder: Path, model_id: str, source: str = "local") -> ModelCard:
     )
 
 
-def _matches(card: ModelCard, query: SearchQuery) -> bool:
+def matches(card: ModelCard, query: SearchQuery) -> bool:
+    """Whether a card answers a query: its task, and every word of its text (case-insensitive)."""
     if query.task and query.task.lower() not in card.tasks:
         return False
     if query.text:
@@ -143,7 +144,7 @@ class LocalSource:
                     # One unreadable folder must not stop the others from syncing.
                     yield Refusal(model_id, f"{folder}: unreadable: {type(exc).__name__}: {exc}")
                     continue
-                if _matches(card, query):
+                if matches(card, query):
                     yield card
                     produced += 1
                     if query.limit is not None and produced >= query.limit:

@@ -1,0 +1,101 @@
+"""Hugging Face hub answers (``ModelInfo``) as gptstore model cards."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from gptstore.modelfiles import as_tuple
+from gptstore.types import Metric, ModelCard
+
+SOURCE = "hf"
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8",
+    "F8_E5M2": "float8",
+    "I8": "int8",
+    "U8": "uint8",
+}
+# Tags that restate structured fields (or are noise for search): kept out of card.tags.
+_TAG_PREFIXES = (
+    "license:",
+    "region:",
+    "base_model:",
+    "dataset:",
+    "arxiv:",
+    "doi:",
+    "endpoints_compatible",
+    "autotrain_compatible",
+    "text-generation-inference",
+)
+
+
+def _slug(value: Any) -> str:
+    return str(value).strip().lower().rsplit("/", 1)[-1]
+
+
+def eval_metrics(card_data: Any) -> tuple[Metric, ...]:
+    """Reported metrics from a card's parsed model-index (``ModelCardData.eval_results``)."""
+    metrics: dict[str, Metric] = {}
+    for result in getattr(card_data, "eval_results", None) or []:
+        value = getattr(result, "metric_value", None)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        name = _slug(result.dataset_type or result.dataset_name)
+        if name in metrics:
+            name = f"{name}/{_slug(result.metric_type)}"
+        if name not in metrics:
+            metrics[name] = Metric(
+                name=name,
+                value=float(value),
+                kind=result.metric_type,
+                dataset=result.dataset_name,
+                origin="reported",
+            )
+    return tuple(metrics.values())
+
+
+def model_info_to_card(info: Any, endpoint: str = "https://huggingface.co") -> ModelCard:
+    """A card from a ``huggingface_hub.ModelInfo`` listed with the expand fields in
+    :data:`gptstore_hf.hub.EXPAND`."""
+    card_data = info.card_data
+    data = card_data.to_dict() if card_data is not None else {}
+    safetensors = info.safetensors
+    parameters = safetensors.total if safetensors is not None else None
+    dtype = None
+    if safetensors is not None and safetensors.parameters:
+        top = Counter(safetensors.parameters).most_common(1)[0][0]
+        dtype = _SAFETENSORS_DTYPES.get(top, top.lower())
+    config = info.config or {}
+    architectures = config.get("architectures") or []
+    tags = tuple(t for t in info.tags or () if not t.startswith(_TAG_PREFIXES))
+    license_value = next(iter(as_tuple(data.get("license"))), None) or next(
+        (t.split(":", 1)[1] for t in info.tags or () if t.startswith("license:")), None
+    )
+    if license_value == "other" and data.get("license_name"):
+        license_value = str(data["license_name"])
+    return ModelCard(
+        source=SOURCE,
+        model_id=info.id,
+        revision=info.sha,
+        name=info.id,
+        description=str(data.get("model_name") or ""),
+        architecture=architectures[0] if architectures else None,
+        parameters=parameters,
+        dtype=dtype,
+        context_length=None,  # the listing carries no config values beyond the architecture
+        tasks=as_tuple(info.pipeline_tag),
+        languages=as_tuple(data.get("language")),
+        license=license_value,
+        tags=tags,
+        base_model=next(iter(as_tuple(data.get("base_model"))), None),
+        metrics=eval_metrics(card_data),
+        popularity=info.downloads or 0,
+        likes=info.likes or 0,
+        created_at=info.created_at,
+        updated_at=info.last_modified,
+        location=f"{endpoint.rstrip('/')}/{info.id}",
+    )

@@ -1,0 +1,387 @@
+"""The ``hf`` model source: the Hugging Face hub, or its local cache when the hub is out of reach.
+
+Reaching the hub fails fast: before any hub call the source asks the hub for one model with a
+timeout (5 s by default) in a thread of its own, so a missing network costs seconds, never
+huggingface_hub's or transformers' minutes of retries. With ``HF_HUB_OFFLINE=1``, or when that
+probe fails, the source lists and fetches from the local HF cache and says it is offline.
+Nothing here ever runs with ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from attrs import field, frozen
+
+from gptstore.builtins.local import matches, read_card
+from gptstore.errors import GptstoreError, InvalidInput, NotFound, RefusedModel
+from gptstore.modelfiles import PICKLE_SUFFIXES
+from gptstore.protocols import Refusal
+from gptstore.types import ModelCard, SearchQuery, SourceStatus, str_tuple
+from gptstore.units import parse_count
+from gptstore_hf.cards import SOURCE, model_info_to_card
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+#: What a listing asks the hub to include for each model (one request per page).
+EXPAND = [
+    "cardData",
+    "safetensors",
+    "config",
+    "downloads",
+    "likes",
+    "createdAt",
+    "lastModified",
+    "pipeline_tag",
+    "tags",
+    "sha",
+    "gated",
+    "library_name",
+]
+#: The files a fetch downloads: config, tokenizer, generation config, chat template, README and
+#: safetensors weights. Pickle weights are never downloaded.
+ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "README.md",
+    "*.safetensors",
+    "model.safetensors.index.json",
+]
+_SORTS = {
+    "downloads": "downloads",
+    "likes": "likes",
+    "trending": "trendingScore",
+    "last_modified": "last_modified",
+}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
+@frozen(kw_only=True)
+class HubSearch:
+    """One search that ``gptstore sync`` runs against the hub (``[[sources.hf.searches]]``).
+
+    :param min_params: / max_params: a parameter range such as ``"2B"`` (models without a
+        safetensors parameter count are left out when a range is set).
+    :param licenses: any of these licenses (one hub request per license).
+    :param limit: most models this search adds; pagination stops there.
+    """
+
+    text: str | None = None
+    task: str | None = "text-generation"
+    library: str | None = None
+    author: str | None = None
+    language: str | None = None
+    licenses: tuple[str, ...] = field(default=(), converter=str_tuple)
+    min_params: str | None = None
+    max_params: str | None = None
+    sort: Literal["downloads", "likes", "trending", "last_modified"] = "downloads"
+    limit: int = 100
+
+    def __attrs_post_init__(self) -> None:
+        if self.limit <= 0:
+            raise InvalidInput("hub search", [f"limit must be positive, got {self.limit}"])
+        for bound in (self.min_params, self.max_params):
+            if bound is not None:
+                parse_count(bound, "hub search parameter bound")
+
+
+@frozen(kw_only=True)
+class HubOptions:
+    """``[sources.hf]`` in config.toml.
+
+    :param searches: what sync lists; by default the 100 most downloaded text-generation models.
+    :param endpoint: the hub (``HF_ENDPOINT`` when unset).
+    :param cache_dir: the HF cache (``HF_HUB_CACHE`` / ``~/.cache/huggingface/hub`` when unset).
+    :param timeout: seconds to wait for the hub before working offline.
+    """
+
+    searches: tuple[HubSearch, ...] = (HubSearch(),)
+    endpoint: str | None = None
+    cache_dir: str | None = None
+    timeout: float = 5.0
+
+
+def _offline_by_env() -> bool:
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def check_repo_id(repo_id: str) -> str:
+    if not _REPO_ID.match(repo_id) or ".." in repo_id:
+        raise InvalidInput(
+            "repository id", [f"{repo_id!r} is not a hub repository id (owner/name)"]
+        )
+    return repo_id
+
+
+class HubSource:
+    """Lists hub models through ``HfApi.list_models`` and fetches them pinned to a revision."""
+
+    def __init__(self, options: HubOptions | None) -> None:
+        from huggingface_hub import constants
+
+        options = options or HubOptions()
+        self.options = options
+        self.endpoint = (options.endpoint or constants.ENDPOINT or DEFAULT_ENDPOINT).rstrip("/")
+        self.cache_dir = Path(options.cache_dir or constants.HF_HUB_CACHE).expanduser()
+        self._offline_reason: str | Literal[False] | None = False  # False: not probed yet
+
+    # -- reaching the hub ------------------------------------------------------------------------
+
+    def offline_reason(self) -> str | None:
+        """Why the hub cannot be used now (None when it can); probed once per source."""
+        if self._offline_reason is not False:
+            return self._offline_reason
+        if _offline_by_env():
+            self._offline_reason = "HF_HUB_OFFLINE is set"
+            return self._offline_reason
+        silent = f"no answer from {self.endpoint} within {self.options.timeout:g} s"
+        outcome: list[str | None] = []
+
+        def probe() -> None:
+            import requests
+
+            try:
+                response = requests.get(
+                    f"{self.endpoint}/api/models", params={"limit": 1}, timeout=self.options.timeout
+                )
+                outcome.append(
+                    None
+                    if response.status_code < 500
+                    else f"{self.endpoint} answered HTTP {response.status_code}"
+                )
+            except requests.Timeout:
+                outcome.append(silent)
+            except requests.RequestException as exc:
+                outcome.append(
+                    f"{self.endpoint} unreachable ({type(exc).__name__}: {str(exc)[:160]})"
+                )
+
+        # A thread bounds the whole probe, DNS resolution included (requests' timeout does not).
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(self.options.timeout + 0.5)
+        self._offline_reason = outcome[0] if outcome else silent
+        return self._offline_reason
+
+    def _api(self) -> Any:
+        from huggingface_hub import HfApi
+
+        return HfApi(endpoint=self.endpoint)  # token: HF_TOKEN or the saved login
+
+    def _hub_error(self, exc: Exception, repo_id: str | None = None) -> GptstoreError:
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+        what = f"repository {repo_id}" if repo_id else "the hub listing"
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(exc, GatedRepoError) or status in (401, 403):
+            return GptstoreError(
+                f"{what}: access denied (HTTP {status}); if it is gated or private, accept its "
+                "terms on the hub, then set HF_TOKEN or run `huggingface-cli login`"
+            )
+        if isinstance(exc, RepositoryNotFoundError) or status == 404:
+            return NotFound(f"{what} not found on {self.endpoint} (or private without a token)")
+        if isinstance(exc, HfHubHTTPError):
+            return GptstoreError(f"{what}: the hub answered HTTP {status}: {exc}")
+        return GptstoreError(f"{what}: {type(exc).__name__}: {exc}")
+
+    # -- listing ---------------------------------------------------------------------------------
+
+    def search(self, query: SearchQuery) -> Iterator[ModelCard | Refusal]:
+        if self.offline_reason() is not None:
+            yield from self._search_cache(query)
+            return
+        if query == SearchQuery():
+            searches = self.options.searches
+        else:
+            searches = (HubSearch(text=query.text, task=query.task, limit=query.limit or 50),)
+        seen: set[str] = set()
+        for search in searches:
+            for card in self._run(search):
+                if card.model_id not in seen:
+                    seen.add(card.model_id)
+                    yield card
+
+    def _run(self, search: HubSearch) -> Iterator[ModelCard]:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        low = parse_count(search.min_params) if search.min_params else None
+        high = parse_count(search.max_params) if search.max_params else None
+        produced = 0
+        for license_name in search.licenses or (None,):
+            try:
+                listing = self._api().list_models(
+                    search=search.text,
+                    pipeline_tag=search.task,
+                    library=search.library,
+                    author=search.author,
+                    language=search.language,
+                    filter=f"license:{license_name}" if license_name else None,
+                    sort=_SORTS[search.sort],
+                    limit=search.limit,
+                    expand=EXPAND,
+                )
+                for info in listing:
+                    card = model_info_to_card(info, self.endpoint)
+                    p = card.parameters
+                    if (low or high) and (p is None or (low and p < low) or (high and p > high)):
+                        continue
+                    yield card
+                    produced += 1
+                    if produced >= search.limit:
+                        return
+            except (HfHubHTTPError, OSError) as exc:
+                raise self._hub_error(exc) from None
+
+    def _search_cache(self, query: SearchQuery) -> Iterator[ModelCard | Refusal]:
+        from huggingface_hub import scan_cache_dir
+        from huggingface_hub.errors import CacheNotFound
+
+        try:
+            cache = scan_cache_dir(self.cache_dir)
+        except CacheNotFound:
+            return
+        produced = 0
+        for repo in sorted(cache.repos, key=lambda r: r.repo_id):
+            if repo.repo_type != "model":
+                continue
+            revision = _current_revision(repo)
+            if revision is None:
+                continue
+            try:
+                card = read_card(Path(revision.snapshot_path), repo.repo_id, source=SOURCE)
+            except (RefusedModel, InvalidInput) as exc:
+                yield Refusal(repo.repo_id, str(exc))
+                continue
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                yield Refusal(repo.repo_id, f"unreadable in the HF cache: {exc}")
+                continue
+            card = _with(
+                card, revision=revision.commit_hash, location=f"{self.endpoint}/{repo.repo_id}"
+            )
+            if matches(card, query):
+                yield card
+                produced += 1
+                if query.limit is not None and produced >= query.limit:
+                    return
+
+    # -- fetching --------------------------------------------------------------------------------
+
+    def fetch(self, model_id: str, revision: str | None, dest: Path) -> Path:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        repo_id = check_repo_id(model_id)
+        offline = self.offline_reason() is not None
+        if not offline:
+            self._check_remote_files(repo_id, revision)
+        try:
+            snapshot = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    cache_dir=self.cache_dir,
+                    allow_patterns=ALLOW_PATTERNS,
+                    local_files_only=offline,
+                    etag_timeout=self.options.timeout,
+                    endpoint=self.endpoint,
+                )
+            )
+        except LocalEntryNotFoundError:
+            raise NotFound(
+                f"{repo_id}@{revision or 'main'} is not in the HF cache ({self.cache_dir}) and the "
+                f"hub is out of reach ({self.offline_reason()})"
+            ) from None
+        except (HfHubHTTPError, OSError) as exc:
+            raise self._hub_error(exc, repo_id) from None
+        check_snapshot(snapshot, repo_id)
+        target = dest / repo_id.replace("/", "--")
+        if target.exists():
+            raise GptstoreError(f"cannot fetch {repo_id}: {target} already exists")
+        target.mkdir(parents=True)
+        for path in sorted(snapshot.iterdir()):
+            if path.is_file() and path.suffix not in PICKLE_SUFFIXES:
+                shutil.copyfile(path, target / path.name)  # follows the cache's blob links
+        return target
+
+    def _check_remote_files(self, repo_id: str, revision: str | None) -> None:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            info = self._api().model_info(repo_id, revision=revision)
+        except (HfHubHTTPError, OSError) as exc:
+            raise self._hub_error(exc, repo_id) from None
+        names = [s.rfilename for s in info.siblings or []]
+        refuse_without_safetensors(repo_id, names)
+
+    def status(self) -> SourceStatus:
+        reason = self.offline_reason()
+        if reason is None:
+            return SourceStatus(True, f"online: {self.endpoint}")
+        return SourceStatus(
+            False, f"offline ({reason}); listing and fetching from the HF cache {self.cache_dir}"
+        )
+
+
+def _with(card: ModelCard, **changes: Any) -> ModelCard:
+    from attrs import evolve
+
+    return evolve(card, **changes)
+
+
+def _current_revision(repo: Any) -> Any:
+    """The cached revision that ``main`` points to, else the most recently modified one."""
+    for revision in repo.revisions:
+        if "main" in revision.refs:
+            return revision
+    return max(repo.revisions, key=lambda r: r.last_modified, default=None)
+
+
+def refuse_without_safetensors(repo_id: str, names: list[str]) -> None:
+    """RefusedModel when a repository offers no safetensors weights."""
+    if any(name.endswith(".safetensors") for name in names):
+        return
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise RefusedModel(
+            f"{repo_id}: only pickle weights ({', '.join(pickles[:3])}); gptstore loads "
+            "safetensors only, because unpickling can run arbitrary code. Look for a "
+            "safetensors revision or conversion of this model."
+        )
+    raise RefusedModel(f"{repo_id}: no *.safetensors weights in the repository")
+
+
+def check_snapshot(folder: Path, repo_id: str) -> None:
+    """Refuse a downloaded snapshot whose weights are not safetensors or whose architecture
+    transformers does not know (it would need remote code, which gptstore never runs)."""
+    refuse_without_safetensors(repo_id, [p.name for p in folder.iterdir()])
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RefusedModel(f"{repo_id}: no readable config.json ({exc})") from None
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        hint = " and asks for remote code" if config.get("auto_map") else ""
+        raise RefusedModel(
+            f"{repo_id}: architecture {model_type!r} is unknown to the installed transformers"
+            f"{hint}; gptstore never runs trust_remote_code. Upgrade transformers if it is newer."
+        )

@@ -1,0 +1,19 @@
+"""Hook implementations of gptstore-hf. Heavy imports happen inside the sources' methods."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from gptstore import hookimpl
+from gptstore.records import ModelSource
+from gptstore_hf.hub import HubOptions, HubSource
+
+
+@hookimpl
+def gptstore_model_sources() -> Iterator[ModelSource]:
+    yield ModelSource(
+        name="hf",
+        factory=HubSource,
+        options_type=HubOptions,
+        description="The Hugging Face hub (its local cache when offline)",
+    )
