@@ -161,3 +161,19 @@ def test_bad_config_is_one_clear_line(home):
     result = cli(home, "sources")
     assert result.returncode == 1
     assert "not valid TOML" in result.stderr
+
+
+def test_fetch_makes_an_artifact_with_its_origin(home):
+    home, _models = home
+    cli(home, "sync")
+    fetched = cli(home, "fetch", "alpha-chat")
+    assert fetched.returncode == 0, fetched.stderr
+    [artifact] = json.loads(cli(home, "artifacts", "--json").stdout)
+    card = json.loads(cli(home, "show", "alpha-chat", "--json").stdout)
+    assert artifact["origin"] == f"local:alpha-chat@{card['revision']}"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(artifact["files"])
+    assert artifact["id"] in fetched.stdout
+    assert not [p for p in (home / "artifacts").iterdir() if p.name.startswith(".staging")]
+    missing = cli(home, "fetch", "old-pickle")
+    assert missing.returncode == 1
+    assert "no model 'old-pickle' in the catalog" in missing.stderr

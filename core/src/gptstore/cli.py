@@ -7,20 +7,24 @@ traceback. Heavy libraries are never imported here.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import sys
+import tomllib
 import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import click
+import tomli_w
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
 from gptstore import __version__
+from gptstore.artifacts import ArtifactStore
 from gptstore.catalog import Catalog
 from gptstore.config import Config, Store
 from gptstore.converter import structure, unstructure
@@ -28,7 +32,7 @@ from gptstore.errors import GptstoreError
 from gptstore.manager import PluginLoadWarning, PluginManager, build, make_plugin_manager
 from gptstore.records import ModelSource, OptimizationStrategy, ScoringPolicy, ServingBackend
 from gptstore.selection import Candidate, Selection, explain_model, select_models
-from gptstore.sync import enabled_sources, sync_catalog
+from gptstore.sync import enabled_sources, fetch_model, sync_catalog
 from gptstore.types import ModelCard, Requirement
 from gptstore.units import format_bytes, format_count, parse_bytes, parse_count
 
@@ -86,6 +90,8 @@ def _show_warning(message: Any, category: type[Warning], *_args: Any, **_kwargs:
 def cli(ctx: click.Context, home: Path | None) -> None:
     """gptstore: select, optimize, deploy and serve language models."""
     warnings.showwarning = _show_warning
+    if home is not None:
+        os.environ["GPTSTORE_HOME"] = str(home)  # plugins find the same home
     ctx.obj = App(home)
 
 
@@ -121,6 +127,46 @@ def init(app: App, local_paths: tuple[Path, ...]) -> None:
     app.store.write_raw_config(data)
     Catalog(app.store.catalog_path).close()
     out.print(f"store home {app.store.home} ready; config in {app.store.config_path}")
+
+
+@cli.group()
+def config() -> None:
+    """Read and change config.toml."""
+
+
+@config.command("show")
+@click.pass_obj
+def config_show(app: App) -> None:
+    """Print config.toml."""
+    out.print(tomli_w.dumps(app.store.read_raw_config()) or "# empty", markup=False)
+
+
+@config.command("set")
+@click.argument("key")
+@click.argument("value")
+@click.pass_obj
+def config_set(app: App, key: str, value: str) -> None:
+    """Set KEY (dotted, e.g. sources.gguf.packages) to VALUE, read as TOML when it parses
+    (["a", "b"], 5, true) and as a plain string otherwise."""
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise GptstoreError(
+            f"config key {key!r}: write SECTION.NAME[.OPTION], e.g. sources.local.paths"
+        )
+    try:
+        parsed = tomllib.loads(f"value = {value}")["value"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    data = app.store.read_raw_config()
+    table = data
+    for part in parts[:-1]:
+        child = table.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise GptstoreError(f"config key {key!r}: {part} is a value, not a table")
+        table = child
+    table[parts[-1]] = parsed
+    app.store.write_raw_config(data)
+    out.print(f"{key} = {tomli_w.dumps({'v': parsed}).removeprefix('v = ').strip()}", markup=False)
 
 
 # -- plugins and sources --
@@ -236,6 +282,41 @@ def sync(app: App, names: tuple[str, ...]) -> None:
     )
     if failed:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("model")
+@click.pass_obj
+def fetch(app: App, model: str) -> None:
+    """Fetch MODEL from its source into the store as an artifact (pinned to the synced revision)."""
+    entry = app.catalog.resolve(model)
+    artifact = fetch_model(
+        app.manager, app.config, entry.card, ArtifactStore(app.store.artifacts_dir)
+    )
+    out.print(f"{entry.card.uid} -> artifact {artifact.id}\n{artifact.path}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def artifacts(app: App, as_json: bool) -> None:
+    """List the store's artifacts with their origin and parent."""
+    found = ArtifactStore(app.store.artifacts_dir).list()
+    if as_json:
+        _emit_json([{**unstructure(a.manifest), "path": str(a.path)} for a in found])
+        return
+    table = Table("artifact", "kind", "origin", "parent", "files")
+    for artifact in found:
+        manifest = artifact.manifest
+        size = sum((artifact.path / name).stat().st_size for name in manifest.files)
+        table.add_row(
+            artifact.id,
+            manifest.kind,
+            manifest.origin or "-",
+            manifest.parent or "-",
+            f"{len(manifest.files)} ({format_bytes(size)})",
+        )
+    out.print(table)
 
 
 # -- requirement flags --

@@ -200,6 +200,11 @@ def read_readme(folder: Path) -> tuple[dict[str, Any], str]:
     return meta, first_paragraph(body)
 
 
+def readme_text(meta: dict[str, Any], description: str) -> str:
+    """A README.md in the Hugging Face model-card format: YAML front matter, then prose."""
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# Model\n\n{description}\n"
+
+
 def first_paragraph(markdown: str, limit: int = 500) -> str:
     for block in re.split(r"\n\s*\n", markdown):
         lines = [ln.strip() for ln in block.strip().splitlines()]

@@ -1,17 +1,19 @@
-"""``gptstore sync``: fill the catalog from every enabled model source."""
+"""``gptstore sync`` fills the catalog from every enabled model source; ``fetch_model`` brings one
+model from its source into the store as an artifact."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from gptstore.artifacts import ArtifactStore, hash_files, library_versions, new_artifact_id
 from gptstore.catalog import Catalog, SourceSync
 from gptstore.config import Config
 from gptstore.errors import GptstoreError, UnknownName
 from gptstore.manager import PluginManager, build
 from gptstore.protocols import Refusal
 from gptstore.records import ModelSource
-from gptstore.types import ModelCard, SearchQuery
+from gptstore.types import Artifact, Manifest, ModelCard, SearchQuery
 
 #: Called as progress(source name, cards listed so far).
 Progress = Callable[[str, int], None]
@@ -94,3 +96,34 @@ def sync_catalog(
             catalog.record_sync(conn, result, started)
             results.append(result)
     return sorted(results, key=lambda r: r.source)
+
+
+def fetch_model(
+    manager: PluginManager, config: Config, card: ModelCard, store: ArtifactStore
+) -> Artifact:
+    """Fetch ``card`` from its source, pinned to the card's revision, into ``store``.
+
+    The files land in a staging folder and are renamed into place with their manifest (origin
+    ``source:model_id@revision``, file hashes, library versions); a failure leaves the store as
+    it was.
+    """
+    record = manager.get(ModelSource, card.source)
+    source = build(record, config.source_options(card.source), where=f"$.sources.{card.source}")
+    staging = store.staging_dir()
+    try:
+        folder = source.fetch(card.model_id, card.revision, staging)
+        if not folder.is_dir() or not folder.resolve().is_relative_to(staging.resolve()):
+            raise GptstoreError(
+                f"source {card.source!r} returned {folder}, not a folder under {staging}"
+            )
+        manifest = Manifest(
+            id=new_artifact_id(card.model_id.replace("/", "--")),
+            kind="hf",
+            origin=f"{card.uid}@{card.revision or 'unpinned'}",
+            files=hash_files(folder),
+            library_versions=library_versions(),
+            created_at=datetime.now(UTC),
+        )
+        return store.commit(folder, manifest)
+    finally:
+        store.discard(staging)

@@ -12,7 +12,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import yaml
+from gptstore.modelfiles import readme_text
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
@@ -56,11 +56,6 @@ def tokenizer(vocab_size: int = 2048) -> Any:
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-def readme_text(meta: dict[str, Any], description: str) -> str:
-    """A README.md in the Hugging Face model-card format: YAML front matter, then prose."""
-    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# Model\n\n{description}\n"
 
 
 def build_causal_lm(

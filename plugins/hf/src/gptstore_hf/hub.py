@@ -170,9 +170,15 @@ class HubSource:
             except requests.Timeout:
                 outcome.append(silent)
             except requests.RequestException as exc:
-                outcome.append(
-                    f"{self.endpoint} unreachable ({type(exc).__name__}: {str(exc)[:160]})"
+                text = str(exc).lower()
+                detail = (
+                    "its host name does not resolve"
+                    if "resol" in text
+                    else "connection refused"
+                    if "refused" in text
+                    else f"{type(exc).__name__}: {str(exc)[:120]}"
                 )
+                outcome.append(f"{self.endpoint} unreachable: {detail}")
 
         # A thread bounds the whole probe, DNS resolution included (requests' timeout does not).
         thread = threading.Thread(target=probe, daemon=True)

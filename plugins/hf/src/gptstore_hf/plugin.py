@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 from gptstore import hookimpl
 from gptstore.records import ModelSource
+from gptstore_hf.gguf_source import GgufOptions, GgufSource
 from gptstore_hf.hub import HubOptions, HubSource
 
 
@@ -16,4 +17,11 @@ def gptstore_model_sources() -> Iterator[ModelSource]:
         factory=HubSource,
         options_type=HubOptions,
         description="The Hugging Face hub (its local cache when offline)",
+    )
+    yield ModelSource(
+        name="gguf",
+        factory=GgufSource,
+        options_type=GgufOptions,
+        description="GGUF files (paths, or installed packages that carry them), imported as "
+        "float32 safetensors",
     )
