@@ -157,3 +157,28 @@ def test_an_unresolvable_hub_is_offline_in_seconds(hf_cache, monkeypatch):
     assert time.monotonic() - started < 6
     assert not status.online
     assert "unreachable" in status.message or "no answer" in status.message
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (
+            401,
+            "repository acme/secret: access denied (HTTP 401); if it is gated or private, accept "
+            "its terms on the hub, then set HF_TOKEN or run `huggingface-cli login`",
+        ),
+        (403, "access denied (HTTP 403)"),
+        (404, "repository acme/secret not found on https://huggingface.co"),
+        (500, "the hub answered HTTP 500"),
+    ],
+)
+def test_hub_errors_say_which_repo_and_what_to_do(status, message):
+    import requests
+    from huggingface_hub.errors import HfHubHTTPError
+
+    response = requests.Response()
+    response.status_code = status
+    response.url = "https://huggingface.co/api/models/acme/secret"
+    error = HfHubHTTPError(f"{status} Client Error", response=response)
+    hub = HubSource(HubOptions(endpoint="https://huggingface.co"))
+    assert message in str(hub._hub_error(error, "acme/secret"))
