@@ -1,0 +1,1 @@
+"""gptstore-torch: the PyTorch eager serving backend."""

@@ -1,0 +1,127 @@
+"""The torch runner against transformers' own generate, on a real tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from gptstore.errors import InvalidInput
+from gptstore.records import ServingBackend
+from gptstore.types import Artifact, ChatMessage, GenerationRequest, Manifest
+from gptstore_torch import plugin
+from gptstore_torch.runner import TorchBackend, TorchOptions
+
+PROMPTS = ["Hello world", "The quick brown fox jumps over the", "a"]
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model):
+    runner = TorchBackend().load(Artifact(tiny_model, Manifest(id="tiny")), TorchOptions())
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(
+        tiny_model
+    )
+
+
+def hf_greedy(reference, prompt, max_new_tokens):
+    model, tokenizer = reference
+    ids = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_greedy_batch_matches_transformers_generate_per_prompt(runner, reference):
+    results = runner.generate([GenerationRequest(prompt=p, max_tokens=12) for p in PROMPTS])
+    assert [r.text for r in results] == [hf_greedy(reference, p, 12) for p in PROMPTS]
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        assert result.prompt_tokens == len(reference[1](prompt)["input_ids"])
+        assert result.finish_reason in ("stop", "length")
+        if result.finish_reason == "length":
+            assert result.completion_tokens == 12
+
+
+def test_sampling_is_reproducible_with_a_seed(runner):
+    request = GenerationRequest(
+        prompt="Once upon", max_tokens=10, temperature=1.2, top_p=0.9, top_k=50, seed=7
+    )
+    first, second = runner.generate([request, request])
+    assert first.text == second.text
+    others = {
+        runner.generate(
+            [GenerationRequest(prompt="Once upon", max_tokens=10, temperature=1.2, seed=s)]
+        )[0].text
+        for s in range(5)
+    }
+    assert len(others) > 1
+
+
+def test_stop_sequences_cut_the_text(runner, reference):
+    full = hf_greedy(reference, "Hello world", 12)
+    stop = full[3:6]
+    [result] = runner.generate(
+        [GenerationRequest(prompt="Hello world", max_tokens=12, stop=(stop,))]
+    )
+    assert result.finish_reason == "stop"
+    assert result.text == full[: full.find(stop)]
+
+
+def test_streaming_yields_the_same_text(runner):
+    request = GenerationRequest(prompt="The quick brown fox", max_tokens=12)
+    chunks = list(runner.stream(request))
+    assert "".join(c.text for c in chunks) == runner.generate([request])[0].text
+    assert chunks[-1].finish_reason in ("stop", "length")
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_logprobs_of_generated_and_given_text(runner, reference):
+    import torch
+
+    [result] = runner.generate([GenerationRequest(prompt="Hello", max_tokens=4, logprobs=3)])
+    assert len(result.logprobs) >= 1
+    first = result.logprobs[0]
+    assert len(first.top) == 3
+    assert first.logprob == pytest.approx(max(v for _t, v in first.top), abs=1e-5)  # greedy
+
+    text = "The quick brown fox jumps over the lazy dog"
+    [scored] = runner.logprobs([text])
+    model, tokenizer = reference
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = (
+            torch.log_softmax(model(ids).logits[0, :-1], -1)
+            .gather(1, ids[0, 1:].unsqueeze(1))
+            .squeeze(1)
+        )
+    assert scored.logprobs[0] is None
+    assert scored.logprobs[1:] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert "".join(scored.tokens) == text
+
+
+def test_bad_requests_are_clear_errors(runner):
+    with pytest.raises(InvalidInput, match="the prompt is empty"):
+        runner.generate([GenerationRequest(prompt="", max_tokens=4)])
+    with pytest.raises(InvalidInput, match="exceed the model's context of 2048 tokens"):
+        runner.generate([GenerationRequest(prompt="hi", max_tokens=5000)])
+    with pytest.raises(InvalidInput, match="top_p must lie in"):
+        runner.generate([GenerationRequest(prompt="hi", top_p=0)])
+
+
+def test_chat_prompt_and_health(runner):
+    prompt = runner.chat_prompt([ChatMessage("user", "hi")])
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert runner.health().ok
+    assert runner.health().message == "torch cpu float32"
+
+
+def test_the_backend_is_registered(plugin_manager):
+    plugin_manager.register_plugin(plugin, "torch")
+    try:
+        assert plugin_manager.get(ServingBackend, "torch").factory is TorchBackend
+    finally:
+        plugin_manager.unregister_plugin("torch")
