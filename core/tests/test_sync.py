@@ -12,8 +12,8 @@ from gptstore.types import ModelCard, SourceStatus
 
 
 class Listing:
-    def __init__(self, name, items):
-        self.name, self.items = name, items
+    def __init__(self, name, items, online=True):
+        self.name, self.items, self.online = name, items, online
 
     def search(self, query):
         yield from self.items
@@ -22,7 +22,7 @@ class Listing:
         raise NotImplementedError
 
     def status(self):
-        return SourceStatus(True, "in memory")
+        return SourceStatus(self.online, "in memory" if self.online else "offline: cache only")
 
 
 class Sources:
@@ -53,3 +53,26 @@ def test_a_broken_source_fails_alone(plugin_manager, tmp_path):
     assert catalog.resolve("wrong:kept").listed  # a failed source keeps its cards
     runs = catalog.execute("SELECT source, error IS NOT NULL FROM sync_runs ORDER BY source")
     assert runs == [("crashing", 1), ("good", 0), ("local", 0), ("wrong", 0), ("wrong", 1)]
+
+
+class Flaky:
+    online = True
+
+    @hookimpl
+    def gptstore_model_sources(self):
+        cards = [ModelCard(source="flaky", model_id="cached")]
+        if Flaky.online:
+            cards.append(ModelCard(source="flaky", model_id="remote-only"))
+        yield ModelSource(name="flaky", factory=lambda _o: Listing("flaky", cards, Flaky.online))
+
+
+def test_an_offline_source_delists_nothing(plugin_manager, tmp_path):
+    plugin_manager.register_plugin(Flaky(), "flaky")
+    catalog = Catalog(tmp_path / "catalog.db")
+    Flaky.online = True
+    [first] = sync_catalog(catalog, plugin_manager, Config(), ("flaky",))
+    assert (first.added, first.offline) == (2, None)
+    Flaky.online = False
+    [second] = sync_catalog(catalog, plugin_manager, Config(), ("flaky",))
+    assert (second.unchanged, second.delisted, second.offline) == (1, 0, "offline: cache only")
+    assert catalog.resolve("flaky:remote-only").listed

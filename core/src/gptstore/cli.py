@@ -275,6 +275,13 @@ def sync(app: App, names: tuple[str, ...]) -> None:
             f"{result.unchanged} unchanged, {result.delisted} delisted, "
             f"{len(result.refused)} refused"
         )
+        if result.offline:
+            out.print(
+                Text(
+                    f"  {result.source} is offline, so nothing was delisted: {result.offline}",
+                    style="yellow",
+                )
+            )
         for model_id, reason in result.refused:
             out.print(Text(f"  refused {model_id}: {reason}", style="yellow"))
     out.print(

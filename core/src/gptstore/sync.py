@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from attrs import evolve
+
 from gptstore.artifacts import ArtifactStore, hash_files, library_versions, new_artifact_id
 from gptstore.catalog import Catalog, SourceSync
 from gptstore.config import Config
@@ -47,7 +49,7 @@ def sync_catalog(
     A source that fails keeps its cards as they were and reports its error; the others sync.
     Readers see the catalog before or after the sync, never in between.
     """
-    listings: dict[str, tuple[list[ModelCard], list[Refusal], str]] = {}
+    listings: dict[str, tuple[list[ModelCard], list[Refusal], str, str | None]] = {}
     failures: dict[str, tuple[str, str]] = {}
     for name, record in enabled_sources(manager, config, names).items():
         started = datetime.now(UTC).isoformat()
@@ -55,6 +57,10 @@ def sync_catalog(
         refusals: list[Refusal] = []
         try:
             source = build(record, config.source_options(name), where=f"$.sources.{name}")
+            status = source.status()
+            # An offline source may list only part of what it offers (the hub's local cache):
+            # its listing adds and updates cards but delists none.
+            offline = None if status.online else status.message
             for item in source.search(SearchQuery()):
                 if isinstance(item, Refusal):
                     refusals.append(item)
@@ -75,19 +81,14 @@ def sync_catalog(
         except Exception as exc:  # a broken source must not stop the others
             failures[name] = (f"{type(exc).__name__}: {exc}", started)
             continue
-        listings[name] = (cards, refusals, started)
+        listings[name] = (cards, refusals, started, offline)
 
     results: list[SourceSync] = []
     with catalog.write() as conn:
-        for name, (cards, refusals, started) in listings.items():
-            result = catalog.replace_source(conn, name, cards)
-            result = SourceSync(
-                result.source,
-                result.added,
-                result.updated,
-                result.unchanged,
-                result.delisted,
-                tuple((r.model_id, r.reason) for r in refusals),
+        for name, (cards, refusals, started, offline) in listings.items():
+            result = catalog.replace_source(conn, name, cards, delist=offline is None)
+            result = evolve(
+                result, refused=tuple((r.model_id, r.reason) for r in refusals), offline=offline
             )
             catalog.record_sync(conn, result, started)
             results.append(result)

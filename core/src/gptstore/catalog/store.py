@@ -47,6 +47,9 @@ class SourceSync:
     delisted: int = 0
     refused: tuple[tuple[str, str], ...] = ()
     error: str | None = None
+    #: Set when the source said it was offline: what it listed was added or updated, and
+    #: nothing was delisted (it may only see part of what it offers).
+    offline: str | None = None
 
 
 #: Bits 0..61 of task_bits / language_bits are handed out; SQLite integers are signed 64-bit.
@@ -281,9 +284,15 @@ class Catalog:
         )
 
     def replace_source(
-        self, conn: sqlite3.Connection, source: str, cards: Iterable[ModelCard]
+        self,
+        conn: sqlite3.Connection,
+        source: str,
+        cards: Iterable[ModelCard],
+        *,
+        delist: bool = True,
     ) -> SourceSync:
-        """Upsert ``cards`` as everything ``source`` lists now; mark the rest delisted.
+        """Upsert ``cards`` as everything ``source`` lists now; mark the rest delisted (unless
+        ``delist`` is False: a partial listing, such as an offline source's).
 
         Runs inside the caller's write transaction.
         """
@@ -325,7 +334,7 @@ class Catalog:
         gone = [
             card_id
             for uid, (card_id, _fp, listed) in existing.items()
-            if uid not in seen and listed
+            if uid not in seen and listed and delist
         ]
         conn.executemany("UPDATE cards SET listed = 0 WHERE id = ?", [(i,) for i in gone])
         for table in ("card_tasks", "card_metrics"):

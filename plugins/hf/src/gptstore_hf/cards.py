@@ -58,7 +58,9 @@ def eval_metrics(card_data: Any) -> tuple[Metric, ...]:
     return tuple(metrics.values())
 
 
-def model_info_to_card(info: Any, endpoint: str = "https://huggingface.co") -> ModelCard:
+def model_info_to_card(
+    info: Any, endpoint: str = "https://huggingface.co", context_length: int | None = None
+) -> ModelCard:
     """A card from a ``huggingface_hub.ModelInfo`` listed with the expand fields in
     :data:`gptstore_hf.hub.EXPAND`."""
     card_data = info.card_data
@@ -86,7 +88,9 @@ def model_info_to_card(info: Any, endpoint: str = "https://huggingface.co") -> M
         architecture=architectures[0] if architectures else None,
         parameters=parameters,
         dtype=dtype,
-        context_length=None,  # the listing carries no config values beyond the architecture
+        # The listing carries no config values beyond the architecture; the caller passes the
+        # context length when the revision's config.json is in the HF cache.
+        context_length=context_length,
         tasks=as_tuple(info.pipeline_tag),
         languages=as_tuple(data.get("language")),
         license=license_value,

