@@ -326,6 +326,36 @@ def artifacts(app: App, as_json: bool) -> None:
     out.print(table)
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Worker processes; each loads every deployment.",
+)
+@click.pass_obj
+def serve(app: App, host: str, port: int, workers: int) -> None:
+    """Serve the OpenAI-compatible API and the store API over HTTP.
+
+    Deployments in [deployments.NAME] of config.toml are loaded at start; API keys come from
+    [server] api_keys. OpenAPI docs are at /schema.
+    """
+    import uvicorn
+
+    os.environ["GPTSTORE_HOME"] = str(app.store.home)
+    uvicorn.run(
+        "gptstore.server:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+    )
+
+
 # -- requirement flags --
 
 

@@ -1,0 +1,98 @@
+"""Deployments: artifacts loaded on serving backends, by name."""
+
+from __future__ import annotations
+
+import re
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+from attrs import frozen
+
+from gptstore.artifacts import ArtifactStore
+from gptstore.converter import structure
+from gptstore.errors import GptstoreError, InvalidInput, NotFound
+from gptstore.manager import PluginManager
+from gptstore.protocols import Runner
+from gptstore.records import ServingBackend
+from gptstore.types import Artifact
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+@frozen
+class Deployment:
+    name: str
+    artifact: Artifact
+    backend: str
+    options: dict[str, Any]
+    runner: Runner
+    created_at: datetime
+
+
+class Deployments:
+    """The deployments of one server process (thread-safe)."""
+
+    def __init__(self, manager: PluginManager, artifacts: ArtifactStore) -> None:
+        self.manager = manager
+        self.artifacts = artifacts
+        self._items: dict[str, Deployment] = {}
+        self._lock = threading.Lock()
+
+    def create(
+        self, name: str, artifact_id: str, backend: str, options: dict[str, Any] | None = None
+    ) -> Deployment:
+        if not _NAME.match(name):
+            raise InvalidInput(
+                "deployment name", [f"{name!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-'"]
+            )
+        with self._lock:
+            if name in self._items:
+                raise GptstoreError(f"deployment {name!r} already exists; delete it first")
+        artifact = self.artifacts.get(artifact_id)
+        record = self.manager.get(ServingBackend, backend)
+        structured = (
+            structure(
+                options or {},
+                record.options_type,
+                what=f"options of serving backend {record.name!r}",
+                path="$.options",
+            )
+            if record.options_type
+            else None
+        )
+        runner = record.factory().load(artifact, structured)
+        deployment = Deployment(
+            name, artifact, record.name, dict(options or {}), runner, datetime.now(UTC)
+        )
+        with self._lock:
+            if name in self._items:  # created meanwhile by another request
+                runner.close()
+                raise GptstoreError(f"deployment {name!r} already exists; delete it first")
+            self._items[name] = deployment
+        return deployment
+
+    def get(self, name: str) -> Deployment:
+        with self._lock:
+            deployment = self._items.get(name)
+            names = sorted(self._items)
+        if deployment is None:
+            raise NotFound(f"no deployment {name!r}; deployed: {', '.join(names) or 'none'}")
+        return deployment
+
+    def list(self) -> list[Deployment]:
+        with self._lock:
+            return sorted(self._items.values(), key=lambda d: d.name)
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            deployment = self._items.pop(name, None)
+        if deployment is None:
+            raise NotFound(f"no deployment {name!r}")
+        deployment.runner.close()
+
+    def close(self) -> None:
+        with self._lock:
+            items, self._items = list(self._items.values()), {}
+        for deployment in items:
+            deployment.runner.close()

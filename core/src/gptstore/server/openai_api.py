@@ -1,0 +1,348 @@
+"""OpenAI-compatible endpoints: ``GET /v1/models``, ``POST /v1/completions`` and
+``POST /v1/chat/completions`` (``stream: true`` as server-sent events in OpenAI's chunk format).
+
+Bodies are structured strictly with gptstore's converter: a field OpenAI has but gptstore does
+not implement (``tools``, ``response_format``...) is a 400 that names it, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from attrs import frozen
+from litestar import Controller, get, post
+from litestar.datastructures import State
+from litestar.params import JSONBody
+from litestar.response import Stream
+
+from gptstore.converter import structure
+from gptstore.errors import InvalidInput
+from gptstore.protocols import Runner
+from gptstore.server.deployments import Deployment, Deployments
+from gptstore.types import ChatMessage, Generation, GenerationRequest, TokenLogprob
+
+MAX_N = 16
+
+
+@frozen(kw_only=True)
+class CompletionBody:
+    model: str
+    prompt: Any
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    stop: Any = None
+    seed: int | None = None
+    logprobs: int | None = None
+    stream: bool = False
+    user: str | None = None
+
+
+@frozen(kw_only=True)
+class ChatBody:
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    stop: Any = None
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    stream: bool = False
+    user: str | None = None
+
+
+def _stops(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
+        return tuple(s for s in stop if s)
+    raise InvalidInput("request", ["stop must be a string or a list of up to 4 strings @ $.stop"])
+
+
+def _prompts(prompt: Any) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InvalidInput(
+            "request",
+            [
+                "prompt must be a string or a non-empty list of strings "
+                "(token arrays are not supported) @ $.prompt"
+            ],
+        )
+    if any(not p for p in prompts):
+        raise InvalidInput("request", ["the prompt is empty @ $.prompt"])
+    return prompts
+
+
+def _check_n(n: int) -> None:
+    if not 1 <= n <= MAX_N:
+        raise InvalidInput("request", [f"n must lie in 1..{MAX_N}, got {n} @ $.n"])
+
+
+def _messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
+    messages = []
+    for index, message in enumerate(raw):
+        role, content = message.get("role"), message.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise InvalidInput(
+                    "request",
+                    [f"only text content parts are supported @ $.messages[{index}].content"],
+                )
+            content = "".join(str(p.get("text", "")) for p in content)
+        if role not in ("system", "user", "assistant", "developer") or not isinstance(content, str):
+            raise InvalidInput(
+                "request",
+                [
+                    f"each message needs a role (system, user, assistant) and text content "
+                    f"@ $.messages[{index}]"
+                ],
+            )
+        messages.append(ChatMessage("system" if role == "developer" else role, content))
+    if not messages:
+        raise InvalidInput("request", ["messages must not be empty @ $.messages"])
+    return messages
+
+
+def _usage(generations: list[Generation], prompt_tokens: int) -> dict[str, int]:
+    completion = sum(g.completion_tokens for g in generations)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+
+
+def _completion_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    offsets, offset = [], 0
+    for item in logprobs:
+        offsets.append(offset)
+        offset += len(item.token)
+    return {
+        "tokens": [i.token for i in logprobs],
+        "token_logprobs": [i.logprob for i in logprobs],
+        "top_logprobs": [dict(i.top) for i in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    return {
+        "content": [
+            {
+                "token": i.token,
+                "logprob": i.logprob,
+                "bytes": list(i.token.encode()),
+                "top_logprobs": [
+                    {"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in i.top
+                ],
+            }
+            for i in logprobs
+        ]
+    }
+
+
+def _sse(events: Iterator[dict[str, Any]]) -> Iterator[str]:
+    for event in events:
+        yield f"data: {json.dumps(event)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+    opt: Mapping[str, Any] = MappingProxyType({"role": "user"})
+
+    @get("/models", sync_to_thread=False)
+    def models(self, state: State) -> dict[str, Any]:
+        deployments: Deployments = state.deployments
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": d.name,
+                    "object": "model",
+                    "created": int(d.created_at.timestamp()),
+                    "owned_by": "gptstore",
+                    "backend": d.backend,
+                    "artifact": d.artifact.id,
+                }
+                for d in deployments.list()
+            ],
+        }
+
+    @post("/completions", status_code=200, sync_to_thread=True)
+    def completions(self, state: State, data: JSONBody[dict[str, Any]]) -> Any:
+        body = structure(data, CompletionBody, what="request")
+        _check_n(body.n)
+        deployment: Deployment = state.deployments.get(body.model)
+        requests = [
+            GenerationRequest(
+                prompt=prompt,
+                max_tokens=body.max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                seed=None if body.seed is None else body.seed + j,
+                stop=_stops(body.stop),
+                logprobs=body.logprobs,
+            )
+            for prompt in _prompts(body.prompt)
+            for j in range(body.n)
+        ]
+        ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": deployment.name,
+        }
+        if body.stream:
+            return _stream(
+                deployment.runner,
+                requests,
+                lambda index, chunk: {
+                    **head,
+                    "choices": [
+                        {
+                            "index": index,
+                            "text": chunk.text,
+                            "logprobs": None,
+                            "finish_reason": chunk.finish_reason,
+                        }
+                    ],
+                },
+            )
+        generations = deployment.runner.generate(requests)
+        prompt_tokens = sum(g.prompt_tokens for g in generations[:: body.n])
+        return {
+            **head,
+            "choices": [
+                {
+                    "index": i,
+                    "text": g.text,
+                    "finish_reason": g.finish_reason,
+                    "logprobs": _completion_logprobs(g.logprobs),
+                }
+                for i, g in enumerate(generations)
+            ],
+            "usage": _usage(generations, prompt_tokens),
+        }
+
+    @post("/chat/completions", status_code=200, sync_to_thread=True)
+    def chat_completions(self, state: State, data: JSONBody[dict[str, Any]]) -> Any:
+        body = structure(data, ChatBody, what="request")
+        _check_n(body.n)
+        deployment: Deployment = state.deployments.get(body.model)
+        prompt = deployment.runner.chat_prompt(_messages(body.messages))
+        max_tokens = body.max_completion_tokens or body.max_tokens or 256
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        requests = [
+            GenerationRequest(
+                prompt=prompt,
+                max_tokens=max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                seed=None if body.seed is None else body.seed + j,
+                stop=_stops(body.stop),
+                logprobs=logprobs,
+            )
+            for j in range(body.n)
+        ]
+        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"model": deployment.name, "created": created, "id": ident}
+        if body.stream:
+
+            def chunk_event(index: int, chunk: Any) -> dict[str, Any]:
+                delta = {"content": chunk.text} if chunk.text or chunk.finish_reason is None else {}
+                return {
+                    **head,
+                    "object": "chat.completion.chunk",
+                    "choices": [
+                        {
+                            "index": index,
+                            "delta": delta,
+                            "logprobs": None,
+                            "finish_reason": chunk.finish_reason,
+                        }
+                    ],
+                }
+
+            def opening(index: int) -> dict[str, Any]:
+                return {
+                    **head,
+                    "object": "chat.completion.chunk",
+                    "choices": [
+                        {
+                            "index": index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+
+            return _stream(deployment.runner, requests, chunk_event, opening)
+        generations = deployment.runner.generate(requests)
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": g.text},
+                    "finish_reason": g.finish_reason,
+                    "logprobs": _chat_logprobs(g.logprobs),
+                }
+                for i, g in enumerate(generations)
+            ],
+            "usage": _usage(generations, generations[0].prompt_tokens),
+        }
+
+
+def _stream(
+    runner: Runner, requests: list[GenerationRequest], event: Any, opening: Any = None
+) -> Stream:
+    """Server-sent events, one choice after another; the first event is produced before the
+    response starts, so a bad request still gets a 4xx instead of a broken stream."""
+
+    def events() -> Iterator[dict[str, Any]]:
+        for index, request in enumerate(requests):
+            chunks = runner.stream(request)
+            first = next(chunks)  # checks the request (context, parameters) before any output
+            if opening is not None:
+                yield opening(index)
+            yield event(index, first)
+            for chunk in chunks:
+                yield event(index, chunk)
+
+    stream = _sse(events())
+    first = next(stream)
+    return Stream(
+        _prepend(first, stream),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest

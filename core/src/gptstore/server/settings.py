@@ -1,0 +1,33 @@
+"""``[server]`` and ``[deployments.NAME]`` in config.toml."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from attrs import Factory, frozen
+
+
+@frozen
+class ApiKey:
+    """A key and what it may do: ``admin`` changes state, ``user`` only runs inference."""
+
+    key: str
+    role: Literal["admin", "user"] = "user"
+
+
+@frozen(kw_only=True)
+class ServerSettings:
+    """``[server]``: API keys, whether inference needs a key, and the largest request body."""
+
+    api_keys: tuple[ApiKey, ...] = ()
+    anonymous_inference: bool = False
+    max_body_bytes: int = 1_048_576
+
+
+@frozen(kw_only=True)
+class DeploymentSpec:
+    """``[deployments.NAME]``: an artifact served on a backend, loaded when the server starts."""
+
+    artifact: str
+    backend: str
+    options: dict[str, Any] = Factory(dict)

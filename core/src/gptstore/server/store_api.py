@@ -1,0 +1,162 @@
+"""The store API: catalog search and selection with explanations, model cards, artifacts and
+their lineage, deployments, and plugins with their status."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from attrs import Factory, frozen
+from litestar import Controller, delete, get, post
+from litestar.datastructures import State
+from litestar.params import FromPath, FromQuery, JSONBody
+
+from gptstore.artifacts import ArtifactStore, check_artifact_id
+from gptstore.catalog import Catalog, Entry
+from gptstore.config import Store
+from gptstore.converter import structure, unstructure
+from gptstore.manager import build
+from gptstore.records import ScoringPolicy
+from gptstore.selection import Candidate, select_models
+from gptstore.server.deployments import Deployment
+from gptstore.types import Requirement
+
+
+@frozen(kw_only=True)
+class SelectBody:
+    requirement: Requirement = Factory(Requirement)
+    policy: str = "balanced"
+    options: dict[str, Any] = Factory(dict)
+    limit: int = 10
+    explain_excluded: int = 20
+
+
+@frozen(kw_only=True)
+class DeploymentBody:
+    name: str
+    artifact: str
+    backend: str
+    options: dict[str, Any] = Factory(dict)
+
+
+def _entry(entry: Entry) -> dict[str, Any]:
+    return {**unstructure(entry.card), "uid": entry.card.uid, "listed": entry.listed}
+
+
+def _candidate(candidate: Candidate) -> dict[str, Any]:
+    return {
+        "rank": candidate.rank,
+        "uid": candidate.card.uid,
+        "score": candidate.score.total if candidate.score else None,
+        "breakdown": unstructure(candidate.score.breakdown) if candidate.score else [],
+        "failures": list(candidate.failures),
+    }
+
+
+def _deployment(deployment: Deployment) -> dict[str, Any]:
+    health = deployment.runner.health()
+    return {
+        "name": deployment.name,
+        "artifact": deployment.artifact.id,
+        "backend": deployment.backend,
+        "options": deployment.options,
+        "created_at": deployment.created_at.isoformat(),
+        "health": {"ok": health.ok, "message": health.message},
+    }
+
+
+def _catalog(state: State) -> Catalog:
+    if not hasattr(state, "catalog"):
+        store: Store = state.store
+        state.catalog = Catalog(store.catalog_path)
+    catalog: Catalog = state.catalog
+    return catalog
+
+
+class StoreController(Controller):
+    path = "/store"
+    opt: Mapping[str, Any] = MappingProxyType({"role": "user"})
+
+    @get("/plugins", sync_to_thread=False)
+    def plugins(self, state: State) -> list[dict[str, Any]]:
+        return [unstructure(info) for info in state.manager.plugin_infos()]
+
+    @get("/models", sync_to_thread=True)
+    def search(
+        self,
+        state: State,
+        q: FromQuery[str | None] = None,
+        task: FromQuery[str | None] = None,
+        source: FromQuery[str | None] = None,
+        limit: FromQuery[int] = 20,
+    ) -> dict[str, Any]:
+        requirement = structure(
+            {"query": q, "task": task, "sources": [source] if source else []},
+            Requirement,
+            what="query",
+        )
+        entries, total = _catalog(state).search(requirement, limit=max(1, min(limit, 200)))
+        return {"total": total, "results": [_entry(e) for e in entries]}
+
+    @get("/models/{uid:path}", sync_to_thread=True)
+    def card(self, state: State, uid: FromPath[str]) -> dict[str, Any]:
+        return _entry(_catalog(state).resolve(uid.lstrip("/")))
+
+    @post("/select", status_code=200, sync_to_thread=True)
+    def select(self, state: State, data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
+        body = structure(data, SelectBody, what="request")
+        record = state.manager.get(ScoringPolicy, body.policy)
+        scorer = build(record, body.options, where="$.options")
+        selection = select_models(
+            _catalog(state),
+            scorer,
+            body.requirement,
+            policy=record.name,
+            limit=max(1, body.limit),
+            explain_excluded=max(0, body.explain_excluded),
+        )
+        return {
+            "policy": selection.policy,
+            "matched": selection.matched,
+            "total": selection.total,
+            "ranked": [_candidate(c) for c in selection.ranked],
+            "excluded": [_candidate(c) for c in selection.excluded],
+        }
+
+    @get("/artifacts", sync_to_thread=True)
+    def artifacts(self, state: State) -> list[dict[str, Any]]:
+        store: Store = state.store
+        return [unstructure(a.manifest) for a in ArtifactStore(store.artifacts_dir).list()]
+
+    @get("/artifacts/{artifact_id:str}", sync_to_thread=True)
+    def artifact(self, state: State, artifact_id: FromPath[str]) -> dict[str, Any]:
+        store: Store = state.store
+        artifacts = ArtifactStore(store.artifacts_dir)
+        artifact = artifacts.get(check_artifact_id(artifact_id))
+        lineage: list[dict[str, Any]] = []
+        parent = artifact.manifest.parent
+        while parent is not None and len(lineage) < 100:
+            manifest = artifacts.get(parent).manifest
+            lineage.append(unstructure(manifest))
+            parent = manifest.parent
+        return {**unstructure(artifact.manifest), "lineage": lineage}
+
+    @get("/deployments", sync_to_thread=False)
+    def deployments(self, state: State) -> list[dict[str, Any]]:
+        return [_deployment(d) for d in state.deployments.list()]
+
+    @get("/deployments/{name:str}", sync_to_thread=False)
+    def deployment(self, state: State, name: FromPath[str]) -> dict[str, Any]:
+        return _deployment(state.deployments.get(name))
+
+    @post("/deployments", status_code=201, sync_to_thread=True, opt={"role": "admin"})
+    def create(self, state: State, data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
+        body = structure(data, DeploymentBody, what="request")
+        return _deployment(
+            state.deployments.create(body.name, body.artifact, body.backend, body.options)
+        )
+
+    @delete("/deployments/{name:str}", status_code=204, sync_to_thread=True, opt={"role": "admin"})
+    def remove(self, state: State, name: FromPath[str]) -> None:
+        state.deployments.delete(name)

@@ -1,0 +1,204 @@
+"""The HTTP service end to end: a real uvicorn server on 127.0.0.1, a real tiny model on the
+torch backend, and the official openai client."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+import urllib.request
+
+import openai
+import pytest
+import tomli_w
+import uvicorn
+
+from gptstore.artifacts import ArtifactStore, hash_files
+from gptstore.server import create_app
+from gptstore.types import Manifest
+
+ADMIN, USER = "sk-admin-test", "sk-user-test"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    home = tmp_path_factory.mktemp("home")
+    store = ArtifactStore(home / "artifacts")
+    staging = store.staging_dir()
+    shutil.copytree(tiny_model, staging / "model")
+    store.commit(
+        staging / "model",
+        Manifest(id="tiny-1", origin="test:tiny", files=hash_files(staging / "model")),
+    )
+    store.discard(staging)
+    (home / "config.toml").write_text(
+        tomli_w.dumps(
+            {
+                "server": {
+                    "api_keys": [{"key": ADMIN, "role": "admin"}, {"key": USER, "role": "user"}],
+                    "max_body_bytes": 65536,
+                },
+                "deployments": {"tiny": {"artifact": "tiny-1", "backend": "torch"}},
+            }
+        )
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(create_app(home), host="127.0.0.1", port=port, log_level="warning")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/ready", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        pytest.fail("the server did not become ready")
+    yield base
+    instance.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=USER, max_retries=0)
+
+
+def raw(server, method, path, body=None, key=USER, data=None):
+    request = urllib.request.Request(
+        f"{server}{path}",
+        method=method,
+        data=data
+        if data is not None
+        else (json.dumps(body).encode() if body is not None else None),
+        headers={
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {key}"} if key else {}),
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            text = answer.read()
+            return answer.status, json.loads(text) if text else None
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def test_models_lists_the_deployment(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_completions_are_greedy_and_counted(client):
+    first = client.completions.create(
+        model="tiny", prompt="Hello world", max_tokens=8, temperature=0
+    )
+    again = client.completions.create(
+        model="tiny", prompt="Hello world", max_tokens=8, temperature=0
+    )
+    assert first.choices[0].text == again.choices[0].text != ""
+    assert first.usage.prompt_tokens > 0
+    assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+
+
+def test_completions_with_n_stop_seed_and_logprobs(client):
+    answer = client.completions.create(
+        model="tiny", prompt=["a", "b"], n=2, max_tokens=6, temperature=1.0, seed=3, logprobs=2
+    )
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    assert len(answer.choices[0].logprobs.top_logprobs[0]) == 2
+    full = (
+        client.completions.create(model="tiny", prompt="Hello", max_tokens=10, temperature=0)
+        .choices[0]
+        .text
+    )
+    cut = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=10, temperature=0, stop=[full[2:4]]
+    ).choices[0]
+    assert cut.text == full[: full.find(full[2:4])]
+    assert cut.finish_reason == "stop"
+
+
+def test_chat_streaming_and_not(client):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2
+    )
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant"
+    assert len(choice.logprobs.content[0].top_logprobs) == 2
+    pieces, reasons = [], []
+    for chunk in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True
+    ):
+        pieces.append(chunk.choices[0].delta.content or "")
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == choice.message.content
+    assert reasons[-1] == choice.finish_reason
+    assert all(r is None for r in reasons[:-1])
+
+
+def test_keys_roles_and_errors_in_openai_shape(server, client):
+    with pytest.raises(openai.AuthenticationError, match="invalid API key"):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    status, body = raw(server, "GET", "/v1/models", key=None)
+    assert status == 401
+    assert body["error"]["message"].startswith("missing API key")
+    status, body = raw(
+        server,
+        "POST",
+        "/store/deployments",
+        {"name": "x", "artifact": "tiny-1", "backend": "torch"},
+    )
+    assert status == 403
+    assert "needs an admin key" in body["error"]["message"]
+    with pytest.raises(openai.NotFoundError, match="no deployment 'nope'"):
+        client.completions.create(model="nope", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="exceed the model's context of 2048"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=10_000)
+    with pytest.raises(openai.BadRequestError, match="the prompt is empty"):
+        client.completions.create(model="tiny", prompt="")
+    status, body = raw(server, "POST", "/v1/completions", data=b"{not json")
+    assert status == 400
+    assert body["error"]["type"] == "invalid_request_error"
+    status, body = raw(
+        server, "POST", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "many"}
+    )
+    assert (status, body["error"]["message"]) == (
+        400,
+        "invalid request: expected int, got str @ $.max_tokens",
+    )
+    status, body = raw(server, "POST", "/v1/completions", {"model": "tiny", "prompt": "x" * 70_000})
+    assert status == 413
+    status, body = raw(server, "GET", "/store/artifacts/..%2F..%2Fetc", key=USER)
+    assert status in (400, 404)
+    assert "not an artifact id" in body["error"]["message"] or status == 404
+
+
+def test_deployments_and_store_api(server):
+    status, created = raw(
+        server,
+        "POST",
+        "/store/deployments",
+        {"name": "second", "artifact": "tiny-1", "backend": "torch"},
+        key=ADMIN,
+    )
+    assert (status, created["name"], created["health"]["ok"]) == (201, "second", True)
+    status, listed = raw(server, "GET", "/store/deployments")
+    assert [d["name"] for d in listed] == ["second", "tiny"]
+    status, _ = raw(server, "DELETE", "/store/deployments/second", key=ADMIN)
+    assert status == 204
+    status, _body = raw(server, "GET", "/store/deployments/second")
+    assert status == 404
+    status, artifact = raw(server, "GET", "/store/artifacts/tiny-1")
+    assert (status, artifact["origin"], artifact["lineage"]) == (200, "test:tiny", [])
+    status, plugins = raw(server, "GET", "/store/plugins")
+    assert {"gptstore.local", "torch"} <= {p["name"] for p in plugins}
+    assert raw(server, "GET", "/health", key=None) == (200, {"status": "ok"})
