@@ -213,3 +213,11 @@ def test_sql_filters_agree_with_python_checks(filled, requirement):
         f"SELECT c.id FROM cards c WHERE NOT coalesce(({' AND '.join(clauses) or '1'}), 0)", params
     )
     assert {row[0] for row in failing} == {e.id for e in entries} - in_python
+
+
+def test_every_selection_table_has_the_documented_columns(catalog):
+    from gptstore.catalog.schema import SELECTION_COLUMNS
+
+    for table in ("cards", "card_tasks", "card_metrics"):
+        columns = {row[1] for row in catalog.execute(f"PRAGMA table_info({table})")}
+        assert set(SELECTION_COLUMNS) <= columns, table

@@ -31,7 +31,13 @@ from gptstore.converter import structure, unstructure
 from gptstore.errors import GptstoreError
 from gptstore.manager import PluginLoadWarning, PluginManager, build, make_plugin_manager
 from gptstore.records import ModelSource, OptimizationStrategy, ScoringPolicy, ServingBackend
-from gptstore.selection import Candidate, Selection, explain_model, select_models
+from gptstore.selection import (
+    Selection,
+    candidate_json,
+    explain_model,
+    select_models,
+    selection_json,
+)
 from gptstore.sync import enabled_sources, fetch_model, sync_catalog
 from gptstore.types import ModelCard, Requirement
 from gptstore.units import format_bytes, format_count, parse_bytes, parse_count
@@ -546,29 +552,6 @@ def show(app: App, model: str, as_json: bool) -> None:
 # -- select --
 
 
-def _candidate_json(candidate: Candidate) -> dict[str, Any]:
-    return {
-        "rank": candidate.rank,
-        "uid": candidate.card.uid,
-        "score": candidate.score.total if candidate.score else None,
-        "breakdown": unstructure(candidate.score.breakdown) if candidate.score else [],
-        "failures": list(candidate.failures),
-        "card": unstructure(candidate.card),
-    }
-
-
-def _selection_json(selection: Selection) -> dict[str, Any]:
-    return {
-        "policy": selection.policy,
-        "requirement": unstructure(selection.requirement),
-        "total": selection.total,
-        "matched": selection.matched,
-        "ranked_in": selection.ranked_in,
-        "ranked": [_candidate_json(c) for c in selection.ranked],
-        "excluded": [{"uid": c.card.uid, "failures": list(c.failures)} for c in selection.excluded],
-    }
-
-
 @cli.command()
 @click.argument("query", required=False)
 @requirement_options
@@ -637,7 +620,9 @@ def select(
     )
     explained = [explain_model(app.catalog, scorer, requirement, model) for model in why]
     if as_json:
-        _emit_json({**_selection_json(selection), "why": [_candidate_json(c) for c in explained]})
+        _emit_json(
+            {**selection_json(selection), "why": [candidate_json(c, card=True) for c in explained]}
+        )
         return
     _print_selection(selection)
     for candidate in explained:

@@ -33,7 +33,7 @@ _CONTEXT_KEYS = (
     "max_sequence_length",
 )
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": "float64",
     "F32": "float32",
     "F16": "float16",
@@ -130,7 +130,7 @@ def count_parameters(files: list[Path]) -> tuple[int, str | None]:
                 raise InvalidInput(str(path), [f"tensor {name!r} has no valid shape and offsets"])
             total += math.prod(shape)
             dtype = str(entry.get("dtype", "?"))
-            by_dtype[_SAFETENSORS_DTYPES.get(dtype, dtype.lower())] += offsets[1] - offsets[0]
+            by_dtype[SAFETENSORS_DTYPES.get(dtype, dtype.lower())] += offsets[1] - offsets[0]
     return total, (by_dtype.most_common(1)[0][0] if by_dtype else None)
 
 

@@ -8,12 +8,13 @@ cards reads only the top ``limit`` cards into Python.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from attrs import frozen
 
 from gptstore.catalog import Catalog, Entry
 from gptstore.catalog.filters import sql_filters, violations
+from gptstore.converter import unstructure
 from gptstore.errors import GptstoreError
 from gptstore.protocols import Scorer, SqlRankable
 from gptstore.types import ModelCard, Requirement, Score
@@ -139,3 +140,30 @@ def explain_model(
     if failures:
         return Candidate(entry, failures=tuple(failures))
     return Candidate(entry, score=scorer.score(entry.card, requirement))
+
+
+def candidate_json(candidate: Candidate, *, card: bool = False) -> dict[str, Any]:
+    """A candidate as the CLI's --json and the HTTP API show it."""
+    data: dict[str, Any] = {
+        "rank": candidate.rank,
+        "uid": candidate.card.uid,
+        "score": candidate.score.total if candidate.score else None,
+        "breakdown": unstructure(candidate.score.breakdown) if candidate.score else [],
+        "failures": list(candidate.failures),
+    }
+    if card:
+        data["card"] = unstructure(candidate.card)
+    return data
+
+
+def selection_json(selection: Selection) -> dict[str, Any]:
+    """A selection as the CLI's --json and the HTTP API show it."""
+    return {
+        "policy": selection.policy,
+        "requirement": unstructure(selection.requirement),
+        "total": selection.total,
+        "matched": selection.matched,
+        "ranked_in": selection.ranked_in,
+        "ranked": [candidate_json(c, card=True) for c in selection.ranked],
+        "excluded": [candidate_json(c) for c in selection.excluded],
+    }

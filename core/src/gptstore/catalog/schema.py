@@ -130,12 +130,10 @@ MIGRATIONS: tuple[str, ...] = (
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
-#: Columns of the selection tables (``cards`` and ``card_tasks``, both read as ``c``) that
-#: filters and ``rank_sql`` expressions may use.
-SELECTION_COLUMNS = (
-    "id",
+#: Columns copied from a card into every selection table (card_tasks has no task_bits: each of
+#: its rows is one task).
+CARD_COLUMNS = (
     "source",
-    "listed",
     "parameters",
     "size_log",
     "dtype_bytes",
@@ -145,4 +143,8 @@ SELECTION_COLUMNS = (
     "popularity_score",
     "updated_days",
     "language_bits",
+    "task_bits",
 )
+#: Columns of the selection tables (``cards``, ``card_tasks``, ``card_metrics``, each read as
+#: ``c``) that filters and ``rank_sql`` expressions may use.
+SELECTION_COLUMNS = ("id", "listed", *CARD_COLUMNS[:-1])

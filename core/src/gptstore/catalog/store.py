@@ -19,7 +19,7 @@ from typing import Any
 from attrs import evolve, frozen
 
 from gptstore.catalog.filters import fts_query, fts_text, sql_filters
-from gptstore.catalog.schema import MIGRATIONS, SCHEMA_VERSION
+from gptstore.catalog.schema import CARD_COLUMNS, MIGRATIONS, SCHEMA_VERSION
 from gptstore.converter import converter
 from gptstore.errors import CatalogError, NotFound
 from gptstore.scoring import epoch_days, popularity_score, size_log
@@ -66,22 +66,6 @@ def _statements(script: str) -> Iterator[str]:
             buffer = ""
     if buffer.strip():
         raise CatalogError(f"unterminated statement in a migration: {buffer.strip()[:60]}")
-
-
-# Columns copied from a card into every selection table (card_tasks leaves out task_bits).
-_SELECTION = (
-    "source",
-    "parameters",
-    "size_log",
-    "dtype_bytes",
-    "context_length",
-    "license",
-    "quality",
-    "popularity_score",
-    "updated_days",
-    "language_bits",
-    "task_bits",
-)
 
 
 def _escape_like(text: str) -> str:
@@ -242,14 +226,14 @@ class Catalog:
             self._mask(conn, bits, "language", card.languages),
             self._mask(conn, bits, "task", card.tasks),
         )
-        columns = ", ".join(_SELECTION)
-        marks = ", ".join("?" * len(_SELECTION))
+        columns = ", ".join(CARD_COLUMNS)
+        marks = ", ".join("?" * len(CARD_COLUMNS))
         if card_id is None:
             card_id = conn.execute(
                 f"INSERT INTO cards ({columns}, listed) VALUES ({marks}, 1)", selection
             ).lastrowid
         else:
-            assignments = ", ".join(f"{name} = ?" for name in _SELECTION)
+            assignments = ", ".join(f"{name} = ?" for name in CARD_COLUMNS)
             conn.execute(
                 f"UPDATE cards SET {assignments}, listed = 1 WHERE id = ?", (*selection, card_id)
             )
@@ -264,8 +248,8 @@ class Catalog:
         )
         # card_tasks has no task_bits: its rows are already one task each.
         conn.executemany(
-            f"INSERT INTO card_tasks (task, id, listed, {', '.join(_SELECTION[:-1])}) "
-            f"VALUES (?, ?, 1, {', '.join('?' * (len(_SELECTION) - 1))})",
+            f"INSERT INTO card_tasks (task, id, listed, {', '.join(CARD_COLUMNS[:-1])}) "
+            f"VALUES (?, ?, 1, {', '.join('?' * (len(CARD_COLUMNS) - 1))})",
             [(task, card_id, *selection[:-1]) for task in card.tasks],
         )
         conn.executemany(

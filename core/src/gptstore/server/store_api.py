@@ -18,7 +18,7 @@ from gptstore.config import Store
 from gptstore.converter import structure, unstructure
 from gptstore.manager import build
 from gptstore.records import ScoringPolicy
-from gptstore.selection import Candidate, select_models
+from gptstore.selection import select_models, selection_json
 from gptstore.server.deployments import Deployment
 from gptstore.types import Requirement
 
@@ -42,16 +42,6 @@ class DeploymentBody:
 
 def _entry(entry: Entry) -> dict[str, Any]:
     return {**unstructure(entry.card), "uid": entry.card.uid, "listed": entry.listed}
-
-
-def _candidate(candidate: Candidate) -> dict[str, Any]:
-    return {
-        "rank": candidate.rank,
-        "uid": candidate.card.uid,
-        "score": candidate.score.total if candidate.score else None,
-        "breakdown": unstructure(candidate.score.breakdown) if candidate.score else [],
-        "failures": list(candidate.failures),
-    }
 
 
 def _deployment(deployment: Deployment) -> dict[str, Any]:
@@ -116,13 +106,7 @@ class StoreController(Controller):
             limit=max(1, body.limit),
             explain_excluded=max(0, body.explain_excluded),
         )
-        return {
-            "policy": selection.policy,
-            "matched": selection.matched,
-            "total": selection.total,
-            "ranked": [_candidate(c) for c in selection.ranked],
-            "excluded": [_candidate(c) for c in selection.excluded],
-        }
+        return selection_json(selection)
 
     @get("/artifacts", sync_to_thread=True)
     def artifacts(self, state: State) -> list[dict[str, Any]]:

@@ -5,20 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from gptstore.modelfiles import as_tuple
+from gptstore.modelfiles import SAFETENSORS_DTYPES, as_tuple
 from gptstore.types import Metric, ModelCard
 
 SOURCE = "hf"
-_SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F8_E4M3": "float8",
-    "F8_E5M2": "float8",
-    "I8": "int8",
-    "U8": "uint8",
-}
+
 # Tags that restate structured fields (or are noise for search): kept out of card.tags.
 _TAG_PREFIXES = (
     "license:",
@@ -70,7 +61,7 @@ def model_info_to_card(
     dtype = None
     if safetensors is not None and safetensors.parameters:
         top = Counter(safetensors.parameters).most_common(1)[0][0]
-        dtype = _SAFETENSORS_DTYPES.get(top, top.lower())
+        dtype = SAFETENSORS_DTYPES.get(top, top.lower())
     config = info.config or {}
     architectures = config.get("architectures") or []
     tags = tuple(t for t in info.tags or () if not t.startswith(_TAG_PREFIXES))
