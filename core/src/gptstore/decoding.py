@@ -1,0 +1,202 @@
+"""A batched decode loop that serving backends share.
+
+A backend supplies one forward step (token ids, attention mask and positions in; next-token
+logits and its cache state out, as numpy arrays); the loop does the rest for every row of the
+batch: greedy or sampled picking with the row's own settings and seed, end-of-sequence and stop
+sequences, max_tokens, log-probabilities, and streaming that never shows text a stop sequence
+may still remove.
+
+numpy is imported when a loop runs: backends depend on it, the core does not.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+from attrs import define, field
+
+from gptstore.errors import InvalidInput
+from gptstore.protocols import StreamChunk
+from gptstore.types import Generation, GenerationRequest, TokenLogprob
+
+#: forward(input_ids, attention_mask, position_ids, state) -> (logits [batch, vocab], state);
+#: ``state`` is None on the first step (the whole prompt) and whatever the last call returned
+#: after that (one new token per row).
+Forward = Callable[[Any, Any, Any, Any], tuple[Any, Any]]
+
+
+def check_request(request: GenerationRequest) -> None:
+    problems = []
+    if not request.prompt:
+        problems.append("the prompt is empty")
+    if request.max_tokens < 1:
+        problems.append(f"max_tokens must be at least 1, got {request.max_tokens}")
+    if request.temperature < 0:
+        problems.append(f"temperature must not be negative, got {request.temperature}")
+    if not 0 < request.top_p <= 1:
+        problems.append(f"top_p must lie in (0, 1], got {request.top_p}")
+    if request.top_k < 0:
+        problems.append(f"top_k must not be negative, got {request.top_k}")
+    if problems:
+        raise InvalidInput("generation request", problems)
+
+
+@define
+class Row:
+    """One request's progress through a batch."""
+
+    request: GenerationRequest
+    prompt_tokens: int
+    rng: Any
+    tokens: list[int] = field(factory=list)
+    logprobs: list[TokenLogprob] = field(factory=list)
+    text: str = ""
+    finish: Literal["stop", "length"] | None = None
+
+
+class Decoder:
+    """The loop, for one tokenizer and model."""
+
+    def __init__(self, tokenizer: Any, eos_ids: set[int], context_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.context_length = context_length
+
+    def encode(self, prompts: Sequence[str]) -> tuple[Any, Any, list[int]]:
+        """Left-padded int64 ids and attention mask, and each prompt's token count."""
+        import numpy as np
+
+        encoded = self.tokenizer(list(prompts), padding=True, return_tensors="np")
+        ids = encoded["input_ids"].astype(np.int64)
+        mask = encoded["attention_mask"].astype(np.int64)
+        return ids, mask, [int(n) for n in mask.sum(axis=1)]
+
+    def run(self, requests: Sequence[GenerationRequest], forward: Forward) -> Iterator[list[Row]]:
+        """Decode a batch; yield the rows after each step (the last yield has all rows done)."""
+        import numpy as np
+
+        for request in requests:
+            check_request(request)
+        if not requests:
+            return
+        ids, mask, lengths = self.encode([r.prompt for r in requests])
+        for request, length in zip(requests, lengths, strict=True):
+            if self.context_length and length + request.max_tokens > self.context_length:
+                raise InvalidInput(
+                    "generation request",
+                    [
+                        f"the prompt's {length} tokens plus max_tokens {request.max_tokens} exceed "
+                        f"the model's context of {self.context_length} tokens"
+                    ],
+                )
+        rows = [
+            Row(r, n, np.random.default_rng(r.seed)) for r, n in zip(requests, lengths, strict=True)
+        ]
+        positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
+        state = None
+        pad = self.tokenizer.pad_token_id or 0
+        for _step in range(max(r.max_tokens for r in requests)):
+            logits, state = forward(ids, mask, positions, state)
+            logits = np.asarray(logits, dtype=np.float32)
+            chosen = []
+            for index, row in enumerate(rows):
+                if row.finish is not None:
+                    chosen.append(pad)
+                    continue
+                token = pick(logits[index], row.request, row.rng)
+                chosen.append(token)
+                self._advance(row, token, logits[index])
+            yield rows
+            if all(row.finish is not None for row in rows):
+                return
+            ids = np.asarray(chosen, dtype=np.int64)[:, None]
+            mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+
+    def _advance(self, row: Row, token: int, logits: Any) -> None:
+        request = row.request
+        if request.logprobs is not None:
+            logprobs = log_softmax(logits)
+            top: tuple[tuple[str, float], ...] = ()
+            if request.logprobs > 0:
+                best = logprobs.argsort()[::-1][: request.logprobs]
+                top = tuple((self.tokenizer.decode([int(i)]), float(logprobs[i])) for i in best)
+            row.logprobs.append(
+                TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]), top)
+            )
+        if token in self.eos_ids:
+            row.finish = "stop"
+            return
+        row.tokens.append(token)
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in request.stop if s) if i >= 0), default=-1)
+        if cut >= 0:
+            row.text, row.finish = text[:cut], "stop"
+            return
+        row.text = text
+        if len(row.tokens) >= request.max_tokens:
+            row.finish = "length"
+
+    def generate(self, requests: Sequence[GenerationRequest], forward: Forward) -> list[Generation]:
+        final = deque(self.run(requests, forward), maxlen=1)  # the rows after the last step
+        rows: list[Row] = final[0] if final else []
+        return [
+            Generation(
+                text=r.text,
+                prompt_tokens=r.prompt_tokens,
+                completion_tokens=len(r.tokens),
+                finish_reason=r.finish or "length",
+                logprobs=tuple(r.logprobs) if r.request.logprobs is not None else None,
+            )
+            for r in rows
+        ]
+
+    def stream(self, request: GenerationRequest, forward: Forward) -> Iterator[StreamChunk]:
+        sent = ""
+        for rows in self.run([request], forward):
+            row = rows[0]
+            last = row.logprobs[-1] if row.logprobs else None
+            if row.finish is not None:
+                yield StreamChunk(row.text[len(sent) :], row.finish, last)
+                return
+            # Hold back an incomplete character and anything that may start a stop sequence.
+            safe = row.text.rstrip("\ufffd")
+            hold = max(
+                (n for s in request.stop for n in range(len(s) - 1, 0, -1) if safe.endswith(s[:n])),
+                default=0,
+            )
+            safe = safe[: len(safe) - hold]
+            if len(safe) > len(sent):
+                yield StreamChunk(safe[len(sent) :], None, last)
+                sent = safe
+
+
+def log_softmax(logits: Any) -> Any:
+    import numpy as np
+
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def pick(logits: Any, request: GenerationRequest, rng: Any) -> int:
+    """The next token of one row: greedy at temperature 0, else sampled with top-k and top-p."""
+    import numpy as np
+
+    if request.temperature == 0:
+        return int(logits.argmax())
+    scores = logits / request.temperature
+    if request.top_k > 0 and request.top_k < scores.shape[-1]:
+        kth = np.partition(scores, -request.top_k)[-request.top_k]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if request.top_p < 1.0:
+        order = np.argsort(-scores)
+        probs = np.exp(scores[order] - scores[order[0]])
+        probs /= probs.sum()
+        drop = probs.cumsum() - probs > request.top_p  # keeps the token that crosses top_p
+        scores = scores.copy()
+        scores[order[drop]] = -np.inf
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))
