@@ -30,6 +30,7 @@ from gptstore.config import Config, Store
 from gptstore.converter import structure, unstructure
 from gptstore.errors import GptstoreError
 from gptstore.manager import PluginLoadWarning, PluginManager, build, make_plugin_manager
+from gptstore.optimize import optimize as optimize_artifact
 from gptstore.records import ModelSource, OptimizationStrategy, ScoringPolicy, ServingBackend
 from gptstore.selection import (
     Selection,
@@ -360,6 +361,60 @@ def serve(app: App, host: str, port: int, workers: int) -> None:
         workers=workers,
         log_level="info",
     )
+
+
+@cli.command()
+@click.argument("artifact")
+@click.argument("strategy")
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A strategy option, VALUE read as TOML when it parses (repeatable).",
+)
+@click.option(
+    "--data",
+    "data_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A text file of training or calibration data (one example per line).",
+)
+@click.pass_obj
+def optimize(
+    app: App, artifact: str, strategy: str, options: tuple[str, ...], data_file: Path | None
+) -> None:
+    """Derive a new artifact from ARTIFACT with an optimization STRATEGY (onnx-export, ...)."""
+    parsed: dict[str, Any] = {}
+    for text in options:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise GptstoreError(f"--option {text!r}: write KEY=VALUE, e.g. max_logit_diff=0.01")
+        try:
+            parsed[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed[key.strip()] = value
+    data = (
+        [line for line in data_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if data_file
+        else []
+    )
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True
+    ) as progress:
+        task = progress.add_task(f"{strategy} on {artifact}")
+        derived = optimize_artifact(
+            app.manager,
+            ArtifactStore(app.store.artifacts_dir),
+            artifact,
+            strategy,
+            parsed,
+            data=data,
+            progress=lambda f, m: progress.update(task, description=f"{m} ({f:.0%})"),
+        )
+    manifest = derived.manifest
+    out.print(f"{artifact} -> {derived.id} ({manifest.kind})")
+    for metric, number in {**manifest.metrics_before, **manifest.metrics_after}.items():
+        out.print(f"  {metric}: {number:.6g}")
 
 
 # -- requirement flags --

@@ -1,0 +1,72 @@
+"""``gptstore optimize``: apply an optimization strategy to an artifact, producing a new one."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gptstore.artifacts import ArtifactStore
+from gptstore.converter import structure
+from gptstore.errors import GptstoreError
+from gptstore.manager import PluginManager
+from gptstore.records import OptimizationStrategy
+from gptstore.types import Artifact, OptimizationContext
+
+
+def data_digest(texts: Sequence[str]) -> str | None:
+    """sha256 of the texts an optimization used (None when it used none)."""
+    if not texts:
+        return None
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()
+
+
+def optimize(
+    manager: PluginManager,
+    store: ArtifactStore,
+    artifact_id: str,
+    strategy: str,
+    options: dict[str, Any] | None = None,
+    *,
+    data: Sequence[str] = (),
+    progress: Callable[[float, str], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> Artifact:
+    """Derive a new artifact from ``artifact_id`` with ``strategy``; it lands in the store
+    atomically, with its lineage, or not at all."""
+    record = manager.get(OptimizationStrategy, strategy)
+    structured = (
+        structure(
+            options or {},
+            record.options_type,
+            what=f"options of optimization strategy {record.name!r}",
+            path="$.options",
+        )
+        if record.options_type
+        else None
+    )
+    parent = store.get(artifact_id)
+    staging = store.staging_dir()
+    try:
+        context = OptimizationContext(
+            output_dir=staging, data=tuple(data), cancel_event=cancel or threading.Event()
+        )
+        if progress is not None:
+            context.progress = progress
+        result = record.factory().apply(parent, structured, context)
+        if result.path.resolve() != staging.resolve():
+            raise GptstoreError(
+                f"strategy {record.name!r} returned {result.path}, not its output folder {staging}"
+            )
+        if result.manifest.parent != parent.id:
+            raise GptstoreError(
+                f"strategy {record.name!r} did not record {parent.id} as the "
+                "parent; use gptstore.artifacts.derive_manifest"
+            )
+        return store.commit(staging, result.manifest)
+    finally:
+        store.discard(staging)

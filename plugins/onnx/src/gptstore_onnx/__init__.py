@@ -1,0 +1,1 @@
+"""gptstore-onnx: ONNX export, int8 quantization and ONNX Runtime serving."""

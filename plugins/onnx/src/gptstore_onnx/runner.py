@@ -1,0 +1,193 @@
+"""The ``onnx`` serving backend: an ONNX Runtime session in gptstore's shared decode loop."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from attrs import field, frozen
+
+from gptstore.decoding import Decoder, log_softmax
+from gptstore.errors import GptstoreError, InvalidInput, NotFound
+from gptstore.protocols import StreamChunk
+from gptstore.types import (
+    Artifact,
+    ChatMessage,
+    Generation,
+    GenerationRequest,
+    RunnerHealth,
+    TextLogprobs,
+    str_tuple,
+)
+
+MODEL_FILE = "model.onnx"
+
+
+@frozen(kw_only=True)
+class OrtOptions:
+    """Options of a deployment on the ``onnx`` backend."""
+
+    providers: tuple[str, ...] = field(default=(), converter=str_tuple)
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+
+
+def _cuda_usable() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def choose_providers(requested: tuple[str, ...]) -> list[str]:
+    """CUDA when a GPU driver is present and onnxruntime has the provider, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise InvalidInput(
+                "providers",
+                [
+                    f"{', '.join(missing)} not available; this "
+                    f"onnxruntime has {', '.join(available)}"
+                ],
+            )
+        return list(requested)
+    if "CUDAExecutionProvider" in available and _cuda_usable():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtBackend:
+    def load(self, artifact: Artifact, options: OrtOptions | None) -> OrtRunner:
+        return OrtRunner(artifact.path, options or OrtOptions())
+
+
+class OrtRunner:
+    def __init__(self, folder: Path, options: OrtOptions) -> None:
+        import onnxruntime as ort
+        from transformers import AutoConfig, AutoTokenizer
+
+        model = folder / MODEL_FILE
+        if not model.is_file():
+            raise NotFound(
+                f"{folder} has no {MODEL_FILE}; export it first with "
+                "`gptstore optimize ARTIFACT onnx-export`"
+            )
+        settings = ort.SessionOptions()
+        if options.intra_op_threads:
+            settings.intra_op_num_threads = options.intra_op_threads
+        if options.inter_op_threads:
+            settings.inter_op_num_threads = options.inter_op_threads
+        self.session = ort.InferenceSession(
+            str(model), sess_options=settings, providers=choose_providers(options.providers)
+        )
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self.uses_positions = "position_ids" in inputs
+        first = inputs[self.past_names[0]] if self.past_names else None
+        self.kv_shape = (int(first.shape[1]), int(first.shape[3])) if first is not None else None
+        self.kv_dtype = "float16" if first is not None and "float16" in first.type else "float32"
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, trust_remote_code=False, local_files_only=True
+        )
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+        eos = getattr(config, "eos_token_id", None)
+        eos = eos if isinstance(eos, list) else [eos]
+        self.decoder = Decoder(
+            tokenizer,
+            {t for t in [*eos, tokenizer.eos_token_id] if t is not None},
+            int(getattr(config, "max_position_embeddings", 0) or 0),
+        )
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def forward(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
+        """All logits of a step and the new cache (``past`` None: an empty cache)."""
+        import numpy as np
+
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if self.uses_positions:
+            feeds["position_ids"] = positions
+        if past is None and self.kv_shape is not None:
+            heads, size = self.kv_shape
+            empty = np.zeros((ids.shape[0], heads, 0, size), dtype=self.kv_dtype)
+            past = [empty] * len(self.past_names)
+        feeds.update(zip(self.past_names, past or [], strict=True))
+        outputs = self.session.run(["logits", *self.present_names], feeds)
+        return outputs[0], outputs[1:]
+
+    def _step(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
+        logits, present = self.forward(ids, mask, positions, past)
+        return logits[:, -1, :], present
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GptstoreError("this runner is closed")
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        with self._lock:
+            self._check_open()
+            return self.decoder.generate(requests, self._step)
+
+    def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
+        with self._lock:
+            self._check_open()
+            yield from self.decoder.stream(request, self._step)
+
+    def logprobs(self, texts: Sequence[str]) -> list[TextLogprobs]:
+        import numpy as np
+
+        results = []
+        with self._lock:
+            self._check_open()
+            for text in texts:
+                ids = self.tokenizer(text, return_tensors="np")["input_ids"].astype(np.int64)
+                if ids.shape[1] == 0:
+                    raise InvalidInput("text", ["empty text has no tokens to score"])
+                context = self.decoder.context_length
+                if context and ids.shape[1] > context:
+                    raise InvalidInput(
+                        "text", [f"{ids.shape[1]} tokens exceed the model's context of {context}"]
+                    )
+                mask = np.ones_like(ids)
+                positions = np.arange(ids.shape[1], dtype=np.int64)[None, :]
+                logits, _ = self.forward(ids, mask, positions, None)
+                picked = [
+                    float(log_softmax(logits[0, i].astype(np.float32))[ids[0, i + 1]])
+                    for i in range(ids.shape[1] - 1)
+                ]
+                tokens = tuple(self.tokenizer.decode([int(t)]) for t in ids[0])
+                results.append(TextLogprobs(tokens, (None, *picked)))
+        return results
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise GptstoreError("this model has no chat template; use completions instead")
+        prompt: str = self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return prompt
+
+    def health(self) -> RunnerHealth:
+        if self._closed:
+            return RunnerHealth(False, "closed")
+        return RunnerHealth(True, "onnxruntime " + ", ".join(self.session.get_providers()))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            del self.session

@@ -1,0 +1,185 @@
+"""Optimization strategies ``onnx-export`` and ``onnx-quantize``."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from attrs import field, frozen
+
+from gptstore.artifacts import derive_manifest
+from gptstore.converter import unstructure
+from gptstore.errors import GptstoreError, InvalidInput
+from gptstore.optimize import data_digest
+from gptstore.types import Artifact, OptimizationContext, str_tuple
+from gptstore_onnx.runner import MODEL_FILE, OrtOptions, OrtRunner
+
+DEFAULT_PROMPTS = ("Hello, my name is", "The capital of France is", "def fibonacci(n):\n    return")
+
+
+def default_text() -> str:
+    """Text every Python install has, for perplexity when no data is given."""
+    import pydoc_data.topics
+
+    return pydoc_data.topics.topics["assignment"][:3000]
+
+
+@frozen(kw_only=True)
+class ExportOptions:
+    """:param max_logit_diff: the largest |logit(onnx) - logit(torch)| allowed on the prompts."""
+
+    verify_prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS, converter=str_tuple)
+    max_logit_diff: float = 1e-3
+    opset: int | None = None
+
+
+@frozen(kw_only=True)
+class QuantizeOptions:
+    """:param max_perplexity_increase: refuse the result above this relative increase (0.03 is
+    +3%); None records the change without a bound."""
+
+    per_channel: bool = False
+    max_perplexity_increase: float | None = None
+
+
+def max_logit_difference(torch_folder: Path, onnx_folder: Path, prompts: Sequence[str]) -> float:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        torch_folder,
+        dtype=torch.float32,
+        use_safetensors=True,
+        trust_remote_code=False,
+        local_files_only=True,
+    ).eval()
+    runner = OrtRunner(onnx_folder, OrtOptions())
+    worst = 0.0
+    try:
+        for prompt in prompts:
+            ids = runner.tokenizer(prompt, return_tensors="np")["input_ids"].astype(np.int64)
+            mask = np.ones_like(ids)
+            positions = np.arange(ids.shape[1], dtype=np.int64)[None, :]
+            onnx_logits, _ = runner.forward(ids, mask, positions, None)
+            with torch.inference_mode():
+                torch_logits = model(input_ids=torch.from_numpy(ids)).logits.float().numpy()
+            worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
+    finally:
+        runner.close()
+    return worst
+
+
+def perplexity(folder: Path, texts: Sequence[str]) -> float:
+    runner = OrtRunner(folder, OrtOptions())
+    try:
+        scores = [v for r in runner.logprobs(list(texts)) for v in r.logprobs if v is not None]
+    finally:
+        runner.close()
+    if not scores:
+        raise InvalidInput("data", ["the texts have no tokens to measure perplexity on"])
+    return math.exp(-sum(scores) / len(scores))
+
+
+class OnnxExport:
+    def apply(
+        self, artifact: Artifact, options: ExportOptions, context: OptimizationContext
+    ) -> Artifact:
+        from optimum.exporters.onnx import main_export
+
+        if artifact.manifest.kind != "hf":
+            raise InvalidInput(
+                "artifact",
+                [
+                    f"{artifact.id} is {artifact.manifest.kind}; "
+                    "onnx-export takes a Hugging Face format artifact"
+                ],
+            )
+        context.progress(0.05, "exporting with optimum-onnx")
+        main_export(
+            str(artifact.path),
+            output=context.output_dir,
+            task="text-generation-with-past",
+            do_validation=False,
+            opset=options.opset,
+            trust_remote_code=False,
+            library_name="transformers",
+        )
+        context.check_cancelled()
+        context.progress(0.7, "comparing logits with the torch model")
+        difference = max_logit_difference(artifact.path, context.output_dir, options.verify_prompts)
+        if difference > options.max_logit_diff:
+            raise GptstoreError(
+                f"the exported model's logits differ from torch's by up to "
+                f"{difference:.3g} (bound {options.max_logit_diff:g}); the "
+                "export is discarded"
+            )
+        context.progress(1.0, "done")
+        manifest = derive_manifest(
+            artifact,
+            context.output_dir,
+            strategy="onnx-export",
+            options=unstructure(options),
+            kind="onnx",
+            metrics_after={"max_logit_diff": difference},
+        )
+        return Artifact(context.output_dir, manifest)
+
+
+class OnnxQuantize:
+    def apply(
+        self, artifact: Artifact, options: QuantizeOptions, context: OptimizationContext
+    ) -> Artifact:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        if artifact.manifest.kind != "onnx":
+            raise InvalidInput(
+                "artifact",
+                [
+                    f"{artifact.id} is {artifact.manifest.kind}; "
+                    "onnx-quantize takes an ONNX artifact "
+                    "(run onnx-export first)"
+                ],
+            )
+        texts = list(context.data) or [default_text()]
+        context.progress(0.05, "measuring the parent's perplexity")
+        before = perplexity(artifact.path, texts)
+        context.check_cancelled()
+        context.progress(0.3, "quantizing weights to int8")
+        for path in artifact.path.iterdir():
+            if (
+                path.is_file()
+                and not path.name.startswith(MODEL_FILE)
+                and path.name != "manifest.json"
+            ):
+                shutil.copy2(path, context.output_dir / path.name)
+        quantize_dynamic(
+            artifact.path / MODEL_FILE,
+            context.output_dir / MODEL_FILE,
+            weight_type=QuantType.QInt8,
+            per_channel=options.per_channel,
+        )
+        context.check_cancelled()
+        context.progress(0.7, "measuring the quantized perplexity")
+        after = perplexity(context.output_dir, texts)
+        change = after / before - 1
+        bound = options.max_perplexity_increase
+        if bound is not None and change > bound:
+            raise GptstoreError(
+                f"int8 perplexity {after:.4g} is {change:+.1%} against "
+                f"{before:.4g} (bound {bound:+.1%}); the result is discarded"
+            )
+        context.progress(1.0, "done")
+        manifest = derive_manifest(
+            artifact,
+            context.output_dir,
+            strategy="onnx-quantize",
+            options=unstructure(options),
+            kind="onnx",
+            data_digest=data_digest(list(context.data)) if context.data else "default-text",
+            metrics_before={"perplexity": before},
+            metrics_after={"perplexity": after, "perplexity_change": change},
+        )
+        return Artifact(context.output_dir, manifest)

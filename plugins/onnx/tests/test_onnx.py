@@ -1,0 +1,124 @@
+"""Export, quantize and serve a real tiny model with ONNX Runtime, against torch."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from gptstore.artifacts import ArtifactStore, hash_files
+from gptstore.errors import GptstoreError
+from gptstore.optimize import optimize
+from gptstore.records import ServingBackend
+from gptstore.types import GenerationRequest, Manifest
+from gptstore_onnx import plugin
+from gptstore_onnx.runner import OrtOptions
+
+PROMPTS = ["Hello world", "The quick brown fox jumps over the", "a"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model):
+    from gptstore.manager import make_plugin_manager
+
+    manager = make_plugin_manager(entrypoints=False)
+    manager.register_plugin(plugin, "onnx")
+    store = ArtifactStore(tmp_path_factory.mktemp("store") / "artifacts")
+    staging = store.staging_dir()
+    shutil.copytree(tiny_model, staging / "m")
+    base = store.commit(staging / "m", Manifest(id="tiny-1", files=hash_files(staging / "m")))
+    store.discard(staging)
+    progress = []
+    onnx = optimize(
+        manager, store, base.id, "onnx-export", progress=lambda f, m: progress.append(f)
+    )
+    return manager, store, base, onnx, progress
+
+
+def test_export_records_lineage_and_logit_difference(exported):
+    _manager, store, base, onnx, progress = exported
+    manifest = onnx.manifest
+    assert (manifest.kind, manifest.parent, manifest.step.strategy) == (
+        "onnx",
+        base.id,
+        "onnx-export",
+    )
+    assert manifest.metrics_after["max_logit_diff"] < 1e-3
+    assert "model.onnx" in manifest.files
+    assert {"tokenizer.json", "config.json"} <= set(manifest.files)
+    assert progress[-1] == 1.0
+    assert store.get(onnx.id).manifest == manifest
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".staging")]
+
+
+def test_onnx_runner_matches_torch_greedy(exported, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manager, _store, _base, onnx, _ = exported
+    runner = manager.get(ServingBackend, "onnx").factory().load(onnx, OrtOptions())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    results = runner.generate([GenerationRequest(prompt=p, max_tokens=10) for p in PROMPTS])
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        ids = tokenizer(prompt, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=10, do_sample=False)
+        assert result.text == tokenizer.decode(
+            out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+    request = GenerationRequest(prompt="Hello world", max_tokens=10)
+    assert "".join(c.text for c in runner.stream(request)) == results[0].text
+    assert runner.health().message == "onnxruntime CPUExecutionProvider"
+    [scored] = runner.logprobs(["The quick brown fox"])
+    assert scored.logprobs[0] is None
+    assert all(v < 0 for v in scored.logprobs[1:])
+    runner.close()
+
+
+def test_quantize_measures_perplexity_and_serves(exported):
+    manager, store, _base, onnx, _ = exported
+    quantized = optimize(manager, store, onnx.id, "onnx-quantize")
+    manifest = quantized.manifest
+    assert (manifest.parent, manifest.step.strategy) == (onnx.id, "onnx-quantize")
+    before, after = manifest.metrics_before["perplexity"], manifest.metrics_after["perplexity"]
+    assert before > 1
+    assert after > 1
+    assert manifest.metrics_after["perplexity_change"] == pytest.approx(after / before - 1)
+    size = (quantized.path / "model.onnx").stat().st_size
+    assert size < (onnx.path / "model.onnx").stat().st_size
+    runner = manager.get(ServingBackend, "onnx").factory().load(quantized, OrtOptions())
+    [result] = runner.generate([GenerationRequest(prompt="Hello", max_tokens=5)])
+    assert result.completion_tokens >= 1 or result.finish_reason == "stop"
+    runner.close()
+
+
+def test_wrong_inputs_are_refused_and_leave_the_store_as_it_was(exported):
+    manager, store, base, onnx, _ = exported
+    before = sorted(p.name for p in store.root.iterdir())
+    with pytest.raises(GptstoreError, match="takes an ONNX artifact"):
+        optimize(manager, store, base.id, "onnx-quantize")
+    with pytest.raises(GptstoreError, match="takes a Hugging Face format artifact"):
+        optimize(manager, store, onnx.id, "onnx-export")
+    with pytest.raises(GptstoreError, match="differ from torch's by up to"):
+        optimize(manager, store, base.id, "onnx-export", {"max_logit_diff": 0.0})
+    assert sorted(p.name for p in store.root.iterdir()) == before
+
+
+def test_optimize_from_the_command_line(tmp_path, tiny_model):
+    from gptstore.testing import run_cli
+
+    home = tmp_path / "home"
+    store = ArtifactStore(home / "artifacts")
+    staging = store.staging_dir()
+    shutil.copytree(tiny_model, staging / "m")
+    store.commit(staging / "m", Manifest(id="tiny-cli", files=hash_files(staging / "m")))
+    store.discard(staging)
+    env = {"GPTSTORE_HOME": str(home), "GPTSTORE_LOAD_PLUGINS": "onnx"}
+    result = run_cli(
+        "optimize", "tiny-cli", "onnx-export", "--option", "max_logit_diff=0.01", env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tiny-cli -> tiny.onnx-export-" in result.stdout
+    assert "max_logit_diff:" in result.stdout
+    bad = run_cli("optimize", "tiny-cli", "onnx-export", "--option", "max_logit_diff=big", env=env)
+    assert bad.returncode == 1
+    assert "expected float, got str @ $.options.max_logit_diff" in bad.stderr
