@@ -165,6 +165,11 @@ class ArtifactStore:
             raise NotFound(f"no artifact {artifact_id!r} in {self.root}")
         return Artifact(folder, read_manifest(folder))
 
+    def find(self, artifact_id: str) -> Artifact | None:
+        """The artifact, or None when there is none of that id."""
+        folder = self.root / check_artifact_id(artifact_id)
+        return Artifact(folder, read_manifest(folder)) if folder.is_dir() else None
+
     def list(self) -> list[Artifact]:
         if not self.root.is_dir():
             return []

@@ -40,7 +40,7 @@ from gptstore.selection import (
     selection_json,
 )
 from gptstore.sync import enabled_sources, fetch_model, sync_catalog
-from gptstore.types import ModelCard, Requirement
+from gptstore.types import ChatMessage, GenerationRequest, ModelCard, Requirement
 from gptstore.units import format_bytes, format_count, parse_bytes, parse_count
 
 out = Console(soft_wrap=False)
@@ -300,12 +300,17 @@ def sync(app: App, names: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.argument("model")
+@click.option(
+    "--id",
+    "artifact_id",
+    help="The artifact's id (reused when it already holds this model at this revision).",
+)
 @click.pass_obj
-def fetch(app: App, model: str) -> None:
+def fetch(app: App, model: str, artifact_id: str | None) -> None:
     """Fetch MODEL from its source into the store as an artifact (pinned to the synced revision)."""
     entry = app.catalog.resolve(model)
     artifact = fetch_model(
-        app.manager, app.config, entry.card, ArtifactStore(app.store.artifacts_dir)
+        app.manager, app.config, entry.card, ArtifactStore(app.store.artifacts_dir), artifact_id
     )
     out.print(f"{entry.card.uid} -> artifact {artifact.id}\n{artifact.path}")
 
@@ -374,6 +379,11 @@ def serve(app: App, host: str, port: int, workers: int) -> None:
     help="A strategy option, VALUE read as TOML when it parses (repeatable).",
 )
 @click.option(
+    "--id",
+    "new_id",
+    help="The new artifact's id (reused when it was made the same way from the same parent).",
+)
+@click.option(
     "--data",
     "data_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -381,18 +391,15 @@ def serve(app: App, host: str, port: int, workers: int) -> None:
 )
 @click.pass_obj
 def optimize(
-    app: App, artifact: str, strategy: str, options: tuple[str, ...], data_file: Path | None
+    app: App,
+    artifact: str,
+    strategy: str,
+    options: tuple[str, ...],
+    new_id: str | None,
+    data_file: Path | None,
 ) -> None:
     """Derive a new artifact from ARTIFACT with an optimization STRATEGY (onnx-export, ...)."""
-    parsed: dict[str, Any] = {}
-    for text in options:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise GptstoreError(f"--option {text!r}: write KEY=VALUE, e.g. max_logit_diff=0.01")
-        try:
-            parsed[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed[key.strip()] = value
+    parsed = _toml_pairs(options, "--option", "max_logit_diff=0.01")
     data = (
         [line for line in data_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         if data_file
@@ -410,11 +417,60 @@ def optimize(
             parsed,
             data=data,
             progress=lambda f, m: progress.update(task, description=f"{m} ({f:.0%})"),
+            new_id=new_id,
         )
     manifest = derived.manifest
     out.print(f"{artifact} -> {derived.id} ({manifest.kind})")
     for metric, number in {**manifest.metrics_before, **manifest.metrics_after}.items():
         out.print(f"  {metric}: {number:.6g}")
+
+
+@cli.command()
+@click.argument("artifact")
+@click.argument("message")
+@click.option("--backend", required=True, help="Serving backend, e.g. onnx or torch.")
+@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A backend option, VALUE read as TOML when it parses (repeatable).",
+)
+@click.pass_obj
+def chat(
+    app: App, artifact: str, message: str, backend: str, max_tokens: int, options: tuple[str, ...]
+) -> None:
+    """Ask ARTIFACT one chat MESSAGE on a serving backend and print the answer (greedy)."""
+    record = app.manager.get(ServingBackend, backend)
+    loaded = ArtifactStore(app.store.artifacts_dir).get(artifact)
+    raw = _toml_pairs(options, "--option", "intra_op_threads=2")
+    structured = (
+        structure(raw, record.options_type, what=f"options of {record.name!r}", path="$.options")
+        if record.options_type
+        else None
+    )
+    runner = record.factory().load(loaded, structured)
+    try:
+        prompt = runner.chat_prompt([ChatMessage("user", message)])
+        [answer] = runner.generate([GenerationRequest(prompt=prompt, max_tokens=max_tokens)])
+    finally:
+        runner.close()
+    out.print(answer.text, markup=False)
+
+
+def _toml_pairs(texts: tuple[str, ...], flag: str, example: str) -> dict[str, Any]:
+    """``("a=1", "b=x")`` -> ``{"a": 1, "b": "x"}``: values read as TOML when they parse."""
+    parsed: dict[str, Any] = {}
+    for text in texts:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise GptstoreError(f"{flag} {text!r}: write KEY=VALUE, e.g. {example}")
+        try:
+            parsed[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed[key.strip()] = value
+    return parsed
 
 
 # -- requirement flags --

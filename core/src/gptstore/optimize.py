@@ -7,8 +7,10 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gptstore.artifacts import ArtifactStore
-from gptstore.converter import structure
+from attrs import evolve
+
+from gptstore.artifacts import ArtifactStore, check_artifact_id
+from gptstore.converter import structure, unstructure
 from gptstore.errors import GptstoreError
 from gptstore.manager import PluginManager
 from gptstore.records import OptimizationStrategy
@@ -35,9 +37,11 @@ def optimize(
     data: Sequence[str] = (),
     progress: Callable[[float, str], None] | None = None,
     cancel: threading.Event | None = None,
+    new_id: str | None = None,
 ) -> Artifact:
     """Derive a new artifact from ``artifact_id`` with ``strategy``; it lands in the store
-    atomically, with its lineage, or not at all."""
+    atomically, with its lineage, or not at all. With ``new_id``, an artifact of that id made
+    from the same parent by the same strategy and options is reused."""
     record = manager.get(OptimizationStrategy, strategy)
     structured = (
         structure(
@@ -50,6 +54,20 @@ def optimize(
         else None
     )
     parent = store.get(artifact_id)
+    if new_id is not None:
+        existing = store.find(check_artifact_id(new_id))
+        if existing is not None:
+            step = existing.manifest.step
+            if (
+                existing.manifest.parent != parent.id
+                or step is None
+                or step.strategy != record.name
+                or step.options != (unstructure(structured) if structured else {})
+            ):
+                raise GptstoreError(
+                    f"artifact {new_id} exists and was made otherwise; choose another id"
+                )
+            return existing
     staging = store.staging_dir()
     try:
         context = OptimizationContext(
@@ -67,6 +85,7 @@ def optimize(
                 f"strategy {record.name!r} did not record {parent.id} as the "
                 "parent; use gptstore.artifacts.derive_manifest"
             )
-        return store.commit(staging, result.manifest)
+        manifest = evolve(result.manifest, id=new_id) if new_id else result.manifest
+        return store.commit(staging, manifest)
     finally:
         store.discard(staging)

@@ -100,14 +100,28 @@ def sync_catalog(
 
 
 def fetch_model(
-    manager: PluginManager, config: Config, card: ModelCard, store: ArtifactStore
+    manager: PluginManager,
+    config: Config,
+    card: ModelCard,
+    store: ArtifactStore,
+    artifact_id: str | None = None,
 ) -> Artifact:
     """Fetch ``card`` from its source, pinned to the card's revision, into ``store``.
 
     The files land in a staging folder and are renamed into place with their manifest (origin
     ``source:model_id@revision``, file hashes, library versions); a failure leaves the store as
-    it was.
+    it was. With ``artifact_id``, an artifact of that id from the same origin is reused.
     """
+    origin = f"{card.uid}@{card.revision or 'unpinned'}"
+    if artifact_id is not None:
+        existing = store.find(artifact_id)
+        if existing is not None:
+            if existing.manifest.origin != origin:
+                raise GptstoreError(
+                    f"artifact {artifact_id} exists with another origin "
+                    f"({existing.manifest.origin}); choose another --id"
+                )
+            return existing
     record = manager.get(ModelSource, card.source)
     source = build(record, config.source_options(card.source), where=f"$.sources.{card.source}")
     staging = store.staging_dir()
@@ -118,9 +132,9 @@ def fetch_model(
                 f"source {card.source!r} returned {folder}, not a folder under {staging}"
             )
         manifest = Manifest(
-            id=new_artifact_id(card.model_id.replace("/", "--")),
+            id=artifact_id or new_artifact_id(card.model_id.replace("/", "--")),
             kind="hf",
-            origin=f"{card.uid}@{card.revision or 'unpinned'}",
+            origin=origin,
             files=hash_files(folder),
             library_versions=library_versions(),
             created_at=datetime.now(UTC),

@@ -119,6 +119,16 @@ def test_optimize_from_the_command_line(tmp_path, tiny_model):
     assert result.returncode == 0, result.stderr
     assert "tiny-cli -> tiny.onnx-export-" in result.stdout
     assert "max_logit_diff:" in result.stdout
+    named = [
+        run_cli("optimize", "tiny-cli", "onnx-export", "--id", "tiny-onnx", env=env)
+        for _ in range(2)
+    ]  # the second reuses the first
+    assert [r.stdout.splitlines()[0] for r in named] == ["tiny-cli -> tiny-onnx (onnx)"] * 2
+    answer = run_cli(
+        "chat", "tiny-onnx", "hello", "--backend", "onnx", "--max-tokens", "4", env=env
+    )
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip()
     bad = run_cli("optimize", "tiny-cli", "onnx-export", "--option", "max_logit_diff=big", env=env)
     assert bad.returncode == 1
     assert "expected float, got str @ $.options.max_logit_diff" in bad.stderr
