@@ -202,3 +202,14 @@ def test_deployments_and_store_api(server):
     status, plugins = raw(server, "GET", "/store/plugins")
     assert {"gptstore.local", "torch"} <= {p["name"] for p in plugins}
     assert raw(server, "GET", "/health", key=None) == (200, {"status": "ok"})
+
+
+def test_streams_survive_being_advanced_from_many_threads(client):
+    # The server pulls each chunk of a stream in whichever worker thread is free.
+    for _ in range(3):
+        chunks = list(
+            client.completions.create(
+                model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0, stream=True
+            )
+        )
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")

@@ -125,3 +125,22 @@ def test_the_backend_is_registered(plugin_manager):
         assert plugin_manager.get(ServingBackend, "torch").factory is TorchBackend
     finally:
         plugin_manager.unregister_plugin("torch")
+
+
+def test_a_stream_can_be_advanced_from_different_threads(runner):
+    import threading
+
+    stream = runner.stream(GenerationRequest(prompt="The quick brown fox", max_tokens=8))
+    chunks = []
+
+    def pull() -> None:
+        chunks.append(next(stream, None))
+
+    for _ in range(20):
+        thread = threading.Thread(target=pull)  # a new thread each time, as a server may use
+        thread.start()
+        thread.join()
+        if chunks[-1] is None or chunks[-1].finish_reason:
+            break
+    done = [c for c in chunks if c is not None]
+    assert done[-1].finish_reason in ("stop", "length")

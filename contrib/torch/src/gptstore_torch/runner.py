@@ -88,28 +88,26 @@ class TorchRunner:
     def _forward(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
         import torch
 
-        out = self.model(
-            input_ids=torch.from_numpy(ids).to(self.device),
-            attention_mask=torch.from_numpy(mask).to(self.device),
-            position_ids=torch.from_numpy(positions).to(self.device),
-            past_key_values=past,
-            use_cache=True,
-        )
-        return out.logits[:, -1, :].float().cpu().numpy(), out.past_key_values
-
-    def _guarded(self) -> Any:
         if self._closed:
             raise GptstoreError("this runner is closed")
-        import torch
-
-        return torch.inference_mode()
+        # Inference mode per call: a stream is advanced from whichever worker thread the server
+        # picks, and torch's grad mode is per thread.
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.from_numpy(ids).to(self.device),
+                attention_mask=torch.from_numpy(mask).to(self.device),
+                position_ids=torch.from_numpy(positions).to(self.device),
+                past_key_values=past,
+                use_cache=True,
+            )
+            return out.logits[:, -1, :].float().cpu().numpy(), out.past_key_values
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        with self._lock, self._guarded():
+        with self._lock:
             return self.decoder.generate(requests, self._forward)
 
     def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
-        with self._lock, self._guarded():
+        with self._lock:
             yield from self.decoder.stream(request, self._forward)
 
     # -- scoring given text ----------------------------------------------------------------------
