@@ -144,3 +144,48 @@ def test_a_stream_can_be_advanced_from_different_threads(runner):
             break
     done = [c for c in chunks if c is not None]
     assert done[-1].finish_reason in ("stop", "length")
+
+
+def test_a_peft_adapter_is_served_on_its_base_without_merging(tmp_path, tiny_model):
+    import shutil
+
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from gptstore.artifacts import ArtifactStore, hash_files
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    staging = store.staging_dir()
+    shutil.copytree(tiny_model, staging / "base")
+    base = store.commit(staging / "base", Manifest(id="base-1", files=hash_files(staging / "base")))
+    torch.manual_seed(1)
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    lora.save_pretrained(staging / "adapter", safe_serialization=True)
+    adapter = store.commit(
+        staging / "adapter",
+        Manifest(id="lora-1", parent=base.id, files=hash_files(staging / "adapter")),
+    )
+    store.discard(staging)
+    assert not (adapter.path / "model.safetensors").exists()  # only the adapter's weights
+
+    request = GenerationRequest(prompt="Hello world", max_tokens=8)
+    served = TorchBackend().load(adapter, TorchOptions())
+    plain = TorchBackend().load(base, TorchOptions())
+    [with_adapter] = served.generate([request])
+    [without] = plain.generate([request])
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), adapter.path
+    )
+    ids = served.tokenizer("Hello world", return_tensors="pt")
+    out = reference.generate(**ids, max_new_tokens=8, do_sample=False)
+    expected = served.tokenizer.decode(
+        out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    assert with_adapter.text == expected
+    assert with_adapter.text != without.text
+    served.close()
+    plain.close()

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from attrs import frozen
 
 from gptstore.decoding import Decoder
-from gptstore.errors import GptstoreError, InvalidInput, RefusedModel
+from gptstore.errors import GptstoreError, InvalidInput, NotFound, RefusedModel
 from gptstore.modelfiles import weight_files
 from gptstore.protocols import StreamChunk
 from gptstore.types import (
@@ -36,13 +36,24 @@ class TorchOptions:
 
 class TorchBackend:
     def load(self, artifact: Artifact, options: TorchOptions | None) -> TorchRunner:
-        return TorchRunner(artifact.path, options or TorchOptions())
+        """An HF-format artifact, or a PEFT adapter artifact served on top of its parent (the
+        base model), without merging."""
+        if not (artifact.path / "adapter_config.json").is_file():
+            return TorchRunner(artifact.path, options or TorchOptions())
+        parent = artifact.manifest.parent
+        base = artifact.path.parent / parent if parent else None
+        if base is None or not (base / "config.json").is_file():
+            raise NotFound(
+                f"adapter {artifact.id} needs its base model: parent artifact "
+                f"{parent or '(none recorded)'} is not in {artifact.path.parent}"
+            )
+        return TorchRunner(base, options or TorchOptions(), adapter=artifact.path)
 
 
 class TorchRunner:
     """A loaded model. Batches run one at a time (a lock)."""
 
-    def __init__(self, folder: Path, options: TorchOptions) -> None:
+    def __init__(self, folder: Path, options: TorchOptions, adapter: Path | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,8 +79,17 @@ class TorchRunner:
             .to(self.device)
             .eval()
         )
+        if adapter is not None:
+            from peft import PeftModel
+
+            if not (adapter / "adapter_model.safetensors").is_file():
+                raise RefusedModel(
+                    f"{adapter}: no adapter_model.safetensors; gptstore loads safetensors only"
+                )
+            self.model = PeftModel.from_pretrained(self.model, adapter, is_trainable=False).eval()
+        has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
         tokenizer = AutoTokenizer.from_pretrained(
-            folder, trust_remote_code=False, local_files_only=True
+            adapter if has_tokenizer else folder, trust_remote_code=False, local_files_only=True
         )
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
