@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 import urllib.request
 
 import openai
 import pytest
 import tomli_w
-import uvicorn
 
 from gptstore.artifacts import ArtifactStore, hash_files
 from gptstore.server import create_app
+from gptstore.testing import running_server
 from gptstore.types import Manifest
 
 ADMIN, USER = "sk-admin-test", "sk-user-test"
@@ -44,27 +41,8 @@ def server(tmp_path_factory, tiny_model):
             }
         )
     )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(create_app(home), host="127.0.0.1", port=port, log_level="warning")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/ready", timeout=2) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        pytest.fail("the server did not become ready")
-    yield base
-    instance.should_exit = True
-    thread.join(timeout=30)
+    with running_server(create_app(home)) as base:
+        yield base
 
 
 @pytest.fixture

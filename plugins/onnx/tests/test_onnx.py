@@ -11,28 +11,9 @@ from gptstore.errors import GptstoreError
 from gptstore.optimize import optimize
 from gptstore.records import ServingBackend
 from gptstore.types import GenerationRequest, Manifest
-from gptstore_onnx import plugin
 from gptstore_onnx.runner import OrtOptions
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over the", "a"]
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_model):
-    from gptstore.manager import make_plugin_manager
-
-    manager = make_plugin_manager(entrypoints=False)
-    manager.register_plugin(plugin, "onnx")
-    store = ArtifactStore(tmp_path_factory.mktemp("store") / "artifacts")
-    staging = store.staging_dir()
-    shutil.copytree(tiny_model, staging / "m")
-    base = store.commit(staging / "m", Manifest(id="tiny-1", files=hash_files(staging / "m")))
-    store.discard(staging)
-    progress = []
-    onnx = optimize(
-        manager, store, base.id, "onnx-export", progress=lambda f, m: progress.append(f)
-    )
-    return manager, store, base, onnx, progress
 
 
 def test_export_records_lineage_and_logit_difference(exported):

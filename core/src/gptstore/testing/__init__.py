@@ -11,16 +11,22 @@ Fixtures for gptstore and its plugins' tests:
 - ``fake_dist``: installs a fake distribution (a real ``*.dist-info`` folder with entry points)
   on sys.path, to test plugin loading as pip would install it.
 
-and :func:`run_cli`, which runs the ``gptstore`` command in a subprocess as a user would.
+and :func:`run_cli`, which runs the ``gptstore`` command in a subprocess as a user would, and
+:func:`running_server`, which serves an ASGI app with uvicorn on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -99,3 +105,43 @@ def run_cli(
         cwd=cwd,
         timeout=timeout,
     )
+
+
+@contextmanager
+def running_server(
+    app: object, *, ready_path: str = "/ready", timeout: float = 120
+) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free port of 127.0.0.1 until the block ends; yields the
+    base URL once ``ready_path`` answers 200."""
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,  # type: ignore[arg-type]
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}{ready_path}", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"the server at {base} did not become ready")
+            time.sleep(0.2)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
