@@ -11,15 +11,17 @@ numpy is imported when a loop runs: backends depend on it, the core does not.
 
 from __future__ import annotations
 
+import importlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from attrs import define, field
 
-from gptstore.errors import InvalidInput
+from gptstore.errors import GptstoreError, InvalidInput
 from gptstore.protocols import StreamChunk
-from gptstore.types import Generation, GenerationRequest, TokenLogprob
+from gptstore.types import ChatMessage, Generation, GenerationRequest, TokenLogprob
 
 #: forward(input_ids, attention_mask, position_ids, state) -> (logits [batch, vocab], state);
 #: ``state`` is None on the first step (the whole prompt) and whatever the last call returned
@@ -63,6 +65,17 @@ class Decoder:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.context_length = context_length
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """Messages rendered with the tokenizer's chat template, ready for generation."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise GptstoreError("this model has no chat template; use completions instead")
+        prompt: str = self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return prompt
 
     def encode(self, prompts: Sequence[str]) -> tuple[Any, Any, list[int]]:
         """Left-padded int64 ids and attention mask, and each prompt's token count."""
@@ -171,6 +184,20 @@ class Decoder:
             if len(safe) > len(sent):
                 yield StreamChunk(safe[len(sent) :], None, last)
                 sent = safe
+
+
+def serving_tokenizer(folder: Path) -> Any:
+    """A model folder's tokenizer set up for batches: left padding, a pad token (never remote
+    code, never the hub)."""
+    # transformers is the backends' dependency, not the core's: typed as Any here.
+    transformers: Any = importlib.import_module("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        folder, trust_remote_code=False, local_files_only=True
+    )
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def log_softmax(logits: Any) -> Any:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from attrs import frozen
 
-from gptstore.decoding import Decoder
+from gptstore.decoding import Decoder, serving_tokenizer
 from gptstore.errors import GptstoreError, InvalidInput, NotFound, RefusedModel
 from gptstore.modelfiles import weight_files
 from gptstore.protocols import StreamChunk
@@ -55,7 +55,7 @@ class TorchRunner:
 
     def __init__(self, folder: Path, options: TorchOptions, adapter: Path | None = None) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         if not weight_files(folder):
             raise RefusedModel(
@@ -88,13 +88,9 @@ class TorchRunner:
                 )
             self.model = PeftModel.from_pretrained(self.model, adapter, is_trainable=False).eval()
         has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
-        tokenizer = AutoTokenizer.from_pretrained(
-            adapter if has_tokenizer else folder, trust_remote_code=False, local_files_only=True
+        self.tokenizer = tokenizer = serving_tokenizer(
+            adapter if adapter is not None and has_tokenizer else folder
         )
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        self.tokenizer = tokenizer
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.decoder = Decoder(
@@ -155,14 +151,7 @@ class TorchRunner:
         return results
 
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise GptstoreError("this model has no chat template; use completions instead")
-        prompt: str = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        return prompt
+        return self.decoder.chat_prompt(messages)
 
     def health(self) -> RunnerHealth:
         if self._closed:

@@ -10,7 +10,7 @@ from typing import Any
 
 from attrs import field, frozen
 
-from gptstore.decoding import Decoder, log_softmax
+from gptstore.decoding import Decoder, log_softmax, serving_tokenizer
 from gptstore.errors import GptstoreError, InvalidInput, NotFound
 from gptstore.protocols import StreamChunk
 from gptstore.types import (
@@ -72,7 +72,7 @@ class OrtBackend:
 class OrtRunner:
     def __init__(self, folder: Path, options: OrtOptions) -> None:
         import onnxruntime as ort
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         model = folder / MODEL_FILE
         if not model.is_file():
@@ -95,13 +95,7 @@ class OrtRunner:
         first = inputs[self.past_names[0]] if self.past_names else None
         self.kv_shape = (int(first.shape[1]), int(first.shape[3])) if first is not None else None
         self.kv_dtype = "float16" if first is not None and "float16" in first.type else "float32"
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, trust_remote_code=False, local_files_only=True
-        )
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer = serving_tokenizer(folder)
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
         eos = getattr(config, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
@@ -173,14 +167,7 @@ class OrtRunner:
         return results
 
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise GptstoreError("this model has no chat template; use completions instead")
-        prompt: str = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        return prompt
+        return self.decoder.chat_prompt(messages)
 
     def health(self) -> RunnerHealth:
         if self._closed:
