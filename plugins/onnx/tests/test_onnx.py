@@ -66,6 +66,9 @@ def test_quantize_measures_perplexity_and_serves(exported):
     assert manifest.metrics_after["perplexity_change"] == pytest.approx(after / before - 1)
     size = (quantized.path / "model.onnx").stat().st_size
     assert size < (onnx.path / "model.onnx").stat().st_size
+    dynamic = optimize(manager, store, onnx.id, "onnx-quantize", {"method": "dynamic"})
+    assert dynamic.manifest.step.options["method"] == "dynamic"
+    assert (dynamic.path / "model.onnx").stat().st_size < (onnx.path / "model.onnx").stat().st_size
     runner = manager.get(ServingBackend, "onnx").factory().load(quantized, OrtOptions())
     [result] = runner.generate([GenerationRequest(prompt="Hello", max_tokens=5)])
     assert result.completion_tokens >= 1 or result.finish_reason == "stop"
