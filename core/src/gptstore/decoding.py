@@ -21,11 +21,18 @@ from attrs import define, field
 
 from gptstore.errors import GptstoreError, InvalidInput
 from gptstore.protocols import StreamChunk
-from gptstore.types import ChatMessage, Generation, GenerationRequest, TokenLogprob
+from gptstore.types import (
+    ChatMessage,
+    Generation,
+    GenerationRequest,
+    TextLogprobs,
+    TokenLogprob,
+)
 
-#: forward(input_ids, attention_mask, position_ids, state) -> (logits [batch, vocab], state);
-#: ``state`` is None on the first step (the whole prompt) and whatever the last call returned
-#: after that (one new token per row).
+#: forward(input_ids, attention_mask, position_ids, state) -> (logits, state). For decoding the
+#: logits are the last position's, [batch, vocab]; for ``Decoder.score`` every position's,
+#: [batch, tokens, vocab]. ``state`` is None on the first call (empty cache) and whatever the last
+#: call returned after that (one new token per row).
 Forward = Callable[[Any, Any, Any, Any], tuple[Any, Any]]
 
 
@@ -151,6 +158,32 @@ class Decoder:
         row.text = text
         if len(row.tokens) >= request.max_tokens:
             row.finish = "length"
+
+    def score(self, texts: Sequence[str], forward: Forward) -> list[TextLogprobs]:
+        """Log-probability of each token of each text given the ones before it (the first has
+        none), from one forward pass over the whole text with an empty cache."""
+        import numpy as np
+
+        results = []
+        for text in texts:
+            ids = self.tokenizer(text, return_tensors="np")["input_ids"].astype(np.int64)
+            if ids.shape[1] == 0:
+                raise InvalidInput("text", ["empty text has no tokens to score"])
+            if self.context_length and ids.shape[1] > self.context_length:
+                raise InvalidInput(
+                    "text",
+                    [f"{ids.shape[1]} tokens exceed the model's context of {self.context_length}"],
+                )
+            mask = np.ones_like(ids)
+            positions = np.arange(ids.shape[1], dtype=np.int64)[None, :]
+            logits, _ = forward(ids, mask, positions, None)  # [1, tokens, vocab]
+            picked = [
+                float(log_softmax(np.asarray(logits[0, i], dtype=np.float32))[ids[0, i + 1]])
+                for i in range(ids.shape[1] - 1)
+            ]
+            tokens = tuple(self.tokenizer.decode([int(t)]) for t in ids[0])
+            results.append(TextLogprobs(tokens, (None, *picked)))
+        return results
 
     def generate(self, requests: Sequence[GenerationRequest], forward: Forward) -> list[Generation]:
         final = deque(self.run(requests, forward), maxlen=1)  # the rows after the last step

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from attrs import frozen
 
 from gptstore.decoding import Decoder, serving_tokenizer
-from gptstore.errors import GptstoreError, InvalidInput, NotFound, RefusedModel
+from gptstore.errors import GptstoreError, NotFound, RefusedModel
 from gptstore.modelfiles import weight_files
 from gptstore.protocols import StreamChunk
 from gptstore.types import (
@@ -101,7 +101,7 @@ class TorchRunner:
         self._lock = threading.Lock()
         self._closed = False
 
-    def _forward(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
+    def _model(self, ids: Any, mask: Any, positions: Any, past: Any, *, last: bool) -> Any:
         import torch
 
         if self._closed:
@@ -116,7 +116,15 @@ class TorchRunner:
                 past_key_values=past,
                 use_cache=True,
             )
-            return out.logits[:, -1, :].float().cpu().numpy(), out.past_key_values
+            # Decoding needs only the last position: slice before copying out of torch.
+            logits = out.logits[:, -1, :] if last else out.logits
+            return logits.float().cpu().numpy(), out.past_key_values
+
+    def _forward(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
+        return self._model(ids, mask, positions, past, last=True)
+
+    def _forward_all(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
+        return self._model(ids, mask, positions, past, last=False)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         with self._lock:
@@ -129,26 +137,8 @@ class TorchRunner:
     # -- scoring given text ----------------------------------------------------------------------
 
     def logprobs(self, texts: Sequence[str]) -> list[TextLogprobs]:
-        import torch
-
-        results = []
-        with self._lock, torch.inference_mode():
-            for text in texts:
-                ids = self.tokenizer(text, return_tensors="pt")["input_ids"].to(self.device)
-                if ids.shape[1] == 0:
-                    raise InvalidInput("text", ["empty text has no tokens to score"])
-                context = self.decoder.context_length
-                if context and ids.shape[1] > context:
-                    raise InvalidInput(
-                        "text",
-                        [f"{ids.shape[1]} tokens exceed the model's context of {context}"],
-                    )
-                logits = self.model(input_ids=ids).logits[0].float()
-                scores = torch.log_softmax(logits[:-1], dim=-1)
-                picked = scores.gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1).tolist()
-                tokens = tuple(self.tokenizer.decode([t]) for t in ids[0].tolist())
-                results.append(TextLogprobs(tokens, (None, *picked)))
-        return results
+        with self._lock:
+            return self.decoder.score(texts, self._forward_all)
 
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
         return self.decoder.chat_prompt(messages)

@@ -387,14 +387,6 @@ class Catalog:
         where = " WHERE listed = 1" if listed_only else ""
         return int(self.connection.execute(f"SELECT count(*) FROM cards{where}").fetchone()[0])
 
-    def sources(self) -> dict[str, int]:
-        return dict(
-            self.connection.execute(
-                "SELECT source, count(*) FROM cards WHERE listed = 1 "
-                "GROUP BY source ORDER BY source"
-            )
-        )
-
     def resolve(self, name: str) -> Entry:
         """A card by uid (``local:foo``) or by model id when only one source has it."""
         with self.read() as conn:

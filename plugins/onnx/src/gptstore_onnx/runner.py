@@ -10,7 +10,7 @@ from typing import Any
 
 from attrs import field, frozen
 
-from gptstore.decoding import Decoder, log_softmax, serving_tokenizer
+from gptstore.decoding import Decoder, serving_tokenizer
 from gptstore.errors import GptstoreError, InvalidInput, NotFound
 from gptstore.protocols import StreamChunk
 from gptstore.types import (
@@ -141,30 +141,9 @@ class OrtRunner:
             yield from self.decoder.stream(request, self._step)
 
     def logprobs(self, texts: Sequence[str]) -> list[TextLogprobs]:
-        import numpy as np
-
-        results = []
         with self._lock:
             self._check_open()
-            for text in texts:
-                ids = self.tokenizer(text, return_tensors="np")["input_ids"].astype(np.int64)
-                if ids.shape[1] == 0:
-                    raise InvalidInput("text", ["empty text has no tokens to score"])
-                context = self.decoder.context_length
-                if context and ids.shape[1] > context:
-                    raise InvalidInput(
-                        "text", [f"{ids.shape[1]} tokens exceed the model's context of {context}"]
-                    )
-                mask = np.ones_like(ids)
-                positions = np.arange(ids.shape[1], dtype=np.int64)[None, :]
-                logits, _ = self.forward(ids, mask, positions, None)
-                picked = [
-                    float(log_softmax(logits[0, i].astype(np.float32))[ids[0, i + 1]])
-                    for i in range(ids.shape[1] - 1)
-                ]
-                tokens = tuple(self.tokenizer.decode([int(t)]) for t in ids[0])
-                results.append(TextLogprobs(tokens, (None, *picked)))
-        return results
+            return self.decoder.score(texts, self.forward)
 
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
         return self.decoder.chat_prompt(messages)
