@@ -116,20 +116,20 @@ def quantize(source: Path, target: Path, options: QuantizeOptions) -> None:
     quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
 
 
+def require_kind(artifact: Artifact, kind: str, strategy: str, wanted: str) -> None:
+    if artifact.manifest.kind != kind:
+        raise InvalidInput(
+            "artifact", [f"{artifact.id} is {artifact.manifest.kind}; {strategy} takes {wanted}"]
+        )
+
+
 class OnnxExport:
     def apply(
         self, artifact: Artifact, options: ExportOptions, context: OptimizationContext
     ) -> Artifact:
         from optimum.exporters.onnx import main_export
 
-        if artifact.manifest.kind != "hf":
-            raise InvalidInput(
-                "artifact",
-                [
-                    f"{artifact.id} is {artifact.manifest.kind}; "
-                    "onnx-export takes a Hugging Face format artifact"
-                ],
-            )
+        require_kind(artifact, "hf", "onnx-export", "a Hugging Face format artifact")
         context.progress(0.05, "exporting with optimum-onnx")
         main_export(
             str(artifact.path),
@@ -165,15 +165,7 @@ class OnnxQuantize:
     def apply(
         self, artifact: Artifact, options: QuantizeOptions, context: OptimizationContext
     ) -> Artifact:
-        if artifact.manifest.kind != "onnx":
-            raise InvalidInput(
-                "artifact",
-                [
-                    f"{artifact.id} is {artifact.manifest.kind}; "
-                    "onnx-quantize takes an ONNX artifact "
-                    "(run onnx-export first)"
-                ],
-            )
+        require_kind(artifact, "onnx", "onnx-quantize", "an ONNX artifact (run onnx-export first)")
         texts = list(context.data) or [default_text()]
         context.progress(0.05, "measuring the parent's perplexity")
         before = perplexity(artifact.path, texts)
