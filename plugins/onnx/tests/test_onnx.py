@@ -16,6 +16,24 @@ from gptstore_onnx.runner import OrtOptions
 PROMPTS = ["Hello world", "The quick brown fox jumps over the", "a"]
 
 
+def operator_counts(path):
+    import collections
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return collections.Counter(node.op_type for node in model.graph.node)
+
+
+def constant_matmuls(path):
+    """MatMul nodes whose weight is an initializer: what weight-only quantization should take."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    constants = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+
+
 def test_export_records_lineage_and_logit_difference(exported):
     _manager, store, base, onnx, progress = exported
     manifest = onnx.manifest
@@ -25,6 +43,11 @@ def test_export_records_lineage_and_logit_difference(exported):
         "onnx-export",
     )
     assert manifest.metrics_after["max_logit_diff"] < 1e-3
+    operators = operator_counts(onnx.path / "model.onnx")
+    # 2 layers: rotary embeddings on q and k, residual + RMSNorm fused.
+    assert operators["RotaryEmbedding"] == 4
+    assert operators["SkipSimplifiedLayerNormalization"] >= 3
+    assert manifest.metrics_after["fused_operators"] >= 7
     assert "model.onnx" in manifest.files
     assert {"tokenizer.json", "config.json"} <= set(manifest.files)
     assert progress[-1] == 1.0
@@ -65,6 +88,8 @@ def test_quantize_measures_perplexity_and_serves(exported):
     assert after > 1
     assert manifest.metrics_after["perplexity_change"] == pytest.approx(after / before - 1)
     size = (quantized.path / "model.onnx").stat().st_size
+    assert constant_matmuls(quantized.path / "model.onnx") == []
+    assert operator_counts(quantized.path / "model.onnx")["MatMulNBits"] == 2 * 7 + 1
     assert size < (onnx.path / "model.onnx").stat().st_size
     dynamic = optimize(manager, store, onnx.id, "onnx-quantize", {"method": "dynamic"})
     assert dynamic.manifest.step.options["method"] == "dynamic"
@@ -116,3 +141,30 @@ def test_optimize_from_the_command_line(tmp_path, tiny_model):
     bad = run_cli("optimize", "tiny-cli", "onnx-export", "--option", "max_logit_diff=big", env=env)
     assert bad.returncode == 1
     assert "expected float, got str @ $.options.max_logit_diff" in bad.stderr
+
+
+def test_tied_output_embedding_is_quantized_and_unfused_export_still_serves(tmp_path):
+    """Exporters share tied embeddings through a Transpose node; the quantizer must still see
+    the output projection as a constant-weight MatMul (it is most of a small model's bytes)."""
+    from gptstore.manager import make_plugin_manager
+    from gptstore.testing.models import build_causal_lm
+    from gptstore_onnx import plugin
+
+    manager = make_plugin_manager(entrypoints=False)
+    manager.register_plugin(plugin, "onnx")
+    store = ArtifactStore(tmp_path / "artifacts")
+    staging = store.staging_dir()
+    build_causal_lm(staging / "m", tie_word_embeddings=True)
+    store.commit(staging / "m", Manifest(id="tied", files=hash_files(staging / "m")))
+    store.discard(staging)
+    onnx = optimize(manager, store, "tied", "onnx-export", {"fuse": False})
+    assert onnx.manifest.metrics_after["fused_operators"] == 0
+    assert operator_counts(onnx.path / "model.onnx")["RotaryEmbedding"] == 0
+    assert "/lm_head/MatMul" not in constant_matmuls(onnx.path / "model.onnx")  # via Transpose
+    quantized = optimize(manager, store, onnx.id, "onnx-quantize")
+    assert constant_matmuls(quantized.path / "model.onnx") == []
+    assert quantized.manifest.metrics_after["perplexity_change"] < 0.05
+    runner = manager.get(ServingBackend, "onnx").factory().load(quantized, OrtOptions())
+    [result] = runner.generate([GenerationRequest(prompt="Hello", max_tokens=3)])
+    assert result.finish_reason in ("length", "stop")
+    runner.close()

