@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import urllib.request
 
 import openai
@@ -191,3 +192,92 @@ def test_streams_survive_being_advanced_from_many_threads(client):
             )
         )
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def concurrently(count, call):
+    """Run ``call(i)`` for i in range(count) at once; the results (or errors) in order."""
+    barrier = threading.Barrier(count)
+    results = [None] * count
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = call(i)
+        except Exception as exc:  # collected, asserted on by the caller
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, client):
+    prompts = [f"Story number {i}:" for i in range(8)]
+    alone = [
+        client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0)
+        .choices[0]
+        .text
+        for p in prompts
+    ]
+    _, before = raw(server, "GET", "/store/deployments/tiny")
+    together = concurrently(
+        8,
+        lambda i: client.completions.create(
+            model="tiny", prompt=prompts[i], max_tokens=24, temperature=0
+        ),
+    )
+    assert [r.choices[0].text for r in together] == alone
+    _, after = raw(server, "GET", "/store/deployments/tiny")
+    rows = after["batches"]["rows"] - before["batches"]["rows"]
+    batches = after["batches"]["batches"] - before["batches"]["batches"]
+    assert rows == 8
+    assert batches < 8  # requests that arrived while the model was busy shared a batch
+    assert after["batches"]["largest"] >= 2
+
+
+def test_a_full_queue_answers_429_with_retry_after(server):
+    status, created = raw(
+        server,
+        "POST",
+        "/store/deployments",
+        {
+            "name": "narrow",
+            "artifact": "tiny-1",
+            "backend": "torch",
+            "max_batch": 1,
+            "max_queue": 1,
+        },
+        key=ADMIN,
+    )
+    assert (status, created["max_batch"], created["max_queue"]) == (201, 1, 1)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=USER, max_retries=0)
+    try:
+        results = concurrently(
+            6,
+            lambda i: client.completions.create(
+                model="narrow", prompt="Tell me everything", max_tokens=300, temperature=0
+            ),
+        )
+    finally:
+        raw(server, "DELETE", "/store/deployments/narrow", key=ADMIN)
+    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+    answered = [r for r in results if not isinstance(r, Exception)]
+    assert len(refused) + len(answered) == 6, results
+    assert refused, "one runs, one waits: the others must be refused"
+    assert len(answered) >= 2
+    error = refused[0]
+    assert error.response.headers["retry-after"] == "1"
+    assert error.body["type"] == "rate_limit_error"
+    assert "'narrow' is busy" in error.body["message"]
+    status, body = raw(
+        server,
+        "POST",
+        "/store/deployments",
+        {"name": "wide", "artifact": "tiny-1", "backend": "torch", "max_batch": 0},
+        key=ADMIN,
+    )
+    assert status == 400
+    assert "max_batch must lie in 1..256, got 0 @ $.max_batch" in body["error"]["message"]

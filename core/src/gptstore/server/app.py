@@ -27,6 +27,7 @@ from gptstore.config import Store
 from gptstore.converter import structure
 from gptstore.errors import GptstoreError, InvalidInput, NotFound, RefusedModel, UnknownName
 from gptstore.manager import PluginManager, make_plugin_manager
+from gptstore.server.batching import Overloaded
 from gptstore.server.deployments import Deployments
 from gptstore.server.openai_api import OpenAIController
 from gptstore.server.settings import DeploymentSpec, ServerSettings
@@ -43,6 +44,10 @@ def _error(status: int, message: str, kind: str, code: str | None = None) -> Res
 
 
 def _gptstore_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    if isinstance(exc, Overloaded):
+        response = _error(429, str(exc), "rate_limit_error", "overloaded")
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     if isinstance(exc, NotFound | UnknownName):
         return _error(404, str(exc), "invalid_request_error", "not_found")
     if isinstance(exc, InvalidInput | RefusedModel):
@@ -67,21 +72,23 @@ def _server_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[
     return _error(500, f"internal error ({type(exc).__name__}); see the server log", "server_error")
 
 
-def require_role(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+async def require_role(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
     """Guard: routes say ``opt={"role": "user" | "admin" | None}``; keys come from
-    ``Authorization: Bearer KEY``."""
+    ``Authorization: Bearer KEY``. (Async and reading the raw headers: it runs on every
+    inference request, where a sync guard would cost a worker-thread hop.)"""
     needed = handler.opt.get("role")
     if needed is None:
         return
     settings: ServerSettings = connection.app.state.settings
-    header = connection.headers.get("authorization", "")
-    key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-    roles = {k.key: k.role for k in settings.api_keys}
+    header = next((v for k, v in connection.scope["headers"] if k == b"authorization"), b"")
+    key = header[7:].strip().decode("latin-1") if header[:7].lower() == b"bearer " else ""
     if not key:
         if needed == "user" and settings.anonymous_inference:
             return
         raise NotAuthorizedException("missing API key: send 'Authorization: Bearer <key>'")
-    role = roles.get(key)
+    role = settings.roles.get(key)
     if role is None:
         raise NotAuthorizedException("invalid API key")
     if needed == "admin" and role != "admin":
@@ -176,7 +183,14 @@ def create_app(
         def load_all() -> None:
             for name, spec in specs.items():
                 try:
-                    deployments.create(name, spec.artifact, spec.backend, spec.options)
+                    deployments.create(
+                        name,
+                        spec.artifact,
+                        spec.backend,
+                        spec.options,
+                        max_batch=spec.max_batch,
+                        max_queue=spec.max_queue,
+                    )
                 except Exception as exc:  # the server stays up; /ready says what failed
                     log.exception("deployment %s failed to load", name)
                     app.state.failed[name] = str(exc)

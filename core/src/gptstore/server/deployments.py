@@ -15,9 +15,11 @@ from gptstore.errors import GptstoreError, InvalidInput, NotFound
 from gptstore.manager import PluginManager
 from gptstore.protocols import Runner
 from gptstore.records import ServingBackend
+from gptstore.server.batching import Batcher
 from gptstore.types import Artifact
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+MAX_BATCH, MAX_QUEUE = 256, 100_000
 
 
 @frozen
@@ -27,6 +29,7 @@ class Deployment:
     backend: str
     options: dict[str, Any]
     runner: Runner
+    batcher: Batcher
     created_at: datetime
 
 
@@ -40,12 +43,31 @@ class Deployments:
         self._lock = threading.Lock()
 
     def create(
-        self, name: str, artifact_id: str, backend: str, options: dict[str, Any] | None = None
+        self,
+        name: str,
+        artifact_id: str,
+        backend: str,
+        options: dict[str, Any] | None = None,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
     ) -> Deployment:
+        """Load ``artifact_id`` on ``backend`` as deployment ``name``: requests are decoded in
+        batches of up to ``max_batch`` rows, and at most ``max_queue`` wait (more get 429)."""
         if not _NAME.match(name):
             raise InvalidInput(
                 "deployment name", [f"{name!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-'"]
             )
+        bounds = [
+            f"{what} must lie in 1..{top}, got {value} @ $.{what}"
+            for what, value, top in (
+                ("max_batch", max_batch, MAX_BATCH),
+                ("max_queue", max_queue, MAX_QUEUE),
+            )
+            if not 1 <= value <= top
+        ]
+        if bounds:
+            raise InvalidInput(f"deployment {name!r}", bounds)
         with self._lock:
             if name in self._items:
                 raise GptstoreError(f"deployment {name!r} already exists; delete it first")
@@ -62,12 +84,13 @@ class Deployments:
             else None
         )
         runner = record.factory().load(artifact, structured)
+        batcher = Batcher(runner, name, max_batch=max_batch, max_queue=max_queue)
         deployment = Deployment(
-            name, artifact, record.name, dict(options or {}), runner, datetime.now(UTC)
+            name, artifact, record.name, dict(options or {}), runner, batcher, datetime.now(UTC)
         )
         with self._lock:
             if name in self._items:  # created meanwhile by another request
-                runner.close()
+                _stop(deployment)
                 raise GptstoreError(f"deployment {name!r} already exists; delete it first")
             self._items[name] = deployment
         return deployment
@@ -89,10 +112,15 @@ class Deployments:
             deployment = self._items.pop(name, None)
         if deployment is None:
             raise NotFound(f"no deployment {name!r}")
-        deployment.runner.close()
+        _stop(deployment)
 
     def close(self) -> None:
         with self._lock:
             items, self._items = list(self._items.values()), {}
         for deployment in items:
-            deployment.runner.close()
+            _stop(deployment)
+
+
+def _stop(deployment: Deployment) -> None:
+    deployment.batcher.close()
+    deployment.runner.close()

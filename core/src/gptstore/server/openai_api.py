@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
+import anyio
 from attrs import frozen
 from litestar import Controller, get, post
 from litestar.datastructures import State
@@ -188,8 +189,8 @@ class OpenAIController(Controller):
             ],
         }
 
-    @post("/completions", status_code=200, sync_to_thread=True)
-    def completions(self, state: State, data: JSONBody[dict[str, Any]]) -> Any:
+    @post("/completions", status_code=200)
+    async def completions(self, state: State, data: JSONBody[dict[str, Any]]) -> Any:
         body = structure(data, CompletionBody, what="request")
         _check_n(body.n)
         deployment: Deployment = state.deployments.get(body.model)
@@ -215,7 +216,7 @@ class OpenAIController(Controller):
             "model": deployment.name,
         }
         if body.stream:
-            return _stream(
+            return await _stream(
                 deployment.runner,
                 requests,
                 lambda index, chunk: {
@@ -230,7 +231,7 @@ class OpenAIController(Controller):
                     ],
                 },
             )
-        generations = deployment.runner.generate(requests)
+        generations = await deployment.batcher.generate(requests)
         prompt_tokens = sum(g.prompt_tokens for g in generations[:: body.n])
         return {
             **head,
@@ -246,8 +247,8 @@ class OpenAIController(Controller):
             "usage": _usage(generations, prompt_tokens),
         }
 
-    @post("/chat/completions", status_code=200, sync_to_thread=True)
-    def chat_completions(self, state: State, data: JSONBody[dict[str, Any]]) -> Any:
+    @post("/chat/completions", status_code=200)
+    async def chat_completions(self, state: State, data: JSONBody[dict[str, Any]]) -> Any:
         body = structure(data, ChatBody, what="request")
         _check_n(body.n)
         deployment: Deployment = state.deployments.get(body.model)
@@ -300,8 +301,8 @@ class OpenAIController(Controller):
                     ],
                 }
 
-            return _stream(deployment.runner, requests, chunk_event, opening)
-        generations = deployment.runner.generate(requests)
+            return await _stream(deployment.runner, requests, chunk_event, opening)
+        generations = await deployment.batcher.generate(requests)
         return {
             **head,
             "object": "chat.completion",
@@ -318,11 +319,12 @@ class OpenAIController(Controller):
         }
 
 
-def _stream(
+async def _stream(
     runner: Runner, requests: list[GenerationRequest], event: Any, opening: Any = None
 ) -> Stream:
-    """Server-sent events, one choice after another; the first event is produced before the
-    response starts, so a bad request still gets a 4xx instead of a broken stream."""
+    """Server-sent events, one choice after another; the first event is produced (in a worker
+    thread) before the response starts, so a bad request still gets a 4xx instead of a broken
+    stream. Streams hold the runner for their whole length and are not batched."""
 
     def events() -> Iterator[dict[str, Any]]:
         for index, request in enumerate(requests):
@@ -335,7 +337,7 @@ def _stream(
                 yield event(index, chunk)
 
     stream = _sse(events())
-    first = next(stream)
+    first = await anyio.to_thread.run_sync(next, stream)
     return Stream(
         _prepend(first, stream),
         media_type="text/event-stream",

@@ -23,11 +23,22 @@ class ServerSettings:
     anonymous_inference: bool = False
     max_body_bytes: int = 1_048_576
 
+    @property
+    def roles(self) -> dict[str, str]:
+        """Each key's role."""
+        return {k.key: k.role for k in self.api_keys}
+
 
 @frozen(kw_only=True)
 class DeploymentSpec:
-    """``[deployments.NAME]``: an artifact served on a backend, loaded when the server starts."""
+    """``[deployments.NAME]``: an artifact served on a backend, loaded when the server starts.
+
+    Requests are decoded in batches of up to ``max_batch`` rows; at most ``max_queue`` requests
+    wait, and more are refused with 429 and Retry-After.
+    """
 
     artifact: str
     backend: str
     options: dict[str, Any] = Factory(dict)
+    max_batch: int = 8
+    max_queue: int = 64

@@ -38,6 +38,8 @@ class DeploymentBody:
     artifact: str
     backend: str
     options: dict[str, Any] = Factory(dict)
+    max_batch: int = 8
+    max_queue: int = 64
 
 
 def _entry(entry: Entry) -> dict[str, Any]:
@@ -51,6 +53,9 @@ def _deployment(deployment: Deployment) -> dict[str, Any]:
         "artifact": deployment.artifact.id,
         "backend": deployment.backend,
         "options": deployment.options,
+        "max_batch": deployment.batcher.max_batch,
+        "max_queue": deployment.batcher.max_queue,
+        "batches": unstructure(deployment.batcher.stats),
         "created_at": deployment.created_at.isoformat(),
         "health": {"ok": health.ok, "message": health.message},
     }
@@ -138,7 +143,14 @@ class StoreController(Controller):
     def create(self, state: State, data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
         body = structure(data, DeploymentBody, what="request")
         return _deployment(
-            state.deployments.create(body.name, body.artifact, body.backend, body.options)
+            state.deployments.create(
+                body.name,
+                body.artifact,
+                body.backend,
+                body.options,
+                max_batch=body.max_batch,
+                max_queue=body.max_queue,
+            )
         )
 
     @delete("/deployments/{name:str}", status_code=204, sync_to_thread=True, opt={"role": "admin"})
