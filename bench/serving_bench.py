@@ -81,10 +81,13 @@ def runner_for(name: str, folder: Path) -> Any:
     return OrtBackend().load(artifact, OrtOptions())
 
 
+LOOKUP_TABLES = {("Gather", 0), ("RotaryEmbedding", 2), ("RotaryEmbedding", 3)}
+
+
 def weight_bytes_read(name: str, folder: Path) -> int:
-    """Bytes of weights one decode step reads: every weight, except tables only looked up by a
-    Gather (an untied input embedding reads one row per token). SmolLM2 ties its embeddings, so
-    for torch that is every parameter."""
+    """Bytes of weights one decode step reads: every weight, except tables it looks rows up in
+    (the input embedding of a Gather, the cos/sin caches of RotaryEmbedding: a row per token).
+    SmolLM2 ties its embeddings, so for torch that is every parameter."""
     if name == "torch":
         return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     import numpy as np
@@ -101,7 +104,7 @@ def weight_bytes_read(name: str, folder: Path) -> int:
         name
         for node in model.graph.node
         for position, name in enumerate(node.input)
-        if name in sizes and not (node.op_type == "Gather" and position == 0)
+        if name in sizes and (node.op_type, position) not in LOOKUP_TABLES
     }
     return sum(sizes[n] for n in used)
 

@@ -60,3 +60,19 @@ def test_readme_names_the_setup_and_test_commands():
     test_command = re.search(r"<!-- test-command -->\s*```bash\n(.+?)\n```", readme, re.S)
     assert test_command, "README.md must hold the test command after <!-- test-command -->"
     assert test_command.group(1).strip() in ci
+
+
+def test_the_server_config_in_the_http_docs_is_accepted(tmp_path):
+    from gptstore.config import Store
+    from gptstore.server.app import server_config
+
+    text = (REPO / "docs" / "http.md").read_text()
+    [block] = re.findall(r"```toml\n(.*?)```", text, re.S)
+    (tmp_path / "serve.toml").write_text(block)
+    settings, specs = server_config(Store(tmp_path / "home"), tmp_path / "serve.toml")
+    assert [k.role for k in settings.api_keys] == ["admin", "user"]
+    assert (specs["smol"].backend, specs["smol"].max_batch, specs["smol"].max_queue) == (
+        "onnx",
+        8,
+        64,
+    )

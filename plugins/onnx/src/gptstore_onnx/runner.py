@@ -28,11 +28,19 @@ MODEL_FILE = "model.onnx"
 
 @frozen(kw_only=True)
 class OrtOptions:
-    """Options of a deployment on the ``onnx`` backend."""
+    """Options of a deployment on the ``onnx`` backend.
+
+    :param providers: execution providers in order of preference (default: CUDA when a GPU
+        driver is present and onnxruntime has the provider, else CPU).
+    :param io_binding: keep the KV cache where the provider computes, binding it from one step
+        to the next instead of copying it through numpy each token. None (default): on when the
+        first provider is not the CPU's; on the CPU numpy arrays are already used in place.
+    """
 
     providers: tuple[str, ...] = field(default=(), converter=str_tuple)
     intra_op_threads: int | None = None
     inter_op_threads: int | None = None
+    io_binding: bool | None = None
 
 
 def _cuda_usable() -> bool:
@@ -88,6 +96,9 @@ class OrtRunner:
         self.session = ort.InferenceSession(
             str(model), sess_options=settings, providers=choose_providers(options.providers)
         )
+        on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
+        self.device = "cpu" if on_cpu else "cuda"
+        self.io_binding = (not on_cpu) if options.io_binding is None else options.io_binding
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
@@ -118,9 +129,31 @@ class OrtRunner:
             heads, size = self.kv_shape
             empty = np.zeros((ids.shape[0], heads, 0, size), dtype=self.kv_dtype)
             past = [empty] * len(self.past_names)
+        if self.io_binding:
+            return self._forward_bound(feeds, past or [])
         feeds.update(zip(self.past_names, past or [], strict=True))
         outputs = self.session.run(["logits", *self.present_names], feeds)
         return outputs[0], outputs[1:]
+
+    def _forward_bound(self, feeds: dict[str, Any], past: Sequence[Any]) -> tuple[Any, Any]:
+        """One step through an IOBinding: logits come back to the host for sampling; the new
+        cache stays on the provider's device as OrtValues, bound as the next step's past."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, value in zip(self.past_names, past, strict=True):
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:  # the empty cache of a first step
+                binding.bind_cpu_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), outputs[1:]
 
     def _step(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
         logits, present = self.forward(ids, mask, positions, past)
@@ -151,7 +184,10 @@ class OrtRunner:
     def health(self) -> RunnerHealth:
         if self._closed:
             return RunnerHealth(False, "closed")
-        return RunnerHealth(True, "onnxruntime " + ", ".join(self.session.get_providers()))
+        binding = " (IOBinding)" if self.io_binding else ""
+        return RunnerHealth(
+            True, "onnxruntime " + ", ".join(self.session.get_providers()) + binding
+        )
 
     def close(self) -> None:
         with self._lock:
