@@ -101,7 +101,9 @@ class TorchRunner:
         self._lock = threading.Lock()
         self._closed = False
 
-    def _model(self, ids: Any, mask: Any, positions: Any, past: Any, *, last: bool) -> Any:
+    def _model(
+        self, ids: Any, mask: Any, positions: Any, past: Any, *, last: bool
+    ) -> tuple[Any, Any]:
         import torch
 
         if self._closed:

@@ -85,9 +85,10 @@ def _quantization(meta: dict[str, Any]) -> str | None:
     from gguf import LlamaFileType
 
     try:
-        return LlamaFileType(meta.get("general.file_type")).name.removeprefix("MOSTLY_").lower()
+        name: str = LlamaFileType(meta.get("general.file_type")).name
     except ValueError:
         return None
+    return name.removeprefix("MOSTLY_").lower()
 
 
 def _causal_lm_class(arch: str | None) -> str | None:
@@ -97,7 +98,8 @@ def _causal_lm_class(arch: str | None) -> str | None:
 
     if arch not in GGUF_CONFIG_MAPPING:
         return None
-    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(arch)
+    name: str | None = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(arch)
+    return name
 
 
 def card_from_gguf(path: Path, meta: dict[str, Any], digest: str) -> ModelCard:

@@ -314,7 +314,7 @@ class HubSource:
         for license_name in search.licenses or (None,):
 
             def listing(license_name: str | None = license_name) -> Iterable[Any]:
-                return self._api().list_models(
+                models: Iterable[Any] = self._api().list_models(
                     search=search.text,
                     pipeline_tag=search.task,
                     library=search.library,
@@ -325,6 +325,7 @@ class HubSource:
                     limit=per_listing,
                     expand=EXPAND,
                 )
+                return models
 
             kept = 0
             try:

@@ -119,7 +119,7 @@ def fuse_graph(folder: Path) -> int:
         optimization_options=options,
         opt_level=0,
     )
-    fused = sum(model.get_fused_operator_statistics().values())
+    fused = int(sum(model.get_fused_operator_statistics().values()))
     if fused:
         save_model(model.model, folder)
     return fused
