@@ -25,6 +25,20 @@ def operator_counts(path):
     return collections.Counter(node.op_type for node in model.graph.node)
 
 
+def repeated_caches(path):
+    """Cache outputs that the graph repeats per query head (transformers' repeat_kv)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return [
+        name
+        for n in model.graph.node
+        if n.op_type == "Unsqueeze"
+        for name in n.input
+        if name.startswith("present.")
+    ]
+
+
 def constant_matmuls(path):
     """MatMul nodes whose weight is an initializer: what weight-only quantization should take."""
     import onnx
@@ -48,6 +62,7 @@ def test_export_records_lineage_and_logit_difference(exported):
     assert operators["RotaryEmbedding"] == 4
     assert operators["SkipSimplifiedLayerNormalization"] >= 3
     assert manifest.metrics_after["fused_operators"] >= 7
+    assert repeated_caches(onnx.path / "model.onnx") == []  # grouped attention reads them as is
     assert "model.onnx" in manifest.files
     assert {"tokenizer.json", "config.json"} <= set(manifest.files)
     assert progress[-1] == 1.0
@@ -163,7 +178,7 @@ def test_optimize_from_the_command_line(tmp_path, tiny_model):
     assert "expected float, got str @ $.options.max_logit_diff" in bad.stderr
 
 
-def test_tied_output_embedding_is_quantized_and_unfused_export_still_serves(tmp_path):
+def test_tied_output_embedding_is_quantized_and_plain_export_still_serves(tmp_path):
     """Exporters share tied embeddings through a Transpose node; the quantizer must still see
     the output projection as a constant-weight MatMul (it is most of a small model's bytes)."""
     from gptstore.manager import make_plugin_manager
@@ -177,8 +192,11 @@ def test_tied_output_embedding_is_quantized_and_unfused_export_still_serves(tmp_
     build_causal_lm(staging / "m", tie_word_embeddings=True)
     store.commit(staging / "m", Manifest(id="tied", files=hash_files(staging / "m")))
     store.discard(staging)
-    onnx = optimize(manager, store, "tied", "onnx-export", {"fuse": False})
+    onnx = optimize(
+        manager, store, "tied", "onnx-export", {"fuse": False, "grouped_attention": False}
+    )
     assert onnx.manifest.metrics_after["fused_operators"] == 0
+    assert len(repeated_caches(onnx.path / "model.onnx")) == 4  # 2 layers x (key, value)
     assert operator_counts(onnx.path / "model.onnx")["RotaryEmbedding"] == 0
     assert "/lm_head/MatMul" not in constant_matmuls(onnx.path / "model.onnx")  # via Transpose
     quantized = optimize(manager, store, onnx.id, "onnx-quantize")
@@ -188,3 +206,35 @@ def test_tied_output_embedding_is_quantized_and_unfused_export_still_serves(tmp_
     [result] = runner.generate([GenerationRequest(prompt="Hello", max_tokens=3)])
     assert result.finish_reason in ("length", "stop")
     runner.close()
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
+def test_grouped_attention_computes_what_transformers_does(mask_kind):
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from gptstore_onnx.attention import grouped_attention, grouped_sdpa
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 3
+    length = 1 if mask_kind == "none" else 5
+    query = torch.randn(2, 6, length, 8)
+    key, value = torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = None
+    if mask_kind != "none":
+        allowed = torch.ones(2, 1, length, 7, dtype=torch.bool).tril(diagonal=2)
+        allowed[0, :, :, :2] = False  # left padding of the first row
+        mask = (
+            allowed
+            if mask_kind == "bool"
+            else torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        )
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    got, _ = grouped_sdpa(sdpa_attention_forward)(module, query, key, value, mask, scaling=0.3)
+    assert torch.allclose(got, expected, atol=1e-5)
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with grouped_attention():
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not before
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before

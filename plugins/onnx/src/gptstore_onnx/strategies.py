@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from gptstore.converter import unstructure
 from gptstore.errors import GptstoreError, InvalidInput
 from gptstore.optimize import data_digest
 from gptstore.types import Artifact, OptimizationContext, str_tuple
+from gptstore_onnx.attention import grouped_attention
 from gptstore_onnx.runner import MODEL_FILE, OrtOptions, OrtRunner
 
 DEFAULT_PROMPTS = ("Hello, my name is", "The capital of France is", "def fibonacci(n):\n    return")
@@ -33,12 +35,15 @@ class ExportOptions:
     """:param max_logit_diff: the largest |logit(onnx) - logit(torch)| allowed on the prompts.
     :param fuse: fuse RMSNorm, residual-add + RMSNorm and rotary-embedding subgraphs into ONNX
         Runtime's fused operators before verification (fewer, larger operators per token).
+    :param grouped_attention: export grouped-query attention without repeating the key/value
+        heads at every step (see ``gptstore_onnx.attention``).
     """
 
     verify_prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS, converter=str_tuple)
     max_logit_diff: float = 1e-3
     opset: int | None = None
     fuse: bool = True
+    grouped_attention: bool = True
 
 
 @frozen(kw_only=True)
@@ -215,15 +220,16 @@ class OnnxExport:
 
         require_kind(artifact, "hf", "onnx-export", "a Hugging Face format artifact")
         context.progress(0.05, "exporting with optimum-onnx")
-        main_export(
-            str(artifact.path),
-            output=context.output_dir,
-            task="text-generation-with-past",
-            do_validation=False,
-            opset=options.opset,
-            trust_remote_code=False,
-            library_name="transformers",
-        )
+        with grouped_attention() if options.grouped_attention else contextlib.nullcontext():
+            main_export(
+                str(artifact.path),
+                output=context.output_dir,
+                task="text-generation-with-past",
+                do_validation=False,
+                opset=options.opset,
+                trust_remote_code=False,
+                library_name="transformers",
+            )
         context.check_cancelled()
         fused = 0
         if options.fuse:
