@@ -76,3 +76,13 @@ def test_the_server_config_in_the_http_docs_is_accepted(tmp_path):
         8,
         64,
     )
+
+
+def test_the_example_server_config_is_accepted():
+    from gptstore.config import Store
+    from gptstore.server.app import server_config
+
+    path = REPO / "docs" / "examples" / "serve.toml"
+    settings, specs = server_config(Store(REPO / ".no-such-home"), path)
+    assert settings.roles["sk-demo"] == "user"
+    assert (specs["smollm2"].artifact, specs["smollm2"].backend) == ("smollm2-onnx", "onnx")
