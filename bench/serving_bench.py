@@ -7,7 +7,9 @@ Prints, for the torch backend and the onnx backend at fp32 and int8: decode toke
 and 8 (a 128-token prompt, 128 new tokens, greedy), time to first token, and the bandwidth
 efficiency of batch-1 decode (weight bytes read per token x tokens/s / this machine's copy
 bandwidth); then requests/s of the HTTP layer with a no-op model against a bare Litestar hello
-endpoint. Models are converted and exported once, under bench/results/.
+endpoint. Every measurement runs in interleaved rounds (--rounds, 5): figures are medians, and
+ratios are medians of each round's ratio. Models are converted and exported once, under
+bench/results/ (delete bench/results/serving-home to export again).
 """
 
 from __future__ import annotations
@@ -267,7 +269,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs; medians reported")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved runs; medians reported")
     parser.add_argument("--skip-http", action="store_true")
     args = parser.parse_args()
     home = RESULTS / "serving-home"
@@ -297,16 +299,24 @@ def main() -> None:
         print(json.dumps(result), flush=True)
     for runner in runners.values():
         runner.close()
-    base = {r["batch"]: r["decode_tok_s"] for r in rows if r["backend"] == "torch"}
-    fp32 = {r["batch"]: r["decode_tok_s"] for r in rows if r["backend"] == "onnx-fp32"}
+
+    def paired(top: str, bottom: str) -> dict[int, dict[str, Any]]:
+        """Per batch size: the median over rounds of each round's ratio (runs of one round
+        are minutes apart at most, so a slower or faster spell of the machine cancels out)."""
+        ratios = {}
+        for batch in (1, 8):
+            each = [
+                a["decode_tok_s"] / b["decode_tok_s"]
+                for a, b in zip(samples[(top, batch)], samples[(bottom, batch)], strict=True)
+            ]
+            ratios[batch] = {"median": statistics.median(each), "rounds": each}
+        return ratios
+
     summary = {
         "copy_bandwidth_GBps": bandwidth / 1e9,
-        "onnx_fp32_vs_torch": {b: fp32[b] / base[b] for b in base},
-        "int8_vs_fp32": {
-            r["batch"]: r["decode_tok_s"] / fp32[r["batch"]]
-            for r in rows
-            if r["backend"] == "onnx-int8"
-        },
+        "rounds": args.rounds,
+        "onnx_fp32_vs_torch": paired("onnx-fp32", "torch"),
+        "int8_vs_fp32": paired("onnx-int8", "onnx-fp32"),
         "int8_perplexity_change": quantized.metrics_after.get("perplexity_change"),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
