@@ -215,7 +215,8 @@ def concurrently(count, call):
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, client):
-    prompts = [f"Story number {i}:" for i in range(8)]
+    # Prompts of different lengths: batched together, they are left-padded to the longest.
+    prompts = [" ".join(["word"] * (i + 1)) + f" story {i}:" for i in range(8)]
     alone = [
         client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0)
         .choices[0]
@@ -229,6 +230,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, cl
             model="tiny", prompt=prompts[i], max_tokens=24, temperature=0
         ),
     )
+    assert len(set(alone)) > 1  # answers that differ, so a mix-up would show
     assert [r.choices[0].text for r in together] == alone
     _, after = raw(server, "GET", "/store/deployments/tiny")
     rows = after["batches"]["rows"] - before["batches"]["rows"]
@@ -281,3 +283,60 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     )
     assert status == 400
     assert "max_batch must lie in 1..256, got 0 @ $.max_batch" in body["error"]["message"]
+
+
+def test_many_concurrent_streams_all_finish(client):
+    """More streams (each with two choices) than the server has worker threads: each is decoded
+    by the deployment's worker in turn, none waits on a lock inside a shared thread pool."""
+
+    def stream(i):
+        chunks = client.completions.create(
+            model="tiny", prompt=f"Stream {i}", max_tokens=6, temperature=0, n=2, stream=True
+        )
+        return [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+
+    results = concurrently(24, stream)
+    assert all(isinstance(r, list) and len(r) == 2 for r in results), results
+
+
+def test_api_key_header_forms(server):
+    for header in (f"Bearer {USER}", f"bearer {USER}", f"BEARER   {USER}  "):
+        request = urllib.request.Request(
+            f"{server}/v1/models", headers={"Authorization": header}, method="GET"
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+    for header in (f"Basic {USER}", USER, "Bearer", f"Bearer {USER}x"):
+        request = urllib.request.Request(
+            f"{server}/v1/models", headers={"Authorization": header}, method="GET"
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 401, header
+
+
+def test_too_many_completions_in_one_request_is_refused(server):
+    status, body = raw(
+        server,
+        "POST",
+        "/v1/completions",
+        {"model": "tiny", "prompt": ["a"] * 20, "n": 7, "max_tokens": 1},
+    )
+    assert status == 400
+    assert "at most 128 completions per request (prompts x n), got 140" in body["error"]["message"]
+
+
+def test_keys_that_cannot_travel_in_a_header_are_refused_at_start(tmp_path):
+    from gptstore.config import Store
+    from gptstore.errors import InvalidInput
+    from gptstore.server.app import server_config
+
+    config = tmp_path / "serve.toml"
+    config.write_text(tomli_w.dumps({"server": {"api_keys": [{"key": " sk-x ", "role": "user"}]}}))
+    with pytest.raises(InvalidInput, match="printable ASCII without spaces"):
+        server_config(Store(tmp_path / "home"), config)
+    config.write_text(
+        tomli_w.dumps({"deployments": {"d": {"artifact": "a", "backend": "b", "max_queue": 0}}})
+    )
+    with pytest.raises(InvalidInput, match=r"max_queue must lie in 1\.\.100000, got 0"):
+        server_config(Store(tmp_path / "home"), config)

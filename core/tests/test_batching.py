@@ -4,11 +4,14 @@ model is not what is under test) and can be held busy, so the schedule is determ
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 import pytest
 
-from gptstore.errors import GptstoreError, InvalidInput
+from gptstore.errors import GptstoreError, InvalidInput, Unavailable
+from gptstore.protocols import StreamChunk
 from gptstore.server.batching import Batcher, Overloaded
 from gptstore.types import Generation, GenerationRequest, RunnerHealth
 
@@ -18,6 +21,7 @@ class HeldRunner:
 
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
+        self.streamed = 0
         self.started = threading.Event()
         self.gate = threading.Event()
         self.gate.set()
@@ -37,6 +41,17 @@ class HeldRunner:
             Generation(text=p.upper(), prompt_tokens=1, completion_tokens=1, finish_reason="length")
             for p in prompts
         ]
+
+    def stream(self, request):
+        """One chunk per character of the prompt; "bad" fails before the first."""
+        self.batches.append([f"stream:{request.prompt}"])
+        if request.prompt == "bad":
+            raise InvalidInput("generation request", ["the prompt is bad @ $.prompt"])
+        for i, char in enumerate(request.prompt):
+            time.sleep(0.001)  # a token at a time, as a model decodes
+            self.streamed += 1
+            last = i == len(request.prompt) - 1
+            yield StreamChunk(char.upper(), "length" if last else None)
 
     def health(self):
         return RunnerHealth(True)
@@ -133,7 +148,7 @@ def test_closing_answers_what_is_queued_and_refuses_what_comes_after():
     closing = threading.Thread(target=batcher.close)
     closing.start()
     closing.join(0.2)
-    with pytest.raises(GptstoreError, match="'gone' is being deleted"):
+    with pytest.raises(Unavailable, match="'gone' is being deleted"):
         batcher.submit(requests("c"), results.callback("c"))
     runner.gate.set()
     closing.join(10)
@@ -141,3 +156,91 @@ def test_closing_answers_what_is_queued_and_refuses_what_comes_after():
     assert [g.text for g in got["a"]] == ["A"]
     assert [g.text for g in got["b"]] == ["B"]
     assert not closing.is_alive()
+
+
+def test_streams_take_their_turn_in_the_queue_alone_and_in_order():
+    async def scenario():
+        runner = HeldRunner()
+        batcher = Batcher(runner, "t", max_batch=8, max_queue=16)
+        runner.hold()
+        first = asyncio.ensure_future(batcher.generate(requests("a")))
+        await asyncio.get_running_loop().run_in_executor(None, runner.started.wait, 5)
+        second = asyncio.ensure_future(batcher.generate(requests("b")))
+        chunks = batcher.stream(requests("xy", "z"))  # n=2: two choices, one after the other
+        streamed = asyncio.ensure_future(_collect(chunks))
+        await asyncio.sleep(0.05)  # the stream is queued before "c"
+        third = asyncio.ensure_future(batcher.generate(requests("c")))
+        await asyncio.sleep(0.05)
+        runner.gate.set()
+        answers = [await first, await second, await third]
+        items = await streamed
+        await asyncio.get_running_loop().run_in_executor(None, batcher.close)
+        return runner, answers, items, batcher
+
+    runner, answers, items, batcher = asyncio.run(scenario())
+    assert runner.batches == [["a"], ["b"], ["stream:xy"], ["stream:z"], ["c"]]
+    assert [a[0].text for a in answers] == ["A", "B", "C"]
+    assert [(i, c.text, c.finish_reason) for i, c in items] == [
+        (0, "X", None),
+        (0, "Y", "length"),
+        (1, "Z", "length"),
+    ]
+    assert batcher.stats.streams == 1
+
+
+def test_a_stream_left_by_its_client_stops_at_the_next_token():
+    async def scenario():
+        runner = HeldRunner()
+        batcher = Batcher(runner, "t", max_batch=8, max_queue=16)
+        chunks = batcher.stream(requests("abcdefghijklmnopqrstuvwxyz" * 40))
+        first = await anext(chunks)
+        await chunks.aclose()  # what the server does when the client disconnects
+        after = await batcher.generate(requests("next"))
+        await asyncio.get_running_loop().run_in_executor(None, batcher.close)
+        return runner, first, after
+
+    runner, first, after = asyncio.run(scenario())
+    assert first[1].text == "A"
+    assert after[0].text == "NEXT"  # the worker went on to the next request
+    assert runner.streamed < 500  # and did not decode the rest of the abandoned stream
+
+
+def test_a_stream_that_fails_raises_in_its_reader_and_the_worker_goes_on():
+    async def scenario():
+        batcher = Batcher(HeldRunner(), "t", max_batch=8, max_queue=16)
+        with pytest.raises(InvalidInput, match="the prompt is bad"):
+            await _collect(batcher.stream(requests("bad")))
+        answer = await batcher.generate(requests("fine"))
+        await asyncio.get_running_loop().run_in_executor(None, batcher.close)
+        return answer
+
+    assert asyncio.run(scenario())[0].text == "FINE"
+
+
+def test_a_request_larger_than_max_batch_runs_in_parts_and_answers_whole():
+    runner, results = HeldRunner(), Results()
+    batcher = Batcher(runner, "t", max_batch=2, max_queue=4)
+    batcher.submit(requests("a", "b", "c", "d", "e"), results.callback("big"))
+    got = results.wait(1)
+    batcher.close()
+    assert runner.batches == [["a", "b"], ["c", "d"], ["e"]]
+    assert [g.text for g in got["big"]] == ["A", "B", "C", "D", "E"]
+
+
+def test_a_runner_that_answers_too_few_fails_the_batch_instead_of_shifting_answers():
+    class Short(HeldRunner):
+        def generate(self, requests):
+            return super().generate(requests)[:-1]
+
+    results = Results()
+    batcher = Batcher(Short(), "short", max_batch=4, max_queue=4)
+    batcher.submit(requests("a", "b"), results.callback("ab"))
+    got = results.wait(1)
+    batcher.close()
+    assert isinstance(got["ab"], GptstoreError)
+    assert "its runner answered 1 of 2 requests" in str(got["ab"])
+    assert not batcher.alive  # closed; it had not died before
+
+
+async def _collect(chunks):
+    return [item async for item in chunks]

@@ -369,6 +369,8 @@ def serve(app: App, host: str, port: int, workers: int, config: Path | None) -> 
     os.environ["GPTSTORE_HOME"] = str(app.store.home)
     if config is not None:
         os.environ[SERVER_CONFIG_ENV] = str(config.resolve())
+    else:  # the workers read what was checked here: config.toml
+        os.environ.pop(SERVER_CONFIG_ENV, None)
     uvicorn.run(
         "gptstore.server:create_app",
         factory=True,

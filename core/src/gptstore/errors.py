@@ -53,3 +53,8 @@ class NotFound(GptstoreError):
 
 class Cancelled(GptstoreError):
     """A long-running step stopped because it was asked to."""
+
+
+class Unavailable(GptstoreError):
+    """Something that cannot serve now but may later: a deployment being deleted, a closed model
+    (HTTP 503)."""

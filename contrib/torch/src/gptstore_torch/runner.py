@@ -12,7 +12,7 @@ from typing import Any, Literal
 from attrs import frozen
 
 from gptstore.decoding import Decoder, serving_tokenizer
-from gptstore.errors import GptstoreError, NotFound, RefusedModel
+from gptstore.errors import NotFound, RefusedModel, Unavailable
 from gptstore.modelfiles import weight_files
 from gptstore.protocols import StreamChunk
 from gptstore.types import (
@@ -107,7 +107,7 @@ class TorchRunner:
         import torch
 
         if self._closed:
-            raise GptstoreError("this runner is closed")
+            raise Unavailable("this model has been unloaded")
         # Inference mode per call: a stream is advanced from whichever worker thread the server
         # picks, and torch's grad mode is per thread.
         with torch.inference_mode():

@@ -25,10 +25,17 @@ from gptstore import __version__
 from gptstore.artifacts import ArtifactStore
 from gptstore.config import Store
 from gptstore.converter import structure
-from gptstore.errors import GptstoreError, InvalidInput, NotFound, RefusedModel, UnknownName
+from gptstore.errors import (
+    GptstoreError,
+    InvalidInput,
+    NotFound,
+    RefusedModel,
+    Unavailable,
+    UnknownName,
+)
 from gptstore.manager import PluginManager, make_plugin_manager
 from gptstore.server.batching import Overloaded
-from gptstore.server.deployments import Deployments
+from gptstore.server.deployments import Deployments, check_limits
 from gptstore.server.openai_api import OpenAIController
 from gptstore.server.settings import DeploymentSpec, ServerSettings
 from gptstore.server.store_api import StoreController
@@ -48,6 +55,8 @@ def _gptstore_error(_request: Request[Any, Any, Any], exc: Exception) -> Respons
         response = _error(429, str(exc), "rate_limit_error", "overloaded")
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
+    if isinstance(exc, Unavailable):
+        return _error(503, str(exc), "service_unavailable", "unavailable")
     if isinstance(exc, NotFound | UnknownName):
         return _error(404, str(exc), "invalid_request_error", "not_found")
     if isinstance(exc, InvalidInput | RefusedModel):
@@ -153,6 +162,8 @@ def server_config(
         what=f"[deployments] in {where['deployments']}",
         path="$.deployments",
     )
+    for name, spec in specs.items():
+        check_limits(name, spec.max_batch, spec.max_queue)
     return settings, specs
 
 

@@ -5,6 +5,10 @@ as many of them as fit in ``max_batch`` rows and decodes them as one batch (left
 with its own sampling settings and seed). A full queue refuses at once with :class:`Overloaded`
 (HTTP 429 with Retry-After) instead of letting latency grow without bound.
 
+Streams go through the same queue and the same thread, one at a time and not batched: the worker
+is the only thread that runs the model, so no request ever waits on a lock inside a shared thread
+pool. A stream whose client has gone is stopped at its next token.
+
 Batching is static: a batch runs until its longest row is done, and newcomers wait for the next
 one. Rows decoded in one batch can differ in the last bits of their logits from the same rows
 decoded alone (padding changes the shapes of the matrix products), as in any batching server.
@@ -13,16 +17,18 @@ decoded alone (padding changes the shapes of the matrix products), as in any bat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any
 
 from attrs import define, frozen
 
-from gptstore.errors import GptstoreError
-from gptstore.protocols import Runner
+from gptstore.errors import GptstoreError, Unavailable
+from gptstore.protocols import Runner, StreamChunk
 from gptstore.types import Generation, GenerationRequest
 
 log = logging.getLogger("gptstore.server")
@@ -41,8 +47,24 @@ class Overloaded(GptstoreError):
 
 @frozen
 class _Job:
+    """Requests decoded together, answered through ``done``."""
+
     requests: tuple[GenerationRequest, ...]
     done: Callable[[list[Generation] | Exception], None]
+    wanted: Callable[[], bool] = lambda: True  # False once the client has gone
+
+
+#: What a stream job pushes: a choice index and a chunk, an error, or None at the end.
+StreamItem = tuple[int, StreamChunk] | Exception | None
+
+
+@frozen
+class _StreamJob:
+    """Requests streamed one after another, chunk by chunk through ``push``."""
+
+    requests: tuple[GenerationRequest, ...]
+    push: Callable[[StreamItem], None]
+    wanted: Callable[[], bool] = lambda: True
 
 
 @define
@@ -52,6 +74,12 @@ class BatchStats:
     batches: int = 0
     rows: int = 0
     largest: int = 0
+    streams: int = 0
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody waits any more
+        loop.call_soon_threadsafe(callback, *args)
 
 
 def _settle(future: asyncio.Future[list[Generation]], result: list[Generation] | Exception) -> None:
@@ -64,8 +92,9 @@ def _settle(future: asyncio.Future[list[Generation]], result: list[Generation] |
 
 
 class Batcher:
-    """Feeds ``runner.generate`` from a queue of at most ``max_queue`` waiting requests, in
-    batches of up to ``max_batch`` rows (a request with more rows than that runs alone)."""
+    """Feeds ``runner`` from a queue of at most ``max_queue`` waiting requests: generations in
+    batches of up to ``max_batch`` rows (a larger request runs alone, ``max_batch`` rows at a
+    time), streams one at a time."""
 
     def __init__(self, runner: Runner, name: str, *, max_batch: int, max_queue: int) -> None:
         self.runner = runner
@@ -74,9 +103,15 @@ class Batcher:
         self.max_queue = max_queue
         self.stats = BatchStats()
         self._closed = False
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._lock = threading.Lock()  # orders submissions against close()
+        self._queue: queue.Queue[_Job | _StreamJob | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (it stops only after :meth:`close`)."""
+        return self._thread.is_alive()
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """The generations of ``requests``, decoded in a batch with whatever else is waiting."""
@@ -84,38 +119,76 @@ class Batcher:
         future: asyncio.Future[list[Generation]] = loop.create_future()
 
         def done(result: list[Generation] | Exception) -> None:
-            loop.call_soon_threadsafe(_settle, future, result)
+            _call_soon(loop, _settle, future, result)
 
-        self.submit(requests, done)
+        self.submit(requests, done, wanted=lambda: not future.done())
         return await future
+
+    async def stream(
+        self, requests: Sequence[GenerationRequest]
+    ) -> AsyncGenerator[tuple[int, StreamChunk], None]:
+        """The chunks of each request in turn, with the request's index. Closing the iterator
+        early (a client that disconnects) stops the decoding at its next token."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[StreamItem] = asyncio.Queue()
+        gone = threading.Event()
+
+        def push(item: StreamItem) -> None:
+            _call_soon(loop, items.put_nowait, item)
+
+        self._enqueue(_StreamJob(tuple(requests), push, lambda: not gone.is_set()))
+        try:
+            while True:
+                item = await items.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            gone.set()
 
     def submit(
         self,
         requests: Sequence[GenerationRequest],
         done: Callable[[list[Generation] | Exception], None],
+        *,
+        wanted: Callable[[], bool] = lambda: True,
     ) -> None:
-        """Queue ``requests``; ``done`` is called from the worker thread with the generations or
-        the error. Raises :class:`Overloaded` when the queue is full."""
-        if self._closed:
-            raise GptstoreError(f"deployment {self.name!r} is being deleted")
-        try:
-            self._queue.put_nowait(_Job(tuple(requests), done))
-        except queue.Full:
-            raise Overloaded(self.name, self.max_queue) from None
+        """Queue ``requests``; ``done`` is called once, from the worker thread, with the
+        generations or the error. Raises :class:`Overloaded` when the queue is full and
+        :class:`Unavailable` once :meth:`close` has begun."""
+        self._enqueue(_Job(tuple(requests), done, wanted))
 
-    def close(self, timeout: float = 60) -> None:
+    def _enqueue(self, job: _Job | _StreamJob) -> None:
+        with self._lock:
+            if self._closed:
+                raise Unavailable(f"deployment {self.name!r} is being deleted")
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise Overloaded(self.name, self.max_queue) from None
+
+    def close(self) -> None:
         """Refuse new requests, answer the ones already queued, then stop the worker."""
-        self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._thread.is_alive():
+            self._queue.put(None)  # after every accepted job: they were queued under the lock
+            self._thread.join()
 
     def _work(self) -> None:
-        carried: deque[_Job] = deque()  # taken from the queue, did not fit the last batch
+        carried: deque[_Job | _StreamJob] = deque()  # taken from the queue, not run yet
         stopping = False  # close() queued its sentinel; what was queued before it still runs
         while carried or not stopping:
             job = carried.popleft() if carried else self._queue.get()
             if job is None:
                 stopping = True
+                continue
+            if isinstance(job, _StreamJob):
+                self._guarded(self._stream, job)
                 continue
             jobs, rows = [job], len(job.requests)
             while rows < self.max_batch and not stopping:
@@ -125,26 +198,45 @@ class Batcher:
                     break
                 if more is None:
                     stopping = True
-                elif rows + len(more.requests) > self.max_batch:
-                    carried.append(more)  # first in the next batch
+                elif isinstance(more, _StreamJob) or rows + len(more.requests) > self.max_batch:
+                    carried.append(more)  # first in line next time
                     break
                 else:
                     jobs.append(more)
                     rows += len(more.requests)
-            self._run(jobs)
-        gone = GptstoreError(f"deployment {self.name!r} was deleted before this request ran")
-        while True:  # submitted in the instant close() began
-            try:
-                late = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if late is not None:
-                late.done(gone)
+            self._guarded(self._run, jobs)
+
+    def _guarded(self, step: Callable[[Any], None], work: Any) -> None:
+        """Run one step of the worker; an unexpected error fails that step's requests, never
+        the worker (which would leave every later request waiting)."""
+        try:
+            step(work)
+        except Exception:
+            log.exception("deployment %s: the batch worker failed", self.name)
+            error = GptstoreError(f"deployment {self.name!r} failed; see the server log")
+            for job in work if isinstance(work, list) else [work]:
+                _answer(job.done if isinstance(job, _Job) else job.push, error)
+
+    def _generate(self, batch: list[GenerationRequest]) -> list[Generation]:
+        generations: list[Generation] = []
+        for start in range(0, len(batch), self.max_batch):
+            part = batch[start : start + self.max_batch]
+            answers = self.runner.generate(part)
+            if len(answers) != len(part):
+                raise GptstoreError(
+                    f"deployment {self.name!r}: its runner answered {len(answers)} of "
+                    f"{len(part)} requests"
+                )
+            generations.extend(answers)
+        return generations
 
     def _run(self, jobs: list[_Job]) -> None:
+        jobs = [job for job in jobs if job.wanted()]
+        if not jobs:
+            return
         batch = [r for job in jobs for r in job.requests]
         try:
-            generations = self.runner.generate(batch)
+            generations = self._generate(batch)
         except Exception as exc:
             if len(jobs) > 1:  # one bad request fails only itself
                 for job in jobs:
@@ -152,7 +244,7 @@ class Batcher:
                 return
             if not isinstance(exc, GptstoreError):
                 log.exception("deployment %s failed to generate", self.name)
-            jobs[0].done(exc)
+            _answer(jobs[0].done, exc)
             return
         stats = self.stats
         stats.batches += 1
@@ -160,5 +252,35 @@ class Batcher:
         stats.largest = max(stats.largest, len(batch))
         start = 0
         for job in jobs:
-            job.done(generations[start : start + len(job.requests)])
+            _answer(job.done, generations[start : start + len(job.requests)])
             start += len(job.requests)
+
+    def _stream(self, job: _StreamJob) -> None:
+        self.stats.streams += 1
+        try:
+            for index, request in enumerate(job.requests):
+                chunks = self.runner.stream(request)
+                try:
+                    for chunk in chunks:
+                        if not job.wanted():
+                            return
+                        job.push((index, chunk))
+                finally:
+                    close = getattr(chunks, "close", None)
+                    if close is not None:
+                        close()  # a generator holding the runner's lock lets go of it
+        except Exception as exc:
+            if not isinstance(exc, GptstoreError):
+                log.exception("deployment %s failed to stream", self.name)
+            _answer(job.push, exc)
+            return
+        _answer(job.push, None)
+
+
+def _answer(callback: Callable[[Any], None], value: Any) -> None:
+    """Hand ``value`` to a waiting request; a failure here must not stop the worker, or every
+    later request would wait forever."""
+    try:
+        callback(value)
+    except Exception:
+        log.exception("could not answer a request")

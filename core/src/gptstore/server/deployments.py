@@ -22,6 +22,20 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_BATCH, MAX_QUEUE = 256, 100_000
 
 
+def check_limits(name: str, max_batch: int, max_queue: int) -> None:
+    """InvalidInput unless ``max_batch`` and ``max_queue`` lie in their ranges."""
+    bounds = [
+        f"{what} must lie in 1..{top}, got {value} @ $.{what}"
+        for what, value, top in (
+            ("max_batch", max_batch, MAX_BATCH),
+            ("max_queue", max_queue, MAX_QUEUE),
+        )
+        if not 1 <= value <= top
+    ]
+    if bounds:
+        raise InvalidInput(f"deployment {name!r}", bounds)
+
+
 @frozen
 class Deployment:
     name: str
@@ -58,16 +72,7 @@ class Deployments:
             raise InvalidInput(
                 "deployment name", [f"{name!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-'"]
             )
-        bounds = [
-            f"{what} must lie in 1..{top}, got {value} @ $.{what}"
-            for what, value, top in (
-                ("max_batch", max_batch, MAX_BATCH),
-                ("max_queue", max_queue, MAX_QUEUE),
-            )
-            if not 1 <= value <= top
-        ]
-        if bounds:
-            raise InvalidInput(f"deployment {name!r}", bounds)
+        check_limits(name, max_batch, max_queue)
         with self._lock:
             if name in self._items:
                 raise GptstoreError(f"deployment {name!r} already exists; delete it first")

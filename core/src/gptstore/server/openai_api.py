@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
-import anyio
 from attrs import frozen
 from litestar import Controller, get, post
 from litestar.datastructures import State
@@ -23,11 +22,14 @@ from litestar.response import Stream
 
 from gptstore.converter import structure
 from gptstore.errors import InvalidInput
-from gptstore.protocols import Runner
+from gptstore.protocols import StreamChunk
+from gptstore.server.batching import Batcher
 from gptstore.server.deployments import Deployment, Deployments
 from gptstore.types import ChatMessage, Generation, GenerationRequest, TokenLogprob
 
 MAX_N = 16
+#: The most completions one request may ask for (prompts x n): each is a row of a batch.
+MAX_ROWS = 128
 
 
 @frozen(kw_only=True)
@@ -161,12 +163,6 @@ def _chat_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> dict[str, Any] 
     }
 
 
-def _sse(events: Iterator[dict[str, Any]]) -> Iterator[str]:
-    for event in events:
-        yield f"data: {json.dumps(event)}\n\n"
-    yield "data: [DONE]\n\n"
-
-
 class OpenAIController(Controller):
     path = "/v1"
     opt: Mapping[str, Any] = MappingProxyType({"role": "user"})
@@ -208,6 +204,14 @@ class OpenAIController(Controller):
             for prompt in _prompts(body.prompt)
             for j in range(body.n)
         ]
+        if len(requests) > MAX_ROWS:
+            raise InvalidInput(
+                "request",
+                [
+                    f"at most {MAX_ROWS} completions per request (prompts x n), got "
+                    f"{len(requests)} @ $.prompt"
+                ],
+            )
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {
             "id": ident,
@@ -217,7 +221,7 @@ class OpenAIController(Controller):
         }
         if body.stream:
             return await _stream(
-                deployment.runner,
+                deployment.batcher,
                 requests,
                 lambda index, chunk: {
                     **head,
@@ -301,7 +305,7 @@ class OpenAIController(Controller):
                     ],
                 }
 
-            return await _stream(deployment.runner, requests, chunk_event, opening)
+            return await _stream(deployment.batcher, requests, chunk_event, opening)
         generations = await deployment.batcher.generate(requests)
         return {
             **head,
@@ -320,31 +324,36 @@ class OpenAIController(Controller):
 
 
 async def _stream(
-    runner: Runner, requests: list[GenerationRequest], event: Any, opening: Any = None
+    batcher: Batcher, requests: list[GenerationRequest], event: Any, opening: Any = None
 ) -> Stream:
-    """Server-sent events, one choice after another; the first event is produced (in a worker
-    thread) before the response starts, so a bad request still gets a 4xx instead of a broken
-    stream. Streams hold the runner for their whole length and are not batched."""
+    """Server-sent events, one choice after another, decoded by the deployment's worker. The
+    first chunk is awaited before the response starts, so a bad request still gets a 4xx
+    instead of a broken stream; a client that disconnects stops the decoding."""
+    chunks = batcher.stream(requests)
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = None
 
-    def events() -> Iterator[dict[str, Any]]:
-        for index, request in enumerate(requests):
-            chunks = runner.stream(request)
-            first = next(chunks)  # checks the request (context, parameters) before any output
-            if opening is not None:
-                yield opening(index)
-            yield event(index, first)
-            for chunk in chunks:
-                yield event(index, chunk)
+    async def events() -> AsyncIterator[str]:
+        opened: set[int] = set()
+        try:
+            if first is not None:
+                async for index, chunk in _chain(first, chunks):
+                    if opening is not None and index not in opened:
+                        opened.add(index)
+                        yield f"data: {json.dumps(opening(index))}\n\n"
+                    yield f"data: {json.dumps(event(index, chunk))}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            await chunks.aclose()
 
-    stream = _sse(events())
-    first = await anyio.to_thread.run_sync(next, stream)
-    return Stream(
-        _prepend(first, stream),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
+    return Stream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
+async def _chain(
+    first: tuple[int, StreamChunk], rest: AsyncIterator[tuple[int, StreamChunk]]
+) -> AsyncIterator[tuple[int, StreamChunk]]:
     yield first
-    yield from rest
+    async for item in rest:
+        yield item

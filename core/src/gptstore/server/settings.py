@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from attrs import Factory, frozen
+from attrs import Factory, field, frozen
+
+
+def _check_key(_instance: Any, _attribute: Any, key: str) -> None:
+    if not key or not key.isascii() or not key.isprintable() or " " in key:
+        raise ValueError(
+            "an API key must be non-empty printable ASCII without spaces (it travels in "
+            "'Authorization: Bearer KEY')"
+        )
 
 
 @frozen
 class ApiKey:
     """A key and what it may do: ``admin`` changes state, ``user`` only runs inference."""
 
-    key: str
+    key: str = field(validator=_check_key)
     role: Literal["admin", "user"] = "user"
 
 

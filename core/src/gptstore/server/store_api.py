@@ -20,7 +20,7 @@ from gptstore.manager import build
 from gptstore.records import ScoringPolicy
 from gptstore.selection import select_models, selection_json
 from gptstore.server.deployments import Deployment
-from gptstore.types import Requirement
+from gptstore.types import Requirement, RunnerHealth
 
 
 @frozen(kw_only=True)
@@ -48,6 +48,8 @@ def _entry(entry: Entry) -> dict[str, Any]:
 
 def _deployment(deployment: Deployment) -> dict[str, Any]:
     health = deployment.runner.health()
+    if not deployment.batcher.alive:
+        health = RunnerHealth(False, "its batch worker has stopped")
     return {
         "name": deployment.name,
         "artifact": deployment.artifact.id,

@@ -18,6 +18,7 @@ and :func:`run_cli`, which runs the ``gptstore`` command in a subprocess as a us
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -136,6 +138,10 @@ def wait_ready(base: str, alive: Callable[[], bool], ready_path: str, timeout: f
             with urllib.request.urlopen(f"{base}{ready_path}", timeout=2) as answer:
                 if answer.status == 200:
                     return
+        except urllib.error.HTTPError as error:  # 503 while loading; deployments that failed
+            failed = json.loads(error.read() or b"{}").get("failed")
+            if failed:
+                raise RuntimeError(f"the server at {base} failed to load {failed}") from None
         except OSError:
             pass
         if time.monotonic() > deadline or not alive():
@@ -191,9 +197,9 @@ def serving_process(
         try:
             try:
                 wait_ready(base, lambda: process.poll() is None, "/ready", timeout)
-            except RuntimeError:
+            except RuntimeError as error:
                 log.seek(0)
-                raise RuntimeError(f"gptstore serve did not become ready:\n{log.read()}") from None
+                raise RuntimeError(f"gptstore serve: {error}; its log:\n{log.read()}") from None
             yield base
         finally:
             process.terminate()

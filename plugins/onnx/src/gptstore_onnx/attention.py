@@ -13,6 +13,7 @@ export is then checked against the unchanged torch model.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -47,6 +48,7 @@ def grouped_sdpa(original: Callable[..., Any]) -> Callable[..., Any]:
             or dropout
             or any(kwargs.get(name) is not None for name in UNSUPPORTED)
             or (attention_mask is None and length > 1)  # causal without a mask: transformers'
+            or (attention_mask is not None and attention_mask.shape[1] != 1)  # a mask per head
         ):
             return original(  # type: ignore[no-any-return]
                 module,
@@ -66,9 +68,9 @@ def grouped_sdpa(original: Callable[..., Any]) -> Callable[..., Any]:
         scores = torch.matmul(folded, key.transpose(2, 3)) * scale
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:  # True: attend
-                attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype).masked_fill(
-                    ~attention_mask, torch.finfo(query.dtype).min
-                )
+                attention_mask = torch.zeros(
+                    attention_mask.shape, dtype=query.dtype, device=query.device
+                ).masked_fill(~attention_mask, torch.finfo(query.dtype).min)
             scores = scores.view(batch, kv_heads, group, length, total)
             scores = scores + attention_mask[:, :, None, :, :total]
             scores = scores.view(batch, kv_heads, group * length, total)
@@ -79,22 +81,26 @@ def grouped_sdpa(original: Callable[..., Any]) -> Callable[..., Any]:
     return attention
 
 
+_installed = threading.Lock()  # one export at a time swaps the mapping
+
+
 @contextmanager
 def grouped_attention() -> Iterator[None]:
     """While the block runs, transformers' ``sdpa`` attention is :func:`grouped_sdpa`.
 
     The mapping is process-wide: a torch model run meanwhile in another thread gets the grouped
-    form too, which computes the same attention.
+    form too, which computes the same attention. Exports in several threads take turns.
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    had_local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
-    previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = grouped_sdpa(previous)
-    try:
-        yield
-    finally:
-        if had_local:
-            ALL_ATTENTION_FUNCTIONS["sdpa"] = previous
-        else:
-            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with _installed:
+        had_local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+        previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = grouped_sdpa(previous)
+        try:
+            yield
+        finally:
+            if had_local:
+                ALL_ATTENTION_FUNCTIONS["sdpa"] = previous
+            else:
+                del ALL_ATTENTION_FUNCTIONS["sdpa"]

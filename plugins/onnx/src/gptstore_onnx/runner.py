@@ -11,7 +11,7 @@ from typing import Any
 from attrs import field, frozen
 
 from gptstore.decoding import Decoder, serving_tokenizer
-from gptstore.errors import GptstoreError, InvalidInput, NotFound
+from gptstore.errors import InvalidInput, NotFound, Unavailable
 from gptstore.protocols import StreamChunk
 from gptstore.types import (
     Artifact,
@@ -24,6 +24,8 @@ from gptstore.types import (
 )
 
 MODEL_FILE = "model.onnx"
+#: Providers whose outputs IOBinding can keep in CUDA memory between steps.
+CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 @frozen(kw_only=True)
@@ -34,7 +36,8 @@ class OrtOptions:
         driver is present and onnxruntime has the provider, else CPU).
     :param io_binding: keep the KV cache where the provider computes, binding it from one step
         to the next instead of copying it through numpy each token. None (default): on when the
-        first provider is not the CPU's; on the CPU numpy arrays are already used in place.
+        first provider is CUDA's (or TensorRT's); on the CPU numpy arrays are already used in
+        place, and other providers keep the cache in host memory when it is forced on.
     """
 
     providers: tuple[str, ...] = field(default=(), converter=str_tuple)
@@ -96,9 +99,9 @@ class OrtRunner:
         self.session = ort.InferenceSession(
             str(model), sess_options=settings, providers=choose_providers(options.providers)
         )
-        on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
-        self.device = "cpu" if on_cpu else "cuda"
-        self.io_binding = (not on_cpu) if options.io_binding is None else options.io_binding
+        on_gpu = self.session.get_providers()[0] in CUDA_PROVIDERS
+        self.device = "cuda" if on_gpu else "cpu"  # where the bound cache lives
+        self.io_binding = on_gpu if options.io_binding is None else options.io_binding
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
@@ -161,7 +164,7 @@ class OrtRunner:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise GptstoreError("this runner is closed")
+            raise Unavailable("this model has been unloaded")
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         with self._lock:

@@ -137,8 +137,9 @@ def pack_matmuls(model: Any) -> int:
     """Join MatMuls that multiply the same input by constant weights (a layer's query, key and
     value projections; its gate and up projections) into one MatMul and a Split; return how
     many joined MatMuls there are. Exact: each output column is computed as before, in fewer,
-    larger products. Weight-only quantization then quantizes the joined weight per column as it
-    would have the parts."""
+    larger products. Weight-only quantization then quantizes the joined weight per column block
+    as it would have the parts; per-tensor ``dynamic`` quantization gives the joined weight one
+    scale where the parts had one each."""
     import numpy as np
     from onnx import helper, numpy_helper
 
