@@ -64,6 +64,13 @@ def test_export_records_lineage_and_logit_difference(exported):
     assert manifest.metrics_after["fused_operators"] >= 7
     # Per layer: q, k, v packed; o; gate and up packed; down. And the output projection.
     assert len(constant_matmuls(onnx.path / "model.onnx")) == 2 * 4 + 1
+    import onnx as onnx_lib
+
+    graph = onnx_lib.load(str(onnx.path / "model.onnx"), load_external_data=False).graph
+    tables = {
+        i.name: list(i.dims) for i in graph.initializer if i.name in ("cos_cache", "sin_cache")
+    }
+    assert tables == {"cos_cache": [2048, 16], "sin_cache": [2048, 16]}  # the tiny model's context
     assert repeated_caches(onnx.path / "model.onnx") == []  # grouped attention reads them as is
     assert "model.onnx" in manifest.files
     assert {"tokenizer.json", "config.json"} <= set(manifest.files)

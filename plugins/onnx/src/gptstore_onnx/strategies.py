@@ -127,10 +127,32 @@ def fuse_graph(folder: Path) -> int:
         opt_level=0,
     )
     fused = int(sum(model.get_fused_operator_statistics().values()))
+    trim_rotary_caches(model.model, int(getattr(config, "max_position_embeddings", 0) or 0))
     fused += pack_matmuls(model.model)
     if fused:
         save_model(model.model, folder)
     return fused
+
+
+def trim_rotary_caches(model: Any, positions: int) -> None:
+    """Cut the cos/sin tables of fused rotary embeddings to the model's context: the fusion
+    writes them for up to 128k positions (32 MB for SmolLM2, whose context is 8k)."""
+    from onnx import numpy_helper
+
+    if positions <= 0:
+        return
+    tables = {
+        node.input[i]
+        for node in model.graph.node
+        if node.op_type == "RotaryEmbedding"
+        for i in (2, 3)
+    }
+    for index, initializer in enumerate(model.graph.initializer):
+        if initializer.name in tables and initializer.dims[0] > positions:
+            array = numpy_helper.to_array(initializer)[:positions]
+            model.graph.initializer[index].CopyFrom(
+                numpy_helper.from_array(array, initializer.name)
+            )
 
 
 def pack_matmuls(model: Any) -> int:
