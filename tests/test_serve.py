@@ -84,7 +84,7 @@ def test_serve_refuses_a_bad_config_file_before_starting(tmp_path):
     env = {"GPTSTORE_HOME": str(tmp_path / "home")}
     missing = run_cli("serve", "--config", str(tmp_path / "nope.toml"), env=env, timeout=60)
     assert missing.returncode == 1
-    assert "cannot read the server config" in missing.stderr
+    assert "nope.toml: cannot read it: No such file or directory" in missing.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text('[server]\nanonymous_inference = "yes"\n[extra]\n')
     refused = run_cli("serve", "--config", str(bad), env=env, timeout=60)

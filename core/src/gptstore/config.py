@@ -35,6 +35,18 @@ def store_home() -> Path:
     return Path(os.environ.get("GPTSTORE_HOME") or "~/.gptstore").expanduser()
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's tables; InvalidInput naming the file when it cannot be read or parsed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInput(str(path), [f"cannot read it: {exc.strerror or exc}"]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(str(path), [f"not valid TOML: {exc}"]) from None
+
+
 @frozen(kw_only=True)
 class Config:
     """The parsed ``config.toml``: a raw table per source and per policy.
@@ -73,10 +85,7 @@ class Store:
     def read_raw_config(self) -> dict[str, Any]:
         if not self.config_path.is_file():
             return {}
-        try:
-            return tomllib.loads(self.config_path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise InvalidInput(str(self.config_path), [f"not valid TOML: {exc}"]) from None
+        return read_toml(self.config_path)
 
     def config(self) -> Config:
         return structure(self.read_raw_config(), Config, what=str(self.config_path))

@@ -12,6 +12,7 @@ numpy is imported when a loop runs: backends depend on it, the core does not.
 from __future__ import annotations
 
 import importlib
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,12 +20,13 @@ from typing import Any, Literal
 
 from attrs import define, field
 
-from gptstore.errors import GptstoreError, InvalidInput
+from gptstore.errors import GptstoreError, InvalidInput, Unavailable
 from gptstore.protocols import StreamChunk
 from gptstore.types import (
     ChatMessage,
     Generation,
     GenerationRequest,
+    RunnerHealth,
     TextLogprobs,
     TokenLogprob,
 )
@@ -66,11 +68,16 @@ class Row:
 
 
 class Decoder:
-    """The loop, for one tokenizer and model."""
+    """The loop, for one tokenizer and model.
 
-    def __init__(self, tokenizer: Any, eos_ids: set[int], context_length: int) -> None:
+    ``eos_token_id``: the model config's end-of-sequence id or ids (the tokenizer's own is added);
+    ``context_length``: the model's context in tokens (0: unknown, not checked).
+    """
+
+    def __init__(self, tokenizer: Any, eos_token_id: Any, context_length: int) -> None:
+        configured = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
         self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
+        self.eos_ids = {t for t in [*configured, tokenizer.eos_token_id] if t is not None}
         self.context_length = context_length
 
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
@@ -217,6 +224,66 @@ class Decoder:
             if len(safe) > len(sent):
                 yield StreamChunk(safe[len(sent) :], None, last)
                 sent = safe
+
+
+class DecodingRunner:
+    """A :class:`~gptstore.protocols.Runner` over the shared :class:`Decoder`.
+
+    A backend subclasses it and supplies ``_step`` (a forward step returning the last position's
+    logits) and ``_forward_all`` (every position's, for scoring), ``_describe`` (its health
+    message) and ``_release`` (free the model). Calls run one at a time (a lock); once closed, a
+    runner refuses with :class:`~gptstore.errors.Unavailable`.
+    """
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.tokenizer = decoder.tokenizer
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _step(self, ids: Any, mask: Any, positions: Any, state: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _forward_all(self, ids: Any, mask: Any, positions: Any, state: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("this model has been unloaded")
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        with self._lock:
+            self._check_open()
+            return self.decoder.generate(requests, self._step)
+
+    def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
+        with self._lock:
+            self._check_open()
+            yield from self.decoder.stream(request, self._step)
+
+    def logprobs(self, texts: Sequence[str]) -> list[TextLogprobs]:
+        with self._lock:
+            self._check_open()
+            return self.decoder.score(texts, self._forward_all)
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        return self.decoder.chat_prompt(messages)
+
+    def health(self) -> RunnerHealth:
+        if self._closed:
+            return RunnerHealth(False, "closed")
+        return RunnerHealth(True, self._describe())
+
+    def close(self) -> None:
+        self._closed = True  # refuse new calls at once; the one running finishes first
+        with self._lock:
+            self._release()
 
 
 def serving_tokenizer(folder: Path) -> Any:

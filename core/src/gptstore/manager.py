@@ -282,25 +282,31 @@ class PluginManager(pluggy.PluginManager):
         return records[key]
 
 
-def build(record: _Registration, options: Any | None = None, *, where: str = "$") -> Any:
-    """Structure raw ``options`` into the record's ``options_type`` and call its factory.
-
-    Sources and policies take options at construction; this is how the core builds them.
-    """
+def structure_options(record: _Registration, options: Any | None, *, where: str = "$") -> Any:
+    """Raw ``options`` structured into the record's ``options_type`` (None when it has none; a
+    record without an options type refuses any option)."""
     if record.options_type is None:
         if options:
             raise PluginError(
                 f"{record.kind} {record.name!r} takes no options, got "
                 f"{', '.join(sorted(options))} @ {where}"
             )
-        return record.factory(None)
-    structured: Any = structure(
+        return None
+    return structure(
         options or {},
         record.options_type,
         what=f"options of {record.kind} {record.name!r}",
         path=where,
     )
-    return record.factory(structured)
+
+
+def build(record: _Registration, options: Any | None = None, *, where: str = "$") -> Any:
+    """Structure raw ``options`` into the record's ``options_type`` and call its factory.
+
+    Sources and policies take options at construction; this is how the core builds them.
+    (Strategies and backends take theirs per call: see :func:`structure_options`.)
+    """
+    return record.factory(structure_options(record, options, where=where))
 
 
 def make_plugin_manager(

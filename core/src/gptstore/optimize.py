@@ -10,9 +10,9 @@ from typing import Any
 from attrs import evolve
 
 from gptstore.artifacts import ArtifactStore, check_artifact_id
-from gptstore.converter import structure, unstructure
+from gptstore.converter import unstructure
 from gptstore.errors import GptstoreError
-from gptstore.manager import PluginManager
+from gptstore.manager import PluginManager, structure_options
 from gptstore.records import OptimizationStrategy
 from gptstore.types import Artifact, OptimizationContext
 
@@ -43,16 +43,7 @@ def optimize(
     atomically, with its lineage, or not at all. With ``new_id``, an artifact of that id made
     from the same parent by the same strategy and options is reused."""
     record = manager.get(OptimizationStrategy, strategy)
-    structured = (
-        structure(
-            options or {},
-            record.options_type,
-            what=f"options of optimization strategy {record.name!r}",
-            path="$.options",
-        )
-        if record.options_type
-        else None
-    )
+    structured = structure_options(record, options, where="$.options")
     parent = store.get(artifact_id)
     if new_id is not None:
         existing = store.find(check_artifact_id(new_id))

@@ -4,24 +4,16 @@
 from __future__ import annotations
 
 import gc
-import threading
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from attrs import frozen
 
-from gptstore.decoding import Decoder, serving_tokenizer
-from gptstore.errors import NotFound, RefusedModel, Unavailable
+from gptstore.decoding import Decoder, DecodingRunner, serving_tokenizer
+from gptstore.errors import NotFound, RefusedModel
 from gptstore.modelfiles import weight_files
-from gptstore.protocols import StreamChunk
 from gptstore.types import (
     Artifact,
-    ChatMessage,
-    Generation,
-    GenerationRequest,
-    RunnerHealth,
-    TextLogprobs,
 )
 
 
@@ -50,7 +42,7 @@ class TorchBackend:
         return TorchRunner(base, options or TorchOptions(), adapter=artifact.path)
 
 
-class TorchRunner:
+class TorchRunner(DecodingRunner):
     """A loaded model. Batches run one at a time (a lock)."""
 
     def __init__(self, folder: Path, options: TorchOptions, adapter: Path | None = None) -> None:
@@ -88,28 +80,22 @@ class TorchRunner:
                 )
             self.model = PeftModel.from_pretrained(self.model, adapter, is_trainable=False).eval()
         has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
-        self.tokenizer = tokenizer = serving_tokenizer(
-            adapter if adapter is not None and has_tokenizer else folder
+        tokenizer = serving_tokenizer(adapter if adapter is not None and has_tokenizer else folder)
+        super().__init__(
+            Decoder(
+                tokenizer,
+                self.model.generation_config.eos_token_id,
+                int(getattr(self.model.config, "max_position_embeddings", 0) or 0),
+            )
         )
-        eos = self.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.decoder = Decoder(
-            tokenizer,
-            {t for t in [*eos, tokenizer.eos_token_id] if t is not None},
-            int(getattr(self.model.config, "max_position_embeddings", 0) or 0),
-        )
-        self._lock = threading.Lock()
-        self._closed = False
 
     def _model(
         self, ids: Any, mask: Any, positions: Any, past: Any, *, last: bool
     ) -> tuple[Any, Any]:
         import torch
 
-        if self._closed:
-            raise Unavailable("this model has been unloaded")
-        # Inference mode per call: a stream is advanced from whichever worker thread the server
-        # picks, and torch's grad mode is per thread.
+        # Inference mode per call: torch's grad mode is per thread, and a runner may be called
+        # from any thread.
         with torch.inference_mode():
             out = self.model(
                 input_ids=torch.from_numpy(ids).to(self.device),
@@ -122,38 +108,15 @@ class TorchRunner:
             logits = out.logits[:, -1, :] if last else out.logits
             return logits.float().cpu().numpy(), out.past_key_values
 
-    def _forward(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
+    def _step(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
         return self._model(ids, mask, positions, past, last=True)
 
     def _forward_all(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
         return self._model(ids, mask, positions, past, last=False)
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        with self._lock:
-            return self.decoder.generate(requests, self._forward)
+    def _describe(self) -> str:
+        return f"torch {self.device.type} {str(self.dtype).removeprefix('torch.')}"
 
-    def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
-        with self._lock:
-            yield from self.decoder.stream(request, self._forward)
-
-    # -- scoring given text ----------------------------------------------------------------------
-
-    def logprobs(self, texts: Sequence[str]) -> list[TextLogprobs]:
-        with self._lock:
-            return self.decoder.score(texts, self._forward_all)
-
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        return self.decoder.chat_prompt(messages)
-
-    def health(self) -> RunnerHealth:
-        if self._closed:
-            return RunnerHealth(False, "closed")
-        return RunnerHealth(
-            True, f"torch {self.device.type} {str(self.dtype).removeprefix('torch.')}"
-        )
-
-    def close(self) -> None:
-        self._closed = True
-        with self._lock:
-            del self.model
-            gc.collect()
+    def _release(self) -> None:
+        del self.model
+        gc.collect()

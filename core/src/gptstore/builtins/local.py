@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from attrs import field, frozen
@@ -100,6 +100,22 @@ def matches(card: ModelCard, query: SearchQuery) -> bool:
     return True
 
 
+def matching(
+    items: Iterable[ModelCard | Refusal], query: SearchQuery
+) -> Iterator[ModelCard | Refusal]:
+    """``items`` without the cards that do not match ``query``, ending after ``query.limit``
+    cards (so a lazy scan stops there); refusals pass through."""
+    produced = 0
+    for item in items:
+        if isinstance(item, ModelCard):
+            if not matches(item, query):
+                continue
+            produced += 1
+        yield item
+        if query.limit is not None and produced >= query.limit:
+            return
+
+
 class LocalSource:
     """Scans configured folders for HF-format model folders."""
 
@@ -123,8 +139,10 @@ class LocalSource:
                 pending.extend((child, depth + 1) for child in children)
 
     def search(self, query: SearchQuery) -> Iterator[ModelCard | Refusal]:
+        return matching(self._scan(), query)
+
+    def _scan(self) -> Iterator[ModelCard | Refusal]:
         seen: dict[str, Path] = {}
-        produced = 0
         for root in self.roots:
             if not root.is_dir():
                 yield Refusal(str(root), "configured folder does not exist")
@@ -144,11 +162,7 @@ class LocalSource:
                     # One unreadable folder must not stop the others from syncing.
                     yield Refusal(model_id, f"{folder}: unreadable: {type(exc).__name__}: {exc}")
                     continue
-                if matches(card, query):
-                    yield card
-                    produced += 1
-                    if query.limit is not None and produced >= query.limit:
-                        return
+                yield card
 
     def _folder(self, model_id: str) -> tuple[Path, Path]:
         """(model folder, the root it is in) for an id; the id comes from users and requests,

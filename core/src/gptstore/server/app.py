@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,7 +22,7 @@ from litestar.openapi import OpenAPIConfig
 
 from gptstore import __version__
 from gptstore.artifacts import ArtifactStore
-from gptstore.config import Store
+from gptstore.config import Store, read_toml
 from gptstore.converter import structure
 from gptstore.errors import (
     GptstoreError,
@@ -130,14 +129,7 @@ def server_config(
     raw = store.read_raw_config()
     where = {"server": str(store.config_path), "deployments": str(store.config_path)}
     if config is not None:
-        try:
-            text = config.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InvalidInput(str(config), [f"cannot read the server config: {exc}"]) from None
-        try:
-            extra = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise InvalidInput(str(config), [f"not valid TOML: {exc}"]) from None
+        extra = read_toml(config)
         unknown = sorted(set(extra) - {"server", "deployments"})
         if unknown:
             raise InvalidInput(

@@ -10,9 +10,8 @@ from typing import Any
 from attrs import frozen
 
 from gptstore.artifacts import ArtifactStore
-from gptstore.converter import structure
 from gptstore.errors import GptstoreError, InvalidInput, NotFound
-from gptstore.manager import PluginManager
+from gptstore.manager import PluginManager, structure_options
 from gptstore.protocols import Runner
 from gptstore.records import ServingBackend
 from gptstore.server.batching import Batcher
@@ -78,16 +77,7 @@ class Deployments:
                 raise GptstoreError(f"deployment {name!r} already exists; delete it first")
         artifact = self.artifacts.get(artifact_id)
         record = self.manager.get(ServingBackend, backend)
-        structured = (
-            structure(
-                options or {},
-                record.options_type,
-                what=f"options of serving backend {record.name!r}",
-                path="$.options",
-            )
-            if record.options_type
-            else None
-        )
+        structured = structure_options(record, options, where="$.options")
         runner = record.factory().load(artifact, structured)
         batcher = Batcher(runner, name, max_batch=max_batch, max_queue=max_queue)
         deployment = Deployment(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 from attrs import Factory, field, frozen
@@ -31,9 +32,9 @@ class ServerSettings:
     anonymous_inference: bool = False
     max_body_bytes: int = 1_048_576
 
-    @property
+    @cached_property
     def roles(self) -> dict[str, str]:
-        """Each key's role."""
+        """Each key's role (read by the API-key guard on every request)."""
         return {k.key: k.role for k in self.api_keys}
 
 

@@ -9,9 +9,10 @@ The key defaults to the first one of CONFIG's ``[server] api_keys``. Needs ``pip
 from __future__ import annotations
 
 import argparse
-import tomllib
 from pathlib import Path
 
+from gptstore.config import Store
+from gptstore.server.app import server_config
 from gptstore.testing import serving_process
 
 
@@ -24,8 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import openai
 
-    keys = tomllib.loads(args.config.read_text()).get("server", {}).get("api_keys", [])
-    key = args.key or (keys[0]["key"] if keys else "none")
+    settings, _deployments = server_config(Store(), args.config)  # checked as serve will
+    key = args.key or (settings.api_keys[0].key if settings.api_keys else "none")
     with serving_process("--config", str(args.config)) as base:
         print(f"gptstore serve is ready at {base}; asking {args.model}:", flush=True)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from gptstore.modelfiles import SAFETENSORS_DTYPES, as_tuple
-from gptstore.types import Metric, ModelCard
+from gptstore.modelfiles import SAFETENSORS_DTYPES, as_tuple, parse_model_index
+from gptstore.types import ModelCard
 
 SOURCE = "hf"
 
@@ -22,31 +22,6 @@ _TAG_PREFIXES = (
     "autotrain_compatible",
     "text-generation-inference",
 )
-
-
-def _slug(value: Any) -> str:
-    return str(value).strip().lower().rsplit("/", 1)[-1]
-
-
-def eval_metrics(card_data: Any) -> tuple[Metric, ...]:
-    """Reported metrics from a card's parsed model-index (``ModelCardData.eval_results``)."""
-    metrics: dict[str, Metric] = {}
-    for result in getattr(card_data, "eval_results", None) or []:
-        value = getattr(result, "metric_value", None)
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            continue
-        name = _slug(result.dataset_type or result.dataset_name)
-        if name in metrics:
-            name = f"{name}/{_slug(result.metric_type)}"
-        if name not in metrics:
-            metrics[name] = Metric(
-                name=name,
-                value=float(value),
-                kind=result.metric_type,
-                dataset=result.dataset_name,
-                origin="reported",
-            )
-    return tuple(metrics.values())
 
 
 def model_info_to_card(
@@ -87,7 +62,8 @@ def model_info_to_card(
         license=license_value,
         tags=tags,
         base_model=next(iter(as_tuple(data.get("base_model"))), None),
-        metrics=eval_metrics(card_data),
+        # to_dict() writes the parsed eval results back as a model-index block.
+        metrics=parse_model_index(data.get("model-index")),
         popularity=info.downloads or 0,
         likes=info.likes or 0,
         created_at=info.created_at,

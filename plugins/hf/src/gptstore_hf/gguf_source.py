@@ -25,7 +25,7 @@ from typing import Any
 from attrs import field, frozen
 
 from gptstore.artifacts import sha256_file
-from gptstore.builtins.local import matches
+from gptstore.builtins.local import matching
 from gptstore.config import store_home
 from gptstore.errors import GptstoreError, NotFound, RefusedModel
 from gptstore.modelfiles import readme_text
@@ -191,7 +191,9 @@ class GgufSource:
             yield item
 
     def search(self, query: SearchQuery) -> Iterator[ModelCard | Refusal]:
-        produced = 0
+        return matching(self._scan(), query)
+
+    def _scan(self) -> Iterator[ModelCard | Refusal]:
         for item in self.unique_files():
             if isinstance(item, Refusal):
                 yield item
@@ -204,11 +206,7 @@ class GgufSource:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 yield Refusal(item.stem, f"{item}: not a readable GGUF file ({exc})")
                 continue
-            if matches(card, query):
-                yield card
-                produced += 1
-                if query.limit is not None and produced >= query.limit:
-                    return
+            yield card
 
     def _file(self, model_id: str) -> Path:
         for item in self.unique_files():

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from attrs import field, frozen
 
-from gptstore.builtins.local import matches, read_card
+from gptstore.builtins.local import matching, read_card
 from gptstore.errors import GptstoreError, InvalidInput, NotFound, RefusedModel
 from gptstore.modelfiles import PICKLE_SUFFIXES, context_length, weight_files
 from gptstore.protocols import Refusal
@@ -359,6 +359,9 @@ class HubSource:
             return None
 
     def _search_cache(self, query: SearchQuery) -> Iterator[ModelCard | Refusal]:
+        return matching(self._scan_cache(), query)
+
+    def _scan_cache(self) -> Iterator[ModelCard | Refusal]:
         from huggingface_hub import scan_cache_dir
         from huggingface_hub.errors import CacheNotFound
 
@@ -366,7 +369,6 @@ class HubSource:
             cache = scan_cache_dir(self.cache_dir)
         except CacheNotFound:
             return
-        produced = 0
         for repo in sorted(cache.repos, key=lambda r: r.repo_id):
             if repo.repo_type != "model":
                 continue
@@ -381,14 +383,9 @@ class HubSource:
             except (OSError, ValueError, TypeError, AttributeError) as exc:
                 yield Refusal(repo.repo_id, f"unreadable in the HF cache: {exc}")
                 continue
-            card = _with(
+            yield _with(
                 card, revision=revision.commit_hash, location=f"{self.endpoint}/{repo.repo_id}"
             )
-            if matches(card, query):
-                yield card
-                produced += 1
-                if query.limit is not None and produced >= query.limit:
-                    return
 
     # -- fetching --------------------------------------------------------------------------------
 

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import ctypes
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from attrs import field, frozen
 
-from gptstore.decoding import Decoder, serving_tokenizer
-from gptstore.errors import InvalidInput, NotFound, Unavailable
-from gptstore.protocols import StreamChunk
+from gptstore.decoding import Decoder, DecodingRunner, serving_tokenizer
+from gptstore.errors import InvalidInput, NotFound
 from gptstore.types import (
     Artifact,
-    ChatMessage,
-    Generation,
-    GenerationRequest,
-    RunnerHealth,
-    TextLogprobs,
     str_tuple,
 )
 
@@ -80,7 +73,7 @@ class OrtBackend:
         return OrtRunner(artifact.path, options or OrtOptions())
 
 
-class OrtRunner:
+class OrtRunner(DecodingRunner):
     def __init__(self, folder: Path, options: OrtOptions) -> None:
         import onnxruntime as ort
         from transformers import AutoConfig
@@ -109,17 +102,14 @@ class OrtRunner:
         first = inputs[self.past_names[0]] if self.past_names else None
         self.kv_shape = (int(first.shape[1]), int(first.shape[3])) if first is not None else None
         self.kv_dtype = "float16" if first is not None and "float16" in first.type else "float32"
-        self.tokenizer = tokenizer = serving_tokenizer(folder)
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
-        eos = getattr(config, "eos_token_id", None)
-        eos = eos if isinstance(eos, list) else [eos]
-        self.decoder = Decoder(
-            tokenizer,
-            {t for t in [*eos, tokenizer.eos_token_id] if t is not None},
-            int(getattr(config, "max_position_embeddings", 0) or 0),
+        super().__init__(
+            Decoder(
+                serving_tokenizer(folder),
+                getattr(config, "eos_token_id", None),
+                int(getattr(config, "max_position_embeddings", 0) or 0),
+            )
         )
-        self._lock = threading.Lock()
-        self._closed = False
 
     def forward(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
         """All logits of a step and the new cache (``past`` None: an empty cache)."""
@@ -162,37 +152,12 @@ class OrtRunner:
         logits, present = self.forward(ids, mask, positions, past)
         return logits[:, -1, :], present
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise Unavailable("this model has been unloaded")
+    def _forward_all(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
+        return self.forward(ids, mask, positions, past)
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        with self._lock:
-            self._check_open()
-            return self.decoder.generate(requests, self._step)
-
-    def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
-        with self._lock:
-            self._check_open()
-            yield from self.decoder.stream(request, self._step)
-
-    def logprobs(self, texts: Sequence[str]) -> list[TextLogprobs]:
-        with self._lock:
-            self._check_open()
-            return self.decoder.score(texts, self.forward)
-
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        return self.decoder.chat_prompt(messages)
-
-    def health(self) -> RunnerHealth:
-        if self._closed:
-            return RunnerHealth(False, "closed")
+    def _describe(self) -> str:
         binding = " (IOBinding)" if self.io_binding else ""
-        return RunnerHealth(
-            True, "onnxruntime " + ", ".join(self.session.get_providers()) + binding
-        )
+        return "onnxruntime " + ", ".join(self.session.get_providers()) + binding
 
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            del self.session
+    def _release(self) -> None:
+        del self.session
