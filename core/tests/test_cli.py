@@ -129,6 +129,11 @@ def test_show_and_search(home):
         (("select", "--min-metric", "mmlu"), "--min-metric 'mmlu': write NAME=VALUE"),
         (("select", "--min-metric", "mmlu=45"), "metric floor for mmlu must lie in 0..1"),
         (("select", "--policy", "fastest"), "unknown scoring policy 'fastest'; valid names:"),
+        (
+            ("select", "--policy", "smallest", "--weight", "quality=0.5"),
+            "--weight: policy 'smallest' takes no weights",
+        ),
+        (("select", "--weight", "speed=1"), "unknown weight(s) speed; criteria are"),
         (("select", "--dtype", "float3"), "unknown dtype 'float3'"),
         (
             ("select", "--min-params", "2B", "--max-params", "1B"),

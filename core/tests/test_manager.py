@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 
@@ -57,6 +58,38 @@ def gptstore_scoring_policies():
 
 DUPLICATE = GOOD.replace("everything scores 0.5", "another flat")
 
+# The error is raised in json's code; the place to show is the plugin's line that called it.
+DEEP_ERROR = """
+import json
+
+
+def _read():
+    return json.loads("{not json")
+
+
+SETTINGS = _read()
+"""
+
+FAILING_HOOK = """
+from gptstore import hookimpl
+
+
+def _policies():
+    raise RuntimeError("no policies today")
+
+
+@hookimpl
+def gptstore_scoring_policies():
+    return _policies()
+"""
+
+BAD_SYNTAX = """
+def broken(:
+    pass
+"""
+
+LONG_NAME = "gptstore_needs_a_dependency_with_an_extremely_long_module_name_not_installed_here"
+
 
 def infos(manager):
     return {info.name: info for info in manager.plugin_infos()}
@@ -86,7 +119,7 @@ def test_entry_point_plugin_is_loaded_with_its_distribution(fake_dist):
 def test_failed_import_is_skipped_with_a_warning_and_recorded(fake_dist):
     fake_dist("gptstore-broken", {"broken": "broken_plugin"}, {"broken_plugin": BROKEN_IMPORT})
     fake_dist("gptstore-flat", {"flat": "flat_plugin"}, {"flat_plugin": GOOD})
-    with pytest.warns(PluginLoadWarning, match="skipped plugin 'broken' from gptstore-broken"):
+    with pytest.warns(PluginLoadWarning, match=r"skipped plugin 'broken' \(gptstore-broken 1.0\)"):
         manager = make_plugin_manager()
     broken = infos(manager)["broken"]
     assert broken.status == "failed"
@@ -120,6 +153,57 @@ def test_hook_yielding_wrong_objects_is_reported(fake_dist):
         policies = manager.registrations(ScoringPolicy)
     assert "balanced" in policies
     assert infos(manager)["wrong"].status == "failed"
+
+
+def test_the_warning_names_the_package_once_and_says_how_to_silence_it(fake_dist, monkeypatch):
+    site = fake_dist(
+        "gptstore-broken", {"broken": "broken_plugin"}, {"broken_plugin": BROKEN_IMPORT}
+    )
+    with pytest.warns(PluginLoadWarning) as caught:
+        make_plugin_manager()
+    [message] = [str(w.message) for w in caught]
+    assert message == (
+        "skipped plugin 'broken' (gptstore-broken 1.0): import failed: ModuleNotFoundError: "
+        "No module named 'gptstore_dependency_that_is_not_installed' "
+        f"(at {site / 'broken_plugin.py'}:2: import gptstore_dependency_that_is_not_installed); "
+        "run with GPTSTORE_DISABLED_PLUGINS=broken to skip it quietly, or "
+        "GPTSTORE_STRICT_PLUGINS=1 for the traceback"
+    )
+    monkeypatch.setenv("GPTSTORE_DISABLED_PLUGINS", "broken")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the advice works: no warning at all
+        assert infos(make_plugin_manager())["broken"].status == "disabled"
+
+
+@pytest.mark.parametrize(
+    ("module", "source", "line"),
+    [
+        ("deep_plugin", DEEP_ERROR, '6: return json.loads("{not json")'),
+        ("syntax_plugin", BAD_SYNTAX, "2: def broken(:"),
+    ],
+    ids=["raised-below-the-plugin", "syntax-error"],
+)
+def test_an_import_error_names_the_plugins_file_and_line(fake_dist, module, source, line):
+    site = fake_dist("gptstore-x", {"x": module}, {module: source})
+    place = f"(at {site / module}.py:{line})"
+    with pytest.raises(PluginError) as excinfo:
+        make_plugin_manager(strict=True)
+    assert str(excinfo.value).startswith('Error loading plugin "x": import failed: ')
+    assert str(excinfo.value).endswith(place)
+    with pytest.warns(PluginLoadWarning, match="import failed"):
+        manager = make_plugin_manager()
+    assert infos(manager)["x"].error.endswith(place)  # the stored error says it too
+
+
+def test_a_failing_hook_names_the_plugins_file_and_line(fake_dist):
+    site = fake_dist("gptstore-fails", {"fails": "failing_hook"}, {"failing_hook": FAILING_HOOK})
+    manager = make_plugin_manager()
+    with pytest.warns(PluginLoadWarning, match="no policies today"):
+        manager.registrations(ScoringPolicy)
+    assert infos(manager)["fails"].error == (
+        "gptstore_scoring_policies failed: RuntimeError: no policies today "
+        f'(at {site / "failing_hook.py"}:6: raise RuntimeError("no policies today"))'
+    )
 
 
 def test_strict_mode_reraises(fake_dist, monkeypatch):
@@ -196,10 +280,29 @@ def test_cli_still_works_with_a_broken_plugin(fake_dist, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_the_plugins_table_shows_the_whole_error_on_a_narrow_terminal(fake_dist, tmp_path):
+    site = fake_dist(
+        "gptstore-long", {"long": "long_plugin"}, {"long_plugin": f"import {LONG_NAME}"}
+    )
+    env = {"PYTHONPATH": str(site), "GPTSTORE_HOME": str(tmp_path / "home"), "COLUMNS": "80"}
+    result = run_cli("plugins", env=env)
+    assert result.returncode == 0, result.stderr
+    error = (
+        f"import failed: ModuleNotFoundError: No module named '{LONG_NAME}' "
+        f"(at {site / 'long_plugin.py'}:1: import {LONG_NAME})"
+    )
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    # Folded over several lines, but every character is there, in order.
+    assert "".join(error.split()) in "".join(result.stdout.split())
+
+
 def test_a_plugin_name_collision_keeps_the_first_and_reports_the_second(fake_dist):
     fake_dist("gptstore-impostor", {"gptstore.scoring": "impostor"}, {"impostor": GOOD})
-    with pytest.warns(PluginLoadWarning, match="'gptstore.scoring' is already taken by gptstore"):
+    with pytest.warns(
+        PluginLoadWarning, match="'gptstore.scoring' is already taken by gptstore"
+    ) as caught:
         manager = make_plugin_manager()
+    assert str(caught[0].message).endswith("; uninstall gptstore-impostor to silence this")
     [builtin] = [
         i
         for i in manager.plugin_infos()

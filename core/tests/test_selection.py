@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from attrs import frozen
 
+from gptstore import hookimpl
 from gptstore.catalog import Catalog
+from gptstore.config import Config
+from gptstore.errors import GptstoreError, InvalidInput
 from gptstore.manager import build
 from gptstore.protocols import SqlRankable
 from gptstore.records import ScoringPolicy
-from gptstore.selection import select_models
+from gptstore.selection import make_scorer, select_models
 from gptstore.testing.synthetic import synthetic_cards
 from gptstore.types import Metric, MetricFloor, ModelCard, Requirement
 
@@ -153,3 +157,82 @@ def test_memory_budget_uses_the_dtype(small, plugin_manager):
     assert {c.card.model_id for c in at_int8.ranked} == {"tiny", "mid", "closed", "encoder"}
     big = next(c for c in at_int8.excluded if c.card.model_id == "big")
     assert big.failures == ("weights 1.5 GB at int8 > budget 1.0 GB",)
+
+
+def test_make_scorer_puts_the_callers_options_over_config_weight_by_weight(plugin_manager):
+    config = Config(policies={"balanced": {"weights": {"size": 1.0, "quality": 0.0}}})
+    name, scorer = make_scorer(plugin_manager, config, "Balanced")
+    assert name == "balanced"
+    assert scorer.weights == {"quality": 0.0, "size": 1.0, "popularity": 0.15, "recency": 0.15}
+    _name, scorer = make_scorer(
+        plugin_manager, config, "balanced", {"weights": {"quality": 0.5}}, weights={"recency": 0}
+    )
+    assert scorer.weights == {"quality": 0.5, "size": 1.0, "popularity": 0.15, "recency": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("configured", "options", "weights", "where", "message"),
+    [
+        (
+            {"weights": {"speed": 1}},
+            None,
+            None,
+            "$.options",
+            "unknown weight(s) speed; criteria are quality, size, popularity, recency "
+            "@ $.policies.balanced",
+        ),
+        (
+            {"weights": {"size": 1}},
+            {"weights": {"quality": "high"}},
+            None,
+            "$.options",
+            "expected float, got str @ $.options.weights['quality']",
+        ),
+        ({"weights": {"size": 1}}, {"speed": 1}, None, "$.options", "(speed) @ $.options"),
+        (
+            {"weights": {"size": 1}},
+            None,
+            {"quality": -1.0},
+            "--weight",
+            "weight(s) of quality must not be negative @ --weight",
+        ),
+        (
+            {"weights": {"quality": -1}},
+            None,
+            {"size": 1.0},
+            "--weight",
+            "weight(s) of quality must not be negative @ $.policies.balanced",
+        ),
+    ],
+    ids=["config", "request-type", "request-extra", "flag", "config-under-flag"],
+)
+def test_make_scorer_names_the_place_of_a_mistake(
+    plugin_manager, configured, options, weights, where, message
+):
+    config = Config(policies={"balanced": configured})
+    with pytest.raises(GptstoreError) as excinfo:
+        make_scorer(plugin_manager, config, "balanced", options, weights=weights, where=where)
+    assert str(excinfo.value).endswith(message)
+
+
+@frozen
+class StrictOptions:
+    threshold: float = 0.5
+
+
+class ThresholdPolicy:
+    """A plugin's policy whose options have no weights."""
+
+    @hookimpl
+    def gptstore_scoring_policies(self):
+        yield ScoringPolicy(
+            name="threshold", factory=lambda options: options, options_type=StrictOptions
+        )
+
+
+@pytest.mark.parametrize("policy", ["smallest", "threshold"])
+def test_weights_for_a_policy_that_takes_none_name_the_flag(plugin_manager, policy):
+    plugin_manager.register_plugin(ThresholdPolicy(), "threshold")
+    with pytest.raises(InvalidInput) as excinfo:
+        make_scorer(plugin_manager, Config(), policy, weights={"quality": 0.5}, where="--weight")
+    assert str(excinfo.value) == f"invalid --weight: policy {policy!r} takes no weights"

@@ -2,6 +2,9 @@
 
 User mistakes (a bad flag value, an unknown model or policy) print one line and exit 1; no
 traceback. Heavy libraries are never imported here.
+
+Most of what is printed comes from elsewhere (model cards, plugin records and errors, file paths),
+so rich reads no markup and no emoji codes in it: ``[beta]`` or ``:x:`` is printed as written.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import click
 import tomli_w
+from attrs import fields_dict
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
@@ -29,13 +33,20 @@ from gptstore.catalog import Catalog
 from gptstore.config import Config, Store
 from gptstore.converter import structure, unstructure
 from gptstore.errors import GptstoreError
-from gptstore.manager import PluginLoadWarning, PluginManager, build, make_plugin_manager
+from gptstore.manager import (
+    PluginLoadWarning,
+    PluginManager,
+    build,
+    make_plugin_manager,
+    structure_options,
+)
 from gptstore.optimize import optimize as optimize_artifact
 from gptstore.records import ModelSource, OptimizationStrategy, ScoringPolicy, ServingBackend
 from gptstore.selection import (
     Selection,
     candidate_json,
     explain_model,
+    make_scorer,
     select_models,
     selection_json,
 )
@@ -43,8 +54,8 @@ from gptstore.sync import enabled_sources, fetch_model, sync_catalog
 from gptstore.types import ChatMessage, GenerationRequest, ModelCard, Requirement
 from gptstore.units import format_bytes, format_count, parse_bytes, parse_count
 
-out = Console(soft_wrap=False)
-err = Console(stderr=True)
+out = Console(soft_wrap=False, markup=False, emoji=False)
+err = Console(stderr=True, markup=False, emoji=False)
 
 
 class App:
@@ -102,6 +113,14 @@ def cli(ctx: click.Context, home: Path | None) -> None:
     ctx.obj = App(home)
 
 
+def _progress() -> Progress:
+    """A transient spinner line on stderr; its text (source names, a strategy's messages) is
+    printed as written, never read as markup."""
+    return Progress(
+        SpinnerColumn(), TextColumn("{task.description}", markup=False), console=err, transient=True
+    )
+
+
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -145,7 +164,7 @@ def config() -> None:
 @click.pass_obj
 def config_show(app: App) -> None:
     """Print config.toml."""
-    out.print(tomli_w.dumps(app.store.read_raw_config()) or "# empty", markup=False)
+    out.print(tomli_w.dumps(app.store.read_raw_config()) or "# empty")
 
 
 @config.command("set")
@@ -154,11 +173,20 @@ def config_show(app: App) -> None:
 @click.pass_obj
 def config_set(app: App, key: str, value: str) -> None:
     """Set KEY (dotted, e.g. sources.gguf.packages) to VALUE, read as TOML when it parses
-    (["a", "b"], 5, true) and as a plain string otherwise."""
+    (["a", "b"], 5, true) and as a plain string otherwise.
+
+    The changed table is checked as the code that reads it will check it; config.toml is left
+    unchanged when it is wrong."""
     parts = key.split(".")
     if len(parts) < 2 or not all(parts):
         raise GptstoreError(
             f"config key {key!r}: write SECTION.NAME[.OPTION], e.g. sources.local.paths"
+        )
+    sections = list(fields_dict(Config))
+    if parts[0] not in sections:
+        raise GptstoreError(
+            f"config key {key!r}: unknown section {parts[0]!r}; config.toml has "
+            + ", ".join(sections)
         )
     try:
         parsed = tomllib.loads(f"value = {value}")["value"]
@@ -172,8 +200,60 @@ def config_set(app: App, key: str, value: str) -> None:
             raise GptstoreError(f"config key {key!r}: {part} is a value, not a table")
         table = child
     table[parts[-1]] = parsed
+    try:
+        unchecked = _check_config_table(app.manager, data, parts)
+    except GptstoreError as exc:
+        hint = ""
+        if "required field missing" in str(exc) and not isinstance(parsed, dict):
+            hint = (  # one key at a time cannot add a table whose keys are all required
+                f"; set the required keys together as one table, e.g. gptstore config set "
+                f"{'.'.join(parts[:2])} '{{ KEY = VALUE, OTHER = VALUE }}'"
+            )
+        raise GptstoreError(f"config set {key}: {exc}; config.toml is unchanged{hint}") from None
     app.store.write_raw_config(data)
-    out.print(f"{key} = {tomli_w.dumps({'v': parsed}).removeprefix('v = ').strip()}", markup=False)
+    out.print(f"{key} = {tomli_w.dumps({'v': parsed}).removeprefix('v = ').strip()}")
+    if unchecked:
+        err.print(Text(f"warning: {unchecked}", style="yellow"))
+
+
+def _check_config_table(manager: PluginManager, data: dict[str, Any], parts: list[str]) -> str:
+    """Check the table of config.toml ``data`` that a ``config set`` of ``parts`` changed, as the
+    code that reads it will: a source's or policy's table against its plugin's options, the
+    server's tables as ``gptstore serve`` reads them. Returns why it could not be checked (no
+    installed plugin provides that source or policy; one may be installed later), else ""."""
+    config = structure(data, Config, what="config.toml")
+    section, name = parts[0], parts[1]
+    if section in ("sources", "policies"):
+        record_type = {"sources": ModelSource, "policies": ScoringPolicy}[section]
+        records = manager.registrations(record_type)
+        if name not in records:
+            return (
+                f"no installed plugin provides a {record_type.kind} named {name!r} "
+                f"(installed: {', '.join(sorted(records)) or 'none'}), so [{section}.{name}] "
+                "was saved unchecked"
+            )
+        if section == "sources":
+            # `enabled` is the core's switch, not the plugin's option.
+            enabled = config.sources[name].get("enabled", True)
+            structure(enabled, bool, what="config.toml", path=f"$.sources.{name}.enabled")
+            options = config.source_options(name)
+        else:
+            options = config.policies[name]
+        structure_options(records[name], options, where=f"$.{section}.{name}")
+    elif section == "server":
+        from gptstore.server.settings import ServerSettings
+
+        structure(config.server, ServerSettings, what="[server]", path="$.server")
+    elif section == "deployments":
+        from gptstore.server.settings import DeploymentSpec
+
+        structure(
+            config.deployments,
+            dict[str, DeploymentSpec],
+            what="[deployments]",
+            path="$.deployments",
+        )
+    return ""
 
 
 # -- plugins and sources --
@@ -196,18 +276,28 @@ def plugins(app: App, as_json: bool) -> None:
     if as_json:
         _emit_json([{**unstructure(i), "provides": provided.get(i.name, [])} for i in infos])
         return
-    table = Table("plugin", "version", "distribution", "hooks / provides", "status")
+    styles = {"loaded": "green", "failed": "red"}
+    table = Table()
+    for header in ("plugin", "version", "distribution", "hooks / provides", "status"):
+        table.add_column(header, overflow="fold")  # a name cut with "…" could not be typed
     for info in infos:
-        status = Text(
-            info.status, style={"loaded": "green", "failed": "red"}.get(info.status, "yellow")
-        )
-        if info.error:
-            status.append(f"\n{info.error}", style="dim")
         detail = ", ".join(h.removeprefix("gptstore_") for h in info.hooks)
         if provided.get(info.name):
             detail += "\n" + "\n".join(provided[info.name])
+        status = Text(info.status, style=styles.get(info.status, "yellow"))
         table.add_row(info.name, info.version or "", info.distribution or "", detail, status)
     out.print(table)
+    # Why a plugin failed or is disabled goes under the table at full width, folded: in a table
+    # cell a long error (a module path, a file and line) would be cut at the terminal's edge.
+    for info in infos:
+        if info.error:
+            out.print(
+                Text.assemble(
+                    (f"{info.name} {info.status}: ", styles.get(info.status, "yellow")),
+                    info.error,
+                    overflow="fold",
+                )
+            )
 
 
 @cli.command()
@@ -262,9 +352,7 @@ def sync(app: App, names: tuple[str, ...]) -> None:
     selected = enabled_sources(app.manager, app.config, names)
     if not selected:
         raise GptstoreError("no enabled model sources; see `gptstore sources`")
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True
-    ) as progress:
+    with _progress() as progress:
         task = progress.add_task("listing sources")
 
         def report(source: str, count: int) -> None:
@@ -418,9 +506,7 @@ def optimize(
         if data_file
         else []
     )
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True
-    ) as progress:
+    with _progress() as progress:
         task = progress.add_task(f"{strategy} on {artifact}")
         derived = optimize_artifact(
             app.manager,
@@ -469,7 +555,7 @@ def chat(
         [answer] = runner.generate([GenerationRequest(prompt=prompt, max_tokens=max_tokens)])
     finally:
         runner.close()
-    out.print(answer.text, markup=False)
+    out.print(answer.text)
 
 
 def _toml_pairs(texts: tuple[str, ...], flag: str, example: str) -> dict[str, Any]:
@@ -684,7 +770,7 @@ def show(app: App, model: str, as_json: bool) -> None:
     "--weight",
     "weights",
     multiple=True,
-    help="balanced policy weight NAME=VALUE (repeatable), e.g. quality=0.6.",
+    help="Policy weight NAME=VALUE over [policies.NAME] weights (repeatable), e.g. quality=0.6.",
 )
 @click.option(
     "--limit",
@@ -726,19 +812,18 @@ def select(
     QUERY is optional free text the model's name, description or tags must match.
     """
     requirement = _requirement(query, **flags)
-    record = app.manager.get(ScoringPolicy, policy)
-    options = dict(app.config.policies.get(record.name, {}))
-    if weights:
-        options["weights"] = {
-            **options.get("weights", {}),
-            **_pairs(weights, "--weight", "quality=0.6"),
-        }
-    scorer = build(record, options, where=f"$.policies.{record.name}")
+    name, scorer = make_scorer(
+        app.manager,
+        app.config,
+        policy,
+        weights=_pairs(weights, "--weight", "quality=0.6"),
+        where="--weight",
+    )
     selection = select_models(
         app.catalog,
         scorer,
         requirement,
-        policy=record.name,
+        policy=name,
         limit=limit,
         explain_excluded=explain_excluded,
     )

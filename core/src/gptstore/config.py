@@ -10,6 +10,9 @@
 
     [policies.balanced]
     weights = { quality = 0.4, size = 0.3, popularity = 0.15, recency = 0.15 }
+
+    [server]                      # and [deployments.NAME]: read by ``gptstore serve``
+    anonymous_inference = true
 """
 
 from __future__ import annotations
@@ -49,13 +52,16 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 @frozen(kw_only=True)
 class Config:
-    """The parsed ``config.toml``: a raw table per source and per policy.
+    """The parsed ``config.toml``: a raw table per source and per policy, and the server's tables.
 
-    Each table is checked by the plugin that owns it (its record's ``options_type``).
+    Each source or policy table is checked by the plugin that owns it (its record's
+    ``options_type``); ``[server]`` and ``[deployments.NAME]`` by ``gptstore serve``.
     """
 
     sources: dict[str, dict[str, Any]] = Factory(dict)
     policies: dict[str, dict[str, Any]] = Factory(dict)
+    server: dict[str, Any] = Factory(dict)
+    deployments: dict[str, dict[str, Any]] = Factory(dict)
 
     def source_enabled(self, name: str) -> bool:
         return self.sources.get(name, {}).get("enabled", True) is not False

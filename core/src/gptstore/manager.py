@@ -2,17 +2,21 @@
 
 Entry points of the group ``gptstore`` load one at a time. A plugin that fails to import, whose
 hooks do not match the specs, or whose hook raises or returns something other than records, is
-skipped with a :class:`PluginLoadWarning` naming it and kept as a failed :class:`PluginInfo`, so
-``gptstore plugins`` and the API can show what went wrong. ``GPTSTORE_STRICT_PLUGINS=1`` raises
-instead. ``GPTSTORE_DISABLED_PLUGINS=a,b`` blocks plugins by name; ``GPTSTORE_LOAD_PLUGINS=a,b``
-loads only those installed plugins (built-ins stay unless disabled).
+skipped with a :class:`PluginLoadWarning` naming it, its package and how to silence it, and kept
+as a failed :class:`PluginInfo`, so ``gptstore plugins`` and the API can show what went wrong; an
+error raised by the plugin's code says where (file, line and source line).
+``GPTSTORE_STRICT_PLUGINS=1`` raises instead. ``GPTSTORE_DISABLED_PLUGINS=a,b`` blocks plugins by
+name; ``GPTSTORE_LOAD_PLUGINS=a,b`` loads only those installed plugins (built-ins stay unless
+disabled).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import linecache
 import os
+import traceback
 import warnings
 from collections.abc import Iterable
 from types import ModuleType
@@ -65,11 +69,17 @@ class PluginInfo:
     builtin: bool = False
 
     @property
+    def package(self) -> str:
+        """The distribution it comes from, for messages: ``gptstore-lora 0.1``."""
+        if not self.distribution:
+            return "an unknown package"
+        return " ".join(part for part in (self.distribution, self.version) if part)
+
+    @property
     def provider(self) -> str:
         """Who provides it, for messages: ``gptstore-lora 0.1 (plugin lora)``."""
-        dist = f"{self.distribution} {self.version}" if self.distribution else "an unknown package"
         role = "built-in" if self.builtin else "plugin"
-        return f"{dist} ({role} {self.name})"
+        return f"{self.package} ({role} {self.name})"
 
 
 def _env_names(variable: str) -> set[str] | None:
@@ -77,6 +87,38 @@ def _env_names(variable: str) -> set[str] | None:
     if value is None or not value.strip():
         return None
     return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def _raised_at(exc: BaseException, info: PluginInfo) -> str | None:
+    """Where the plugin's code raised ``exc``: ``file:line: source line``.
+
+    The last traceback frame in the plugin's own modules (its top-level package; only its module
+    for a built-in, which shares the ``gptstore`` package with the core), else the last frame;
+    for a SyntaxError, the place it names. None when there is no traceback.
+    """
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        return f"{exc.filename}:{exc.lineno}: {(exc.text or '').strip()}"
+    root = (info.module or "").partition(":")[0]
+    if not info.builtin:
+        root = root.split(".")[0]
+    own = last = None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        last = (frame.f_code.co_filename, lineno)
+        module = str(frame.f_globals.get("__name__", ""))
+        if root and (module == root or module.startswith(f"{root}.")):
+            own = last
+    picked = own or last
+    if picked is None:
+        return None
+    filename, lineno = picked
+    source = linecache.getline(filename, lineno).strip()
+    return f"{filename}:{lineno}: {source}" if source else f"{filename}:{lineno}"
+
+
+def _describe(exc: BaseException, info: PluginInfo) -> str:
+    """``TypeName: message (at file:line: source)`` for an exception raised by a plugin."""
+    where = _raised_at(exc, info)
+    return f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
 
 
 def _gptstore_version() -> str | None:
@@ -168,6 +210,10 @@ class PluginManager(pluggy.PluginManager):
             info,
             f"plugin name {info.name!r} is already taken by {other.provider}",
             key=f"{info.name} ({info.provider})",
+            # Disabling the name would block the plugin that holds it as well.
+            hint=f"uninstall {info.distribution or 'it'} to silence this"
+            if other.builtin
+            else "uninstall one of the two packages to silence this",
         )
         return True
 
@@ -184,7 +230,7 @@ class PluginManager(pluggy.PluginManager):
         try:
             plugin = load()
         except Exception as exc:  # a broken plugin breaks only itself
-            self._fail(info, f"import failed: {type(exc).__name__}: {exc}", exc)
+            self._fail(info, f"import failed: {_describe(exc, info)}", exc)
             return
         try:
             self.register(plugin, name=info.name)
@@ -214,12 +260,18 @@ class PluginManager(pluggy.PluginManager):
         exc: BaseException | None = None,
         *,
         key: str | None = None,
+        hint: str | None = None,
     ) -> None:
         if self.strict:
             raise PluginError(f'Error loading plugin "{info.name}": {message}') from exc
         self._infos[key or info.name] = evolve(info, status="failed", error=message)
+        if hint is None:
+            hint = f"run with GPTSTORE_DISABLED_PLUGINS={info.name} to skip it quietly"
+            if exc is not None:
+                hint += ", or GPTSTORE_STRICT_PLUGINS=1 for the traceback"
+        role = ", built-in" if info.builtin else ""
         warnings.warn(
-            f"skipped plugin {info.name!r} from {info.provider}: {message}",
+            f"skipped plugin {info.name!r} ({info.package}{role}): {message}; {hint}",
             PluginLoadWarning,
             stacklevel=3,
         )
@@ -242,13 +294,14 @@ class PluginManager(pluggy.PluginManager):
                     if produced is None
                     else ([produced] if isinstance(produced, _Registration) else list(produced))
                 )
-                bad = [item for item in items if not isinstance(item, record_type)]
-                if bad:
-                    raise TypeError(
-                        f"{hook_name} must yield {record_type.__name__} records, got {bad[0]!r}"
-                    )
             except Exception as exc:
-                self._fail(info, f"{hook_name} failed: {type(exc).__name__}: {exc}", exc)
+                self._fail(info, f"{hook_name} failed: {_describe(exc, info)}", exc)
+                continue
+            bad = [item for item in items if not isinstance(item, record_type)]
+            if bad:
+                self._fail(
+                    info, f"{hook_name} must yield {record_type.__name__} records, got {bad[0]!r}"
+                )
                 continue
             collected.extend((item, info) for item in items)
         return collected

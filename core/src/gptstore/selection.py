@@ -2,21 +2,26 @@
 
 A ranked candidate is explained by its score breakdown; an excluded card by the constraints it
 fails. Policies that implement ``rank_sql`` are ranked inside SQLite, so a selection over a million
-cards reads only the top ``limit`` cards into Python.
+cards reads only the top ``limit`` cards into Python. :func:`make_scorer` builds a policy's scorer
+from config.toml and the caller's options, the same way for the CLI and the HTTP API.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from attrs import frozen
+from attrs import fields_dict, frozen
 
 from gptstore.catalog import Catalog, Entry
 from gptstore.catalog.filters import sql_filters, violations
+from gptstore.config import Config
 from gptstore.converter import unstructure
-from gptstore.errors import GptstoreError
+from gptstore.errors import GptstoreError, InvalidInput
+from gptstore.manager import PluginManager, structure_options
 from gptstore.protocols import Scorer, SqlRankable
+from gptstore.records import ScoringPolicy
 from gptstore.types import ModelCard, Requirement, Score
 
 #: Most candidates a policy without ``rank_sql`` may score one by one in Python.
@@ -54,6 +59,47 @@ class Selection:
     matched: int
     total: int
     ranked_in: Literal["sql", "python"]
+
+
+def _merge_options(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over``'s options over ``base``'s; two ``weights`` tables merge weight by weight (a
+    request that sets one weight keeps the others config.toml sets)."""
+    merged = {**base, **over}
+    if isinstance(base.get("weights"), dict) and isinstance(over.get("weights"), dict):
+        merged["weights"] = {**base["weights"], **over["weights"]}
+    return merged
+
+
+def make_scorer(
+    manager: PluginManager,
+    config: Config,
+    policy: str,
+    options: Mapping[str, Any] | None = None,
+    *,
+    weights: Mapping[str, float] | None = None,
+    where: str = "$.options",
+) -> tuple[str, Scorer]:
+    """The registered name of ``policy`` and its scorer, built alike for every caller.
+
+    The policy's options are config.toml's ``[policies.NAME]``, the caller's ``options`` over
+    them, and ``weights`` over both (weights merge weight by weight). A problem is reported at
+    ``$.policies.NAME`` when config.toml's table is wrong on its own, else at ``where``: the
+    place the caller's options and weights came from (a request's ``$.options``, a CLI flag).
+    """
+    record = manager.get(ScoringPolicy, policy)
+    configured = config.policies.get(record.name, {})
+    caller = dict(options or {})
+    if weights:
+        if record.options_type is None or "weights" not in fields_dict(record.options_type):
+            raise InvalidInput(where, [f"policy {record.name!r} takes no weights"])
+        caller = _merge_options(caller, {"weights": dict(weights)})
+    try:
+        structured = structure_options(record, _merge_options(configured, caller), where=where)
+    except GptstoreError:
+        if configured:  # config.toml's own mistake is reported as such, at its place
+            structure_options(record, configured, where=f"$.policies.{record.name}")
+        raise
+    return record.name, record.factory(structured)
 
 
 def _sort_key(entry: Entry, score: Score) -> tuple[float, float, int]:
