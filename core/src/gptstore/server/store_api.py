@@ -16,9 +16,7 @@ from gptstore.artifacts import ArtifactStore, check_artifact_id
 from gptstore.catalog import Catalog, Entry
 from gptstore.config import Store
 from gptstore.converter import structure, unstructure
-from gptstore.manager import build
-from gptstore.records import ScoringPolicy
-from gptstore.selection import select_models, selection_json
+from gptstore.selection import make_scorer, select_models, selection_json
 from gptstore.server.deployments import Deployment
 from gptstore.types import Requirement, RunnerHealth
 
@@ -103,13 +101,14 @@ class StoreController(Controller):
     @post("/select", status_code=200, sync_to_thread=True)
     def select(self, state: State, data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
         body = structure(data, SelectBody, what="request")
-        record = state.manager.get(ScoringPolicy, body.policy)
-        scorer = build(record, body.options, where="$.options")
+        store: Store = state.store
+        # config.toml is read per request, as each `gptstore select` reads it: both rank alike.
+        name, scorer = make_scorer(state.manager, store.config(), body.policy, body.options)
         selection = select_models(
             _catalog(state),
             scorer,
             body.requirement,
-            policy=record.name,
+            policy=name,
             limit=max(1, body.limit),
             explain_excluded=max(0, body.explain_excluded),
         )
