@@ -77,10 +77,10 @@ def runner_for(name: str, folder: Path) -> Any:
     if name == "torch":
         from gptstore_torch.runner import TorchBackend, TorchOptions
 
-        return TorchBackend().load(artifact, TorchOptions())
+        return TorchBackend(TorchOptions()).load(artifact)
     from gptstore_onnx.runner import OrtBackend, OrtOptions
 
-    return OrtBackend().load(artifact, OrtOptions())
+    return OrtBackend(OrtOptions()).load(artifact)
 
 
 LOOKUP_TABLES = {("Gather", 0), ("RotaryEmbedding", 2), ("RotaryEmbedding", 3)}

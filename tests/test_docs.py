@@ -64,12 +64,13 @@ def test_readme_names_the_setup_and_test_commands():
 
 def test_the_server_config_in_the_http_docs_is_accepted(tmp_path):
     from gptstore.config import Store
-    from gptstore.server.app import server_config
+    from gptstore.server.settings import server_config
 
     text = (REPO / "docs" / "http.md").read_text()
     [block] = re.findall(r"```toml\n(.*?)```", text, re.S)
     (tmp_path / "serve.toml").write_text(block)
-    settings, specs = server_config(Store(tmp_path / "home"), tmp_path / "serve.toml")
+    checked = server_config(Store(tmp_path / "home"), tmp_path / "serve.toml")
+    settings, specs = checked.settings, checked.deployments
     assert [k.role for k in settings.api_keys] == ["admin", "user"]
     assert (specs["smol"].backend, specs["smol"].max_batch, specs["smol"].max_queue) == (
         "onnx",
@@ -80,9 +81,26 @@ def test_the_server_config_in_the_http_docs_is_accepted(tmp_path):
 
 def test_the_example_server_config_is_accepted():
     from gptstore.config import Store
-    from gptstore.server.app import server_config
+    from gptstore.server.settings import server_config
 
     path = REPO / "docs" / "examples" / "serve.toml"
-    settings, specs = server_config(Store(REPO / ".no-such-home"), path)
+    checked = server_config(Store(REPO / ".no-such-home"), path)
+    settings, specs = checked.settings, checked.deployments
     assert settings.roles["sk-demo"] == "user"
     assert (specs["smollm2"].artifact, specs["smollm2"].backend) == ("smollm2-onnx", "onnx")
+
+
+def test_the_rank_columns_table_is_the_contract():
+    from gptstore.plugin import RANK_COLUMNS
+
+    text = (REPO / "docs" / "plugins" / "hooks.md").read_text()
+    documented = dict(re.findall(r"^\| `c\.(\w+)` \| (.+?) \|$", text, re.M))
+    assert documented == RANK_COLUMNS
+
+
+def test_every_name_of_the_import_surface_is_documented():
+    import gptstore.plugin
+
+    text = (REPO / "docs" / "plugins" / "hooks.md").read_text()
+    missing = [name for name in gptstore.plugin.__all__ if f"`{name}" not in text]
+    assert missing == []

@@ -329,7 +329,7 @@ def test_too_many_completions_in_one_request_is_refused(server):
 def test_keys_that_cannot_travel_in_a_header_are_refused_at_start(tmp_path):
     from gptstore.config import Store
     from gptstore.errors import InvalidInput
-    from gptstore.server.app import server_config
+    from gptstore.server.settings import server_config
 
     config = tmp_path / "serve.toml"
     config.write_text(tomli_w.dumps({"server": {"api_keys": [{"key": " sk-x ", "role": "user"}]}}))
@@ -340,3 +340,49 @@ def test_keys_that_cannot_travel_in_a_header_are_refused_at_start(tmp_path):
     )
     with pytest.raises(InvalidInput, match=r"max_queue must lie in 1\.\.100000, got 0"):
         server_config(Store(tmp_path / "home"), config)
+
+
+def test_any_seed_and_any_temperature_in_range_decode(client):
+    # numpy refuses negative seeds and a tiny temperature once overflowed into NaN: both were
+    # 500s. A negative seed is a seed like any other; a tiny temperature is greedy in effect.
+    greedy = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0)
+    for seed in (-1, -(2**63), 2**63 - 1):
+        first = client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=6, temperature=1.0, seed=seed
+        )
+        again = client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=6, temperature=1.0, seed=seed
+        )
+        assert first.choices[0].text == again.choices[0].text
+    for temperature in (1e-300, 5e-324):
+        cold = client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=6, temperature=temperature, seed=1
+        )
+        assert cold.choices[0].text == greedy.choices[0].text
+    streamed = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        seed=-7,
+        stream=True,
+    )
+    assert list(streamed)[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_top_logprobs_are_bounded(client):
+    answer = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        logprobs=True,
+        top_logprobs=20,
+    )
+    assert len(answer.choices[0].logprobs.content[0].top_logprobs) == 20
+    with pytest.raises(openai.BadRequestError, match=r"top_logprobs must lie in 0\.\.20"):
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=2,
+            logprobs=True,
+            top_logprobs=21,
+        )

@@ -12,7 +12,7 @@ import pytest
 
 from gptstore.errors import GptstoreError, InvalidInput, Unavailable
 from gptstore.protocols import StreamChunk
-from gptstore.server.batching import Batcher, Overloaded
+from gptstore.serving.batching import Batcher, Overloaded
 from gptstore.types import Generation, GenerationRequest, RunnerHealth
 
 

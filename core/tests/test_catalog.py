@@ -216,8 +216,8 @@ def test_sql_filters_agree_with_python_checks(filled, requirement):
 
 
 def test_every_selection_table_has_the_documented_columns(catalog):
-    from gptstore.catalog.schema import SELECTION_COLUMNS
+    from gptstore.catalog.schema import RANK_COLUMNS
 
     for table in ("cards", "card_tasks", "card_metrics"):
         columns = {row[1] for row in catalog.execute(f"PRAGMA table_info({table})")}
-        assert set(SELECTION_COLUMNS) <= columns, table
+        assert set(RANK_COLUMNS) <= columns, table

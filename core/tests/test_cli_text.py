@@ -45,7 +45,10 @@ class Source:
 
 
 class Copy:
-    def apply(self, artifact, options, context):
+    def __init__(self, options):
+        pass
+
+    def apply(self, artifact, context):
         context.progress(0.5, "copying [/oops]")
         for path in artifact.path.iterdir():
             if path.is_file() and path.name != "manifest.json":

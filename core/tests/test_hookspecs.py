@@ -24,6 +24,7 @@ from gptstore.types import (
     ModelCard,
     OptimizationContext,
     Requirement,
+    RunnerInfo,
     SearchQuery,
 )
 
@@ -92,7 +93,7 @@ def test_scoring_policy_example(plugin_manager):
 def test_optimization_strategy_example(plugin_manager, tmp_path):
     plugin_manager.register_plugin(example_module("gptstore_optimization_strategies"), "opt-ex")
     record = plugin_manager.get(OptimizationStrategy, "make-greedy")
-    optimizer = record.factory()
+    optimizer = build(record, {"max_new_tokens": 8})
     assert isinstance(optimizer, Optimizer)
     store = ArtifactStore(tmp_path / "artifacts")
     staging = store.staging_dir()
@@ -101,8 +102,7 @@ def test_optimization_strategy_example(plugin_manager, tmp_path):
     output = store.staging_dir()
     progress = []
     context = OptimizationContext(output_dir=output, progress=lambda f, m: progress.append(f))
-    options = build_options(record, {"max_new_tokens": 8})
-    derived = optimizer.apply(parent, options, context)
+    derived = optimizer.apply(parent, context)
     committed = store.commit(derived.path, derived.manifest)
     assert committed.manifest.parent == "base-1"
     assert committed.manifest.step.strategy == "make-greedy"
@@ -115,19 +115,13 @@ def test_optimization_strategy_example(plugin_manager, tmp_path):
     assert store.get(committed.id).manifest == committed.manifest
 
 
-def build_options(record, raw):
-    from gptstore.converter import structure
-
-    return structure(raw, record.options_type, what="options")
-
-
 def test_serving_backend_example(plugin_manager, tmp_path):
     plugin_manager.register_plugin(example_module("gptstore_serving_backends"), "echo-example")
     record = plugin_manager.get(ServingBackend, "echo")
-    backend = record.factory()
+    backend = build(record, {"uppercase": True})
     assert isinstance(backend, Backend)
     artifact = Artifact(Path(tmp_path), Manifest(id="any"))
-    runner = backend.load(artifact, build_options(record, {"uppercase": True}))
+    runner = backend.load(artifact)
     assert isinstance(runner, Runner)
     request = GenerationRequest(prompt="hello there general", max_tokens=2)
     [generation] = runner.generate([request])
@@ -135,5 +129,7 @@ def test_serving_backend_example(plugin_manager, tmp_path):
     assert "".join(chunk.text for chunk in runner.stream(request)) == "HELLO THERE"
     assert runner.logprobs(["a b"])[0].tokens == ("a", "b")
     assert runner.chat_prompt([ChatMessage("user", "hi")]) == "user: hi"
+    assert runner.count_tokens("a b c") == 3
+    assert runner.info() == RunnerInfo(context_length=None, logprobs=False)
     assert runner.health().ok
     runner.close()

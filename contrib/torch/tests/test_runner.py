@@ -6,6 +6,7 @@ import pytest
 
 from gptstore.errors import InvalidInput
 from gptstore.records import ServingBackend
+from gptstore.testing.contracts import BackendContract
 from gptstore.types import Artifact, ChatMessage, GenerationRequest, Manifest
 from gptstore_torch import plugin
 from gptstore_torch.runner import TorchBackend, TorchOptions
@@ -15,7 +16,7 @@ PROMPTS = ["Hello world", "The quick brown fox jumps over the", "a"]
 
 @pytest.fixture(scope="module")
 def runner(tiny_model):
-    runner = TorchBackend().load(Artifact(tiny_model, Manifest(id="tiny")), TorchOptions())
+    runner = TorchBackend(TorchOptions()).load(Artifact(tiny_model, Manifest(id="tiny")))
     yield runner
     runner.close()
 
@@ -173,8 +174,8 @@ def test_a_peft_adapter_is_served_on_its_base_without_merging(tmp_path, tiny_mod
     assert not (adapter.path / "model.safetensors").exists()  # only the adapter's weights
 
     request = GenerationRequest(prompt="Hello world", max_tokens=8)
-    served = TorchBackend().load(adapter, TorchOptions())
-    plain = TorchBackend().load(base, TorchOptions())
+    served = TorchBackend().load(adapter)
+    plain = TorchBackend().load(base)
     [with_adapter] = served.generate([request])
     [without] = plain.generate([request])
     reference = PeftModel.from_pretrained(
@@ -189,3 +190,11 @@ def test_a_peft_adapter_is_served_on_its_base_without_merging(tmp_path, tiny_mod
     assert with_adapter.text != without.text
     served.close()
     plain.close()
+
+
+class TestTorchBackendContract(BackendContract):
+    @pytest.fixture
+    def runner(self, tiny_model):
+        runner = TorchBackend(TorchOptions()).load(Artifact(tiny_model, Manifest(id="tiny")))
+        yield runner
+        runner.close()

@@ -20,6 +20,7 @@ from typing import Any
 
 from gptstore.converter import structure, unstructure
 from gptstore.errors import InvalidInput, NotFound
+from gptstore.files import atomic_write
 from gptstore.types import Artifact, Manifest, RecipeStep
 
 MANIFEST = "manifest.json"
@@ -86,16 +87,7 @@ def check_artifact_id(artifact_id: str) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def read_manifest(folder: Path) -> Manifest:
@@ -123,7 +115,7 @@ def derive_manifest(
     """The manifest of a new artifact in ``folder`` made from ``parent`` by one recipe step."""
     return Manifest(
         id=new_artifact_id(f"{parent.id.rsplit('-', 1)[0]}.{strategy}"),
-        kind=kind or parent.manifest.kind,  # type: ignore[arg-type]
+        kind=kind or parent.manifest.kind,
         parent=parent.id,
         origin=parent.manifest.origin,
         step=RecipeStep(strategy, options),
@@ -136,11 +128,47 @@ def derive_manifest(
     )
 
 
+#: The longest lineage walked: a manifest chain longer than this is a cycle or a broken store.
+MAX_LINEAGE = 1000
+
+
 class ArtifactStore:
     """The ``artifacts/`` folder of a store home: one sub-folder per artifact id."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    @classmethod
+    def of(cls, artifact: Artifact) -> ArtifactStore:
+        """The store that holds ``artifact`` (so a backend can find its parent)."""
+        return cls(artifact.path.parent)
+
+    def parent(self, artifact: Artifact) -> Artifact | None:
+        """The artifact ``artifact`` was derived from (None for an imported model);
+        NotFound when the manifest names a parent the store no longer holds."""
+        parent = artifact.manifest.parent
+        if parent is None:
+            return None
+        found = self.find(parent)
+        if found is None:
+            raise NotFound(
+                f"artifact {artifact.id} was derived from {parent}, which is not in {self.root}"
+            )
+        return found
+
+    def lineage(self, artifact: Artifact) -> list[Artifact]:
+        """``artifact`` and its ancestors, nearest first, down to the imported model."""
+        chain = [artifact]
+        seen = {artifact.id}
+        while (parent := self.parent(chain[-1])) is not None:
+            if parent.id in seen or len(chain) >= MAX_LINEAGE:
+                raise InvalidInput(
+                    f"lineage of {artifact.id}",
+                    [f"{parent.id} appears twice or the chain is too long; a manifest is broken"],
+                )
+            seen.add(parent.id)
+            chain.append(parent)
+        return chain
 
     def staging_dir(self) -> Path:
         """An empty temporary folder on the same file system, for a new artifact's files."""

@@ -40,6 +40,7 @@ from gptstore.manager import (
     make_plugin_manager,
     structure_options,
 )
+from gptstore.optimization.data import load_dataset
 from gptstore.optimize import optimize as optimize_artifact
 from gptstore.records import ModelSource, OptimizationStrategy, ScoringPolicy, ServingBackend
 from gptstore.selection import (
@@ -50,6 +51,7 @@ from gptstore.selection import (
     select_models,
     selection_json,
 )
+from gptstore.serving.deployments import load_runner, plan
 from gptstore.sync import enabled_sources, fetch_model, sync_catalog
 from gptstore.types import ChatMessage, GenerationRequest, ModelCard, Requirement
 from gptstore.units import format_bytes, format_count, parse_bytes, parse_count
@@ -240,19 +242,10 @@ def _check_config_table(manager: PluginManager, data: dict[str, Any], parts: lis
         else:
             options = config.policies[name]
         structure_options(records[name], options, where=f"$.{section}.{name}")
-    elif section == "server":
-        from gptstore.server.settings import ServerSettings
+    elif section in ("server", "deployments"):
+        from gptstore.server.settings import parse_server_config
 
-        structure(config.server, ServerSettings, what="[server]", path="$.server")
-    elif section == "deployments":
-        from gptstore.server.settings import DeploymentSpec
-
-        structure(
-            config.deployments,
-            dict[str, DeploymentSpec],
-            what="[deployments]",
-            path="$.deployments",
-        )
+        parse_server_config(data, {"server": "config.toml", "deployments": "config.toml"})
     return ""
 
 
@@ -451,9 +444,14 @@ def serve(app: App, host: str, port: int, workers: int, config: Path | None) -> 
     """
     import uvicorn
 
-    from gptstore.server.app import SERVER_CONFIG_ENV, server_config
+    from gptstore.server.settings import SERVER_CONFIG_ENV, plan_deployments, server_config
 
-    server_config(app.store, config)  # bad settings stop here, before any worker starts
+    # Bad settings, and deployments whose artifact, backend or options are wrong, stop here,
+    # before any worker starts; a deployment that fails to load stops the server before it
+    # listens (exit status 3, uvicorn's for a failed start-up).
+    plan_deployments(
+        server_config(app.store, config), app.manager, ArtifactStore(app.store.artifacts_dir)
+    )
     os.environ["GPTSTORE_HOME"] = str(app.store.home)
     if config is not None:
         os.environ[SERVER_CONFIG_ENV] = str(config.resolve())
@@ -488,7 +486,8 @@ def serve(app: App, host: str, port: int, workers: int, config: Path | None) -> 
     "--data",
     "data_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A text file of training or calibration data (one example per line).",
+    help="Training or calibration data: a text file (one example per line) or JSONL "
+    '(objects with "text", or chat "messages").',
 )
 @click.pass_obj
 def optimize(
@@ -501,11 +500,7 @@ def optimize(
 ) -> None:
     """Derive a new artifact from ARTIFACT with an optimization STRATEGY (onnx-export, ...)."""
     parsed = _toml_pairs(options, "--option", "max_logit_diff=0.01")
-    data = (
-        [line for line in data_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if data_file
-        else []
-    )
+    data = load_dataset(data_file) if data_file else None
     with _progress() as progress:
         task = progress.add_task(f"{strategy} on {artifact}")
         derived = optimize_artifact(
@@ -541,15 +536,16 @@ def chat(
     app: App, artifact: str, message: str, backend: str, max_tokens: int, options: tuple[str, ...]
 ) -> None:
     """Ask ARTIFACT one chat MESSAGE on a serving backend and print the answer (greedy)."""
-    record = app.manager.get(ServingBackend, backend)
-    loaded = ArtifactStore(app.store.artifacts_dir).get(artifact)
-    raw = _toml_pairs(options, "--option", "intra_op_threads=2")
-    structured = (
-        structure(raw, record.options_type, what=f"options of {record.name!r}", path="$.options")
-        if record.options_type
-        else None
+    # Checked and loaded as a deployment is: the same options are refused the same way.
+    checked = plan(
+        app.manager,
+        ArtifactStore(app.store.artifacts_dir),
+        artifact,
+        backend,
+        _toml_pairs(options, "--option", "intra_op_threads=2"),
+        where="--option",
     )
-    runner = record.factory().load(loaded, structured)
+    runner = load_runner(checked)
     try:
         prompt = runner.chat_prompt([ChatMessage("user", message)])
         [answer] = runner.generate([GenerationRequest(prompt=prompt, max_tokens=max_tokens)])

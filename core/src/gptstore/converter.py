@@ -29,8 +29,57 @@ def _strict(kind: type, accepts: tuple[type, ...]) -> Any:
     return structure
 
 
+# Separates a FieldProblem's message from its field until the path is known (see structure()).
+_FIELD_MARK = "\x00"
+
+
+class FieldProblem(ValueError):
+    """A field's value out of bounds, raised by :func:`at_least` / :func:`in_range`: the
+    structuring error names the field's place (``@ $.max_tokens``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def at_least(low: float) -> Any:
+    """An attrs validator: the value (when not None) is at least ``low``."""
+
+    def check(_instance: Any, attribute: Any, value: float | None) -> None:
+        if value is not None and value < low:
+            raise FieldProblem(
+                attribute.name,
+                f"{attribute.name} must be at least {_number(low)}, got {_number(value)}",
+            )
+
+    return check
+
+
+def in_range(low: float, high: float, *, open_low: bool = False) -> Any:
+    """An attrs validator: the value (when not None) lies in ``low..high`` (``(low, high]`` with
+    ``open_low``)."""
+
+    def check(_instance: Any, attribute: Any, value: float | None) -> None:
+        if value is None:
+            return
+        if not (low < value if open_low else low <= value) or value > high:
+            low_, high_ = _number(low), _number(high)
+            bound = f"({low_}, {high_}]" if open_low else f"{low_}..{high_}"
+            raise FieldProblem(
+                attribute.name, f"{attribute.name} must lie in {bound}, got {_number(value)}"
+            )
+
+    return check
+
+
 def _format_exception(exc: BaseException, type_: Any) -> str:
     # Our validators and strict hooks already say precisely what was wrong: keep their words.
+    if isinstance(exc, FieldProblem):
+        return f"{exc}{_FIELD_MARK}{exc.field}"
     if isinstance(exc, InvalidInput):
         return "; ".join(exc.problems)
     if isinstance(exc, KeyError):
@@ -57,10 +106,20 @@ def _structure_str_sequence(value: Any, type_: Any) -> Any:
     return typing.get_origin(type_)(items)
 
 
-def make_converter() -> cattrs.Converter:
-    """Build a converter: strict scalars, ISO-8601 datetimes, paths as strings, no extra keys."""
+def _integral(value: Any, _type: Any) -> int:
+    # JSON has one number type: clients (and JavaScript) may send 4.0 for 4.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return int(_strict(int, (int,))(value, int))
+
+
+def make_converter(*, integral_floats: bool = False) -> cattrs.Converter:
+    """Build a converter: strict scalars, ISO-8601 datetimes, paths as strings, no extra keys.
+
+    ``integral_floats`` accepts 4.0 where an int is expected (JSON bodies of the HTTP API).
+    """
     converter = cattrs.Converter(forbid_extra_keys=True)
-    converter.register_structure_hook(int, _strict(int, (int,)))
+    converter.register_structure_hook(int, _integral if integral_floats else _strict(int, (int,)))
     converter.register_structure_hook(float, _strict(float, (int, float)))
     converter.register_structure_hook(str, _strict(str, (str,)))
     converter.register_structure_hook(bool, _strict(bool, (bool,)))
@@ -76,23 +135,42 @@ def make_converter() -> cattrs.Converter:
 
 
 converter = make_converter()
+#: For HTTP request bodies: the same rules, but JSON numbers like 4.0 are accepted as integers.
+json_converter = make_converter(integral_floats=True)
 
 
-def structure(data: Any, cls: type[T], *, what: str, path: str = "$") -> T:
+def structure(
+    data: Any, cls: type[T], *, what: str, path: str = "$", using: cattrs.Converter = converter
+) -> T:
     """Structure ``data`` into ``cls``; on failure raise InvalidInput with one line per problem.
 
     Problems read like ``expected int @ $.options.r``.
     """
     try:
-        return converter.structure(data, cls)
+        return using.structure(data, cls)
     except InvalidInput as exc:
         raise InvalidInput(what, [f"{p} @ {path}" for p in exc.problems]) from None
     except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
         if isinstance(exc, cattrs.BaseValidationError):
-            problems = cattrs.transform_error(exc, path=path, format_exception=_format_exception)
+            problems = [
+                _place_field(line)
+                for line in cattrs.transform_error(
+                    exc, path=path, format_exception=_format_exception
+                )
+            ]
         else:
-            problems = [f"{_format_exception(exc, None)} @ {path}"]
+            where = f"{path}.{exc.field}" if isinstance(exc, FieldProblem) else path
+            problems = [f"{_format_exception(exc, None)} @ {where}"]
         raise InvalidInput(what, problems) from None
+
+
+def _place_field(line: str) -> str:
+    """``"x must ...<mark>x @ $.a"`` -> ``"x must ... @ $.a.x"``."""
+    message, mark, rest = line.partition(_FIELD_MARK)
+    if not mark:
+        return line
+    field, _at, where = rest.partition(" @ ")
+    return f"{message} @ {where}.{field}"
 
 
 def unstructure(value: Any) -> Any:

@@ -18,10 +18,19 @@ class InvalidInput(GptstoreError):
     ``problems`` holds one line per problem, each naming where it is (``expected int @ $.r``).
     """
 
+    #: A machine-readable reason the HTTP API sends as the error's ``code`` (None: none).
+    code: str | None = None
+
     def __init__(self, what: str, problems: list[str] | tuple[str, ...]) -> None:
         self.what = what
         self.problems = tuple(problems)
         super().__init__(f"invalid {what}: " + "; ".join(self.problems))
+
+
+class ContextLengthExceeded(InvalidInput):
+    """A prompt and its ``max_tokens`` that do not fit in the model's context."""
+
+    code = "context_length_exceeded"
 
 
 class UnknownName(GptstoreError):
@@ -49,6 +58,10 @@ class CatalogError(GptstoreError):
 
 class NotFound(GptstoreError):
     """A model, artifact or deployment that does not exist."""
+
+
+class Conflict(GptstoreError):
+    """Something that already exists under that name (HTTP 409)."""
 
 
 class Cancelled(GptstoreError):

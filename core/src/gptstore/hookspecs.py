@@ -150,9 +150,9 @@ def gptstore_scoring_policies() -> Iterable[ScoringPolicy]:
 def gptstore_optimization_strategies() -> Iterable[OptimizationStrategy]:
     """Register ways to derive a model from another (pruning, LoRA, ONNX export, quantization).
 
-    :returns: :class:`~gptstore.records.OptimizationStrategy` records. ``factory()`` returns an
-        :class:`~gptstore.protocols.Optimizer`; its ``apply(artifact, options, context)`` writes
-        the new model into ``context.output_dir`` and returns it as an
+    :returns: :class:`~gptstore.records.OptimizationStrategy` records. ``factory(options)``
+        returns an :class:`~gptstore.protocols.Optimizer`; its ``apply(artifact, context)``
+        writes the new model into ``context.output_dir`` and returns it as an
         :class:`~gptstore.types.Artifact` whose manifest records the lineage.
 
     Example::
@@ -174,17 +174,20 @@ def gptstore_optimization_strategies() -> Iterable[OptimizationStrategy]:
 
 
         class MakeGreedy:
-            def apply(self, artifact, options, context):
+            def __init__(self, options: GreedyOptions) -> None:
+                self.options = options
+
+            def apply(self, artifact, context):
                 context.progress(0.0, "copying")
                 for path in artifact.path.iterdir():
                     if path.is_file() and path.name != "manifest.json":
                         shutil.copy2(path, context.output_dir / path.name)
                     context.check_cancelled()
-                config = {"do_sample": False, "max_new_tokens": options.max_new_tokens}
+                config = {"do_sample": False, "max_new_tokens": self.options.max_new_tokens}
                 (context.output_dir / "generation_config.json").write_text(json.dumps(config))
                 context.progress(1.0, "done")
                 manifest = derive_manifest(artifact, context.output_dir, strategy="make-greedy",
-                                           options={"max_new_tokens": options.max_new_tokens})
+                                           options={"max_new_tokens": self.options.max_new_tokens})
                 return Artifact(context.output_dir, manifest)
 
 
@@ -204,10 +207,10 @@ def gptstore_optimization_strategies() -> Iterable[OptimizationStrategy]:
 def gptstore_serving_backends() -> Iterable[ServingBackend]:
     """Register ways to run a model (ONNX Runtime, PyTorch eager, a remote engine).
 
-    :returns: :class:`~gptstore.records.ServingBackend` records. ``factory()`` returns a
-        :class:`~gptstore.protocols.Backend`; its ``load(artifact, options)`` returns a
+    :returns: :class:`~gptstore.records.ServingBackend` records. ``factory(options)`` returns a
+        :class:`~gptstore.protocols.Backend`; its ``load(artifact)`` returns a
         :class:`~gptstore.protocols.Runner` with batched ``generate``, ``stream``, ``logprobs``,
-        ``chat_prompt``, ``health`` and ``close``.
+        ``chat_prompt``, ``count_tokens``, ``info``, ``health`` and ``close``.
 
     Example::
 
@@ -216,7 +219,7 @@ def gptstore_serving_backends() -> Iterable[ServingBackend]:
         from gptstore import hookimpl
         from gptstore.protocols import StreamChunk
         from gptstore.records import ServingBackend
-        from gptstore.types import Generation, RunnerHealth, TextLogprobs
+        from gptstore.types import Generation, RunnerHealth, RunnerInfo, TextLogprobs
 
 
         @frozen
@@ -252,6 +255,14 @@ def gptstore_serving_backends() -> Iterable[ServingBackend]:
             def chat_prompt(self, messages):
                 return "\\n".join(f"{m.role}: {m.content}" for m in messages)
 
+            def count_tokens(self, text):
+                return len(text.split())
+
+            def info(self):
+                # No context limit; it returns no log-probabilities of generated tokens, so
+                # the core refuses requests that ask for them.
+                return RunnerInfo(context_length=None, logprobs=False)
+
             def health(self):
                 return RunnerHealth(ok=True)
 
@@ -260,8 +271,11 @@ def gptstore_serving_backends() -> Iterable[ServingBackend]:
 
 
         class EchoBackend:
-            def load(self, artifact, options):
-                return EchoRunner(options)
+            def __init__(self, options: EchoOptions) -> None:
+                self.options = options
+
+            def load(self, artifact):
+                return EchoRunner(self.options)
 
 
         @hookimpl

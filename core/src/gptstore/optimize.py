@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from attrs import evolve
@@ -14,17 +13,7 @@ from gptstore.converter import unstructure
 from gptstore.errors import GptstoreError
 from gptstore.manager import PluginManager, structure_options
 from gptstore.records import OptimizationStrategy
-from gptstore.types import Artifact, OptimizationContext
-
-
-def data_digest(texts: Sequence[str]) -> str | None:
-    """sha256 of the texts an optimization used (None when it used none)."""
-    if not texts:
-        return None
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(hashlib.sha256(text.encode()).digest())
-    return digest.hexdigest()
+from gptstore.types import Artifact, Dataset, OptimizationContext
 
 
 def optimize(
@@ -34,7 +23,7 @@ def optimize(
     strategy: str,
     options: dict[str, Any] | None = None,
     *,
-    data: Sequence[str] = (),
+    data: Dataset | None = None,
     progress: Callable[[float, str], None] | None = None,
     cancel: threading.Event | None = None,
     new_id: str | None = None,
@@ -62,11 +51,11 @@ def optimize(
     staging = store.staging_dir()
     try:
         context = OptimizationContext(
-            output_dir=staging, data=tuple(data), cancel_event=cancel or threading.Event()
+            output_dir=staging, data=data or Dataset(), cancel_event=cancel or threading.Event()
         )
         if progress is not None:
             context.progress = progress
-        result = record.factory().apply(parent, structured, context)
+        result = record.factory(structured).apply(parent, context)
         if result.path.resolve() != staging.resolve():
             raise GptstoreError(
                 f"strategy {record.name!r} returned {result.path}, not its output folder {staging}"

@@ -21,6 +21,7 @@ from gptstore.types import (
     OptimizationContext,
     Requirement,
     RunnerHealth,
+    RunnerInfo,
     Score,
     SearchQuery,
     SourceStatus,
@@ -92,7 +93,7 @@ class SqlRankable(Protocol):
 class Optimizer(Protocol):
     """Derives a new artifact from an artifact (pruning, LoRA, export, quantization)."""
 
-    def apply(self, artifact: Artifact, options: Any, context: OptimizationContext) -> Artifact:
+    def apply(self, artifact: Artifact, context: OptimizationContext) -> Artifact:
         """Write the new model into ``context.output_dir`` and return it with its manifest.
 
         Report progress through ``context.progress`` and call ``context.check_cancelled()`` often.
@@ -129,6 +130,14 @@ class Runner(Protocol):
         """Render chat messages with the model's chat template, ready for generation."""
         ...
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` takes as a prompt (the core checks it against the context)."""
+        ...
+
+    def info(self) -> RunnerInfo:
+        """The model's context length and whether it returns log-probabilities."""
+        ...
+
     def health(self) -> RunnerHealth: ...
 
     def close(self) -> None:
@@ -140,4 +149,6 @@ class Runner(Protocol):
 class Backend(Protocol):
     """Loads artifacts into runners (ONNX Runtime, PyTorch eager)."""
 
-    def load(self, artifact: Artifact, options: Any) -> Runner: ...
+    def load(self, artifact: Artifact) -> Runner:
+        """The artifact's model, loaded and ready to generate."""
+        ...

@@ -2,7 +2,9 @@
 
 Each record names a thing (``name``, normalized to lower case and validated), says what it is
 (``description``), how to build it (``factory``) and what options it takes (``options_type``, an
-attrs class structured with :mod:`gptstore.converter`, or None for no options).
+attrs class structured with :mod:`gptstore.converter`, or None for no options). All four
+factories take the same form, ``factory(options)``: options structured into ``options_type``
+(None when the record has none), so one :func:`gptstore.manager.build` builds all four.
 
 Factories are where heavy imports (torch, transformers, onnxruntime) belong: importing a plugin
 module must stay cheap so ``gptstore --help`` is fast and a broken dependency breaks only the
@@ -77,10 +79,11 @@ class ScoringPolicy(_Registration):
 
 @frozen(kw_only=True)
 class OptimizationStrategy(_Registration):
-    """A way to derive a model. ``factory()`` returns an :class:`~gptstore.protocols.Optimizer`.
+    """A way to derive a model. ``factory(options)`` returns an
+    :class:`~gptstore.protocols.Optimizer`.
 
-    Options are per run: the core structures them into ``options_type`` and passes them to
-    ``Optimizer.apply``.
+    Options are per run (``gptstore optimize --option``, a recipe step): a new optimizer is built
+    for each run.
     """
 
     kind: ClassVar[str] = "optimization strategy"
@@ -88,10 +91,11 @@ class OptimizationStrategy(_Registration):
 
 @frozen(kw_only=True)
 class ServingBackend(_Registration):
-    """A way to run a model. ``factory()`` returns a :class:`~gptstore.protocols.Backend`.
+    """A way to run a model. ``factory(options)`` returns a
+    :class:`~gptstore.protocols.Backend`.
 
-    Options are per deployment: the core structures them into ``options_type`` and passes them to
-    ``Backend.load``.
+    Options are per deployment (``[deployments.NAME] options``): a new backend is built for each
+    deployment.
     """
 
     kind: ClassVar[str] = "serving backend"

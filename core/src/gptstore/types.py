@@ -6,6 +6,7 @@ boundaries through the one converter in :mod:`gptstore.converter`.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -272,17 +273,28 @@ class RecipeStep:
     options: dict[str, Any] = Factory(dict)
 
 
+_KIND = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def _check_kind(_instance: Any, _attribute: Any, kind: str) -> None:
+    if not _KIND.match(kind):
+        raise ValueError(f"artifact kind {kind!r}: use 1-64 characters of a-z, 0-9, '.', '_', '-'")
+
+
 @frozen(kw_only=True)
 class Manifest:
     """Lineage of an artifact, stored as ``manifest.json`` in its folder.
 
+    :param kind: what the folder holds: ``hf`` (a Hugging Face model folder), ``onnx``,
+        ``adapter`` (weights applied on the parent, such as a PEFT adapter), or a kind a strategy
+        names (1-64 characters of a-z, 0-9, ``.``, ``_``, ``-``).
     :param parent: id of the artifact this one was derived from (None for an imported model).
     :param origin: the catalog card it descends from (``source:model_id@revision``).
     :param files: relative path -> sha256 of every file in the artifact.
     """
 
     id: str
-    kind: Literal["hf", "onnx"] = "hf"
+    kind: str = field(default="hf", validator=_check_kind)
     parent: str | None = None
     origin: str | None = None
     step: RecipeStep | None = None
@@ -306,19 +318,65 @@ class Artifact:
         return self.manifest.id
 
 
+@frozen
+class ChatMessage:
+    role: str
+    content: str
+
+
+#: One example of a dataset: a text, or a conversation to render with a model's chat template.
+Example = str | tuple[ChatMessage, ...]
+
+
+@frozen
+class Dataset:
+    """Training, calibration or evaluation data, and where it came from.
+
+    :param examples: texts, and conversations a strategy renders with its model's template.
+    :param digest: sha256 of the examples (None for an empty dataset); manifests record it.
+    :param origin: where the examples were read (a file path, or the name of a built-in corpus).
+    """
+
+    examples: tuple[Example, ...] = ()
+    digest: str | None = None
+    origin: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.examples)
+
+    def texts(
+        self, chat_prompt: Callable[[tuple[ChatMessage, ...]], str] | None = None
+    ) -> list[str]:
+        """Every example as text; conversations rendered with ``chat_prompt`` (a runner's, or a
+        tokenizer's chat template). InvalidInput when there are conversations and no renderer."""
+        texts = []
+        for index, example in enumerate(self.examples):
+            if isinstance(example, str):
+                texts.append(example)
+            elif chat_prompt is None:
+                raise InvalidInput(
+                    f"data from {self.origin or 'the dataset'}",
+                    [f"example {index} is a conversation and this step has no chat template"],
+                )
+            else:
+                texts.append(chat_prompt(example))
+        return texts
+
+
 @define(kw_only=True)
 class OptimizationContext:
     """What an optimization strategy gets besides the artifact and its options.
 
     :param output_dir: an empty folder to write the new artifact's files into; the core moves it
         into the store atomically once ``apply`` returns.
-    :param data: training or calibration texts (empty when the strategy needs none).
+    :param data: training or calibration examples (empty when the user gave none: a strategy
+        that needs data falls back to a corpus it names, or refuses).
     :param progress: called with (fraction done 0-1, message).
     :param cancel_event: set when the job is cancelled; call :meth:`check_cancelled` often.
     """
 
     output_dir: Path
-    data: tuple[str, ...] = ()
+    data: Dataset = Factory(Dataset)
     progress: Callable[[float, str], None] = _no_progress
     cancel_event: threading.Event = Factory(threading.Event)
 
@@ -330,12 +388,6 @@ class OptimizationContext:
 
 # ---------------------------------------------------------------------------------------------
 # serving
-
-
-@frozen
-class ChatMessage:
-    role: str
-    content: str
 
 
 @frozen(kw_only=True)
@@ -384,3 +436,18 @@ class TextLogprobs:
 class RunnerHealth:
     ok: bool
     message: str = ""
+
+
+@frozen(kw_only=True)
+class RunnerInfo:
+    """What a loaded model can do, declared by its runner and enforced by the core before a
+    request reaches the runner.
+
+    :param context_length: tokens of prompt plus completion the model takes (None: unknown, not
+        checked).
+    :param logprobs: whether ``generate`` and ``stream`` return token log-probabilities when a
+        request asks for them; when False, such a request is refused with a 400.
+    """
+
+    context_length: int | None = None
+    logprobs: bool = False

@@ -8,10 +8,13 @@ import pytest
 
 from gptstore.artifacts import ArtifactStore, hash_files
 from gptstore.errors import GptstoreError
+from gptstore.optimization.gates import GateFailed
 from gptstore.optimize import optimize
 from gptstore.records import ServingBackend
+from gptstore.testing.contracts import BackendContract, OptimizerContract
 from gptstore.types import GenerationRequest, Manifest
-from gptstore_onnx.runner import OrtOptions
+from gptstore_onnx.quantize import OnnxQuantize, QuantizeOptions
+from gptstore_onnx.runner import OrtBackend, OrtOptions
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over the", "a"]
 
@@ -83,7 +86,7 @@ def test_onnx_runner_matches_torch_greedy(exported, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manager, _store, _base, onnx, _ = exported
-    runner = manager.get(ServingBackend, "onnx").factory().load(onnx, OrtOptions())
+    runner = manager.get(ServingBackend, "onnx").factory(OrtOptions()).load(onnx)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     results = runner.generate([GenerationRequest(prompt=p, max_tokens=10) for p in PROMPTS])
@@ -106,8 +109,9 @@ def test_io_binding_decodes_the_same(exported):
     """IOBinding is on by default only on GPU providers; forced on the CPU, the bound path
     (the cache passed from step to step as OrtValues) must give the same tokens and scores."""
     manager, _store, _base, onnx, _ = exported
-    backend = manager.get(ServingBackend, "onnx").factory()
-    plain, bound = backend.load(onnx, OrtOptions()), backend.load(onnx, OrtOptions(io_binding=True))
+    record = manager.get(ServingBackend, "onnx")
+    plain = record.factory(OrtOptions()).load(onnx)
+    bound = record.factory(OrtOptions(io_binding=True)).load(onnx)
     assert (plain.io_binding, bound.io_binding) == (False, True)
     assert bound.health().message == "onnxruntime CPUExecutionProvider (IOBinding)"
     requests = [GenerationRequest(prompt=p, max_tokens=12) for p in PROMPTS]
@@ -138,7 +142,7 @@ def test_quantize_measures_perplexity_and_serves(exported):
     dynamic = optimize(manager, store, onnx.id, "onnx-quantize", {"method": "dynamic"})
     assert dynamic.manifest.step.options["method"] == "dynamic"
     assert (dynamic.path / "model.onnx").stat().st_size < (onnx.path / "model.onnx").stat().st_size
-    runner = manager.get(ServingBackend, "onnx").factory().load(quantized, OrtOptions())
+    runner = manager.get(ServingBackend, "onnx").factory(OrtOptions()).load(quantized)
     [result] = runner.generate([GenerationRequest(prompt="Hello", max_tokens=5)])
     assert result.completion_tokens >= 1 or result.finish_reason == "stop"
     runner.close()
@@ -151,7 +155,7 @@ def test_wrong_inputs_are_refused_and_leave_the_store_as_it_was(exported):
         optimize(manager, store, base.id, "onnx-quantize")
     with pytest.raises(GptstoreError, match="takes a Hugging Face format artifact"):
         optimize(manager, store, onnx.id, "onnx-export")
-    with pytest.raises(GptstoreError, match="differ from torch's by up to"):
+    with pytest.raises(GateFailed, match=r"max logit difference from torch .*, outside its gate"):
         optimize(manager, store, base.id, "onnx-export", {"max_logit_diff": 0.0})
     assert sorted(p.name for p in store.root.iterdir()) == before
 
@@ -211,7 +215,7 @@ def test_tied_output_embedding_is_quantized_and_plain_export_still_serves(tmp_pa
     quantized = optimize(manager, store, onnx.id, "onnx-quantize")
     assert constant_matmuls(quantized.path / "model.onnx") == []
     assert quantized.manifest.metrics_after["perplexity_change"] < 0.05
-    runner = manager.get(ServingBackend, "onnx").factory().load(quantized, OrtOptions())
+    runner = manager.get(ServingBackend, "onnx").factory(OrtOptions()).load(quantized)
     [result] = runner.generate([GenerationRequest(prompt="Hello", max_tokens=3)])
     assert result.finish_reason in ("length", "stop")
     runner.close()
@@ -247,3 +251,22 @@ def test_grouped_attention_computes_what_transformers_does(mask_kind):
     with grouped_attention():
         assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not before
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+
+
+class TestOnnxBackendContract(BackendContract):
+    @pytest.fixture
+    def runner(self, exported):
+        _manager, _store, _base, onnx, _ = exported
+        runner = OrtBackend(OrtOptions()).load(onnx)
+        yield runner
+        runner.close()
+
+
+class TestOnnxQuantizeContract(OptimizerContract):
+    @pytest.fixture
+    def optimizer(self):
+        return OnnxQuantize(QuantizeOptions())
+
+    @pytest.fixture
+    def parent(self, exported):
+        return exported[3]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from gptstore import hookimpl
-from gptstore.records import ServingBackend
+from gptstore.plugin import ServingBackend, hookimpl
 from gptstore_torch.runner import TorchBackend, TorchOptions
 
 

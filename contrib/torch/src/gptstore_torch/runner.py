@@ -1,5 +1,6 @@
 """The PyTorch eager runner: transformers' model forward inside gptstore's shared decode loop
-(:mod:`gptstore.decoding`), one forward pass per generated token for the whole batch."""
+(:class:`gptstore.plugin.DecodingRunner`), one forward pass per generated token for the whole
+batch."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from typing import Any, Literal
 
 from attrs import frozen
 
-from gptstore.decoding import Decoder, DecodingRunner, serving_tokenizer
-from gptstore.errors import NotFound, RefusedModel
-from gptstore.modelfiles import weight_files
-from gptstore.types import (
+from gptstore.plugin import (
     Artifact,
+    ArtifactStore,
+    Decoder,
+    DecodingRunner,
+    NotFound,
+    RefusedModel,
+    serving_tokenizer,
+    weight_files,
 )
 
 
@@ -27,19 +32,22 @@ class TorchOptions:
 
 
 class TorchBackend:
-    def load(self, artifact: Artifact, options: TorchOptions | None) -> TorchRunner:
+    def __init__(self, options: TorchOptions | None = None) -> None:
+        self.options = options or TorchOptions()
+
+    def load(self, artifact: Artifact) -> TorchRunner:
         """An HF-format artifact, or a PEFT adapter artifact served on top of its parent (the
         base model), without merging."""
+        options = self.options
         if not (artifact.path / "adapter_config.json").is_file():
-            return TorchRunner(artifact.path, options or TorchOptions())
-        parent = artifact.manifest.parent
-        base = artifact.path.parent / parent if parent else None
-        if base is None or not (base / "config.json").is_file():
+            return TorchRunner(artifact.path, options)
+        base = ArtifactStore.of(artifact).parent(artifact)
+        if base is None or not (base.path / "config.json").is_file():
             raise NotFound(
-                f"adapter {artifact.id} needs its base model: parent artifact "
-                f"{parent or '(none recorded)'} is not in {artifact.path.parent}"
+                f"adapter {artifact.id} needs its base model: its parent "
+                f"{base.id if base else '(none recorded)'} is not a Hugging Face model folder"
             )
-        return TorchRunner(base, options or TorchOptions(), adapter=artifact.path)
+        return TorchRunner(base.path, options, adapter=artifact.path)
 
 
 class TorchRunner(DecodingRunner):

@@ -58,7 +58,7 @@ def sql_filters(
     floor's value, further floors join ``card_metrics f1``, ``f2``...), else ``card_tasks c`` for
     a task, else ``cards c``. ``fast=False`` always reads ``cards c`` with subqueries only, so
     that ``NOT (clauses)`` selects exactly the cards that fail. Every table has the columns in
-    :data:`~gptstore.catalog.schema.SELECTION_COLUMNS`. ``bits`` lets task and language filters
+    :data:`~gptstore.catalog.schema.RANK_COLUMNS`. ``bits`` lets task and language filters
     test bits inside an index; values without a bit fall back to card_tasks / card_languages.
     """
     bits = bits or {}

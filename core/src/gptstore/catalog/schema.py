@@ -145,6 +145,24 @@ CARD_COLUMNS = (
     "language_bits",
     "task_bits",
 )
-#: Columns of the selection tables (``cards``, ``card_tasks``, ``card_metrics``, each read as
-#: ``c``) that filters and ``rank_sql`` expressions may use.
-SELECTION_COLUMNS = ("id", "listed", *CARD_COLUMNS[:-1])
+#: The ``c.<column>`` contract of filters and third-party ``rank_sql`` expressions: the columns
+#: of every selection table (``cards``, ``card_tasks``, ``card_metrics``, each read as ``c``) and
+#: what each means, so any requirement can be ranked with them.
+RANK_COLUMNS: dict[str, str] = {
+    "id": "the card's row id (catalog order)",
+    "source": "the source's name",
+    "listed": "1 while the source lists the card, else 0",
+    "parameters": "parameter count (NULL when unknown)",
+    "size_log": "log10 of the parameter count (NULL when unknown)",
+    "dtype_bytes": "bytes per weight of the card's dtype (NULL when unknown)",
+    "context_length": "context length in tokens (NULL when unknown)",
+    "license": "license id, lower case (NULL when unknown)",
+    "quality": "mean normalized (0-1) higher-is-better reported metric (NULL: none)",
+    "popularity_score": "log10(1 + downloads) / 7, capped at 1",
+    "updated_days": "days since 1970 of the last update (NULL when unknown)",
+    "language_bits": "a bit per language (internal: languages are filtered, not ranked, here)",
+}
+#: Bumped when a column of RANK_COLUMNS is removed or changes meaning; adding one keeps it. A
+#: plugin can check it (``assert RANK_COLUMNS_VERSION == 1``) to fail loudly instead of ranking
+#: wrongly.
+RANK_COLUMNS_VERSION = 1

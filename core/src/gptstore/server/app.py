@@ -1,7 +1,9 @@
 """``create_app()``: the Litestar application, wired in one place.
 
-A lifespan loads the plugin manager and the configured deployments at start-up and closes the
-runners at shutdown. Errors of every route come back in OpenAI's error shape.
+Routes, the API-key guard and the error handlers are put together here; the work is elsewhere:
+deployments in :mod:`gptstore.serving`, errors in :mod:`gptstore.server.errors`, keys in
+:mod:`gptstore.server.auth`. The lifespan loads the configured deployments before the server
+listens (a deployment that cannot load stops it, naming the cause) and unloads them at shutdown.
 """
 
 from __future__ import annotations
@@ -13,150 +15,64 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from litestar import Litestar, Request, Response, get
-from litestar.connection import ASGIConnection
+from litestar import Litestar, Request, Response
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
-from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
+from litestar.routes import HTTPRoute
 
 from gptstore import __version__
 from gptstore.artifacts import ArtifactStore
-from gptstore.config import Store, read_toml
-from gptstore.converter import structure
-from gptstore.errors import (
-    GptstoreError,
-    InvalidInput,
-    NotFound,
-    RefusedModel,
-    Unavailable,
-    UnknownName,
-)
+from gptstore.config import Store
+from gptstore.errors import GptstoreError, InvalidInput
 from gptstore.manager import PluginManager, make_plugin_manager
-from gptstore.server.batching import Overloaded
-from gptstore.server.deployments import Deployments, check_limits
+from gptstore.server.auth import require_role
+from gptstore.server.errors import EXCEPTION_HANDLERS
+from gptstore.server.health import ROUTES as HEALTH_ROUTES
 from gptstore.server.openai_api import OpenAIController
-from gptstore.server.settings import DeploymentSpec, ServerSettings
+from gptstore.server.settings import (
+    SERVER_CONFIG_ENV,
+    ServerConfig,
+    plan_deployments,
+    server_config,
+)
 from gptstore.server.store_api import StoreController
+from gptstore.serving.deployments import Deployments
 
 log = logging.getLogger("gptstore.server")
 
-
-def _error(status: int, message: str, kind: str, code: str | None = None) -> Response[Any]:
-    return Response(
-        {"error": {"message": message, "type": kind, "param": None, "code": code}},
-        status_code=status,
-    )
+__all__ = ["SERVER_CONFIG_ENV", "create_app", "server_config"]
 
 
-def _gptstore_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    if isinstance(exc, Overloaded):
-        response = _error(429, str(exc), "rate_limit_error", "overloaded")
-        response.headers["Retry-After"] = str(exc.retry_after)
-        return response
-    if isinstance(exc, Unavailable):
-        return _error(503, str(exc), "service_unavailable", "unavailable")
-    if isinstance(exc, NotFound | UnknownName):
-        return _error(404, str(exc), "invalid_request_error", "not_found")
-    if isinstance(exc, InvalidInput | RefusedModel):
-        return _error(400, str(exc), "invalid_request_error")
-    return _error(400, str(exc), "invalid_request_error")
-
-
-def _http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    assert isinstance(exc, HTTPException)
-    kind = {401: "authentication_error", 403: "permission_error"}.get(
-        exc.status_code, "invalid_request_error"
-    )
-    message = exc.detail
-    extra = getattr(exc, "extra", None)
-    if exc.status_code == 400 and extra:
-        message = f"{exc.detail}: {extra}"
-    return _error(exc.status_code, message, kind)
-
-
-def _server_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    log.exception("unexpected error", exc_info=exc)
-    return _error(500, f"internal error ({type(exc).__name__}); see the server log", "server_error")
-
-
-async def require_role(
-    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
-) -> None:
-    """Guard: routes say ``opt={"role": "user" | "admin" | None}``; keys come from
-    ``Authorization: Bearer KEY``. (Async and reading the raw headers: it runs on every
-    inference request, where a sync guard would cost a worker-thread hop.)"""
-    needed = handler.opt.get("role")
-    if needed is None:
-        return
-    settings: ServerSettings = connection.app.state.settings
-    header = next((v for k, v in connection.scope["headers"] if k == b"authorization"), b"")
-    key = header[7:].strip().decode("latin-1") if header[:7].lower() == b"bearer " else ""
-    if not key:
-        if needed == "user" and settings.anonymous_inference:
-            return
-        raise NotAuthorizedException("missing API key: send 'Authorization: Bearer <key>'")
-    role = settings.roles.get(key)
-    if role is None:
-        raise NotAuthorizedException("invalid API key")
-    if needed == "admin" and role != "admin":
-        raise PermissionDeniedException("this endpoint changes state and needs an admin key")
-
-
-@get("/health", sync_to_thread=False)
-def health() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@get("/ready", sync_to_thread=False)
-def ready(state: State) -> Response[dict[str, Any]]:
-    loading = state.loading
-    failed = state.failed
-    ok = not loading and not failed
-    return Response(
-        {"ready": ok, "loading": sorted(loading), "failed": failed}, status_code=200 if ok else 503
-    )
-
-
-SERVER_CONFIG_ENV = "GPTSTORE_SERVER_CONFIG"
-
-
-def server_config(
-    store: Store, config: Path | None = None
-) -> tuple[ServerSettings, dict[str, DeploymentSpec]]:
-    """``[server]`` and ``[deployments]``: from ``config`` (a TOML file) where it has them, else
-    from the store's config.toml."""
-    raw = store.read_raw_config()
-    where = {"server": str(store.config_path), "deployments": str(store.config_path)}
-    if config is not None:
-        extra = read_toml(config)
-        unknown = sorted(set(extra) - {"server", "deployments"})
-        if unknown:
+def load_deployments(config: ServerConfig, deployments: Deployments) -> None:
+    """Load every configured deployment; on a failure, unload what was loaded and raise an
+    InvalidInput naming the deployment, the file and the cause."""
+    for name, spec in config.deployments.items():
+        try:
+            deployments.create(name, spec, where=f"$.deployments.{name}")
+        except Exception as exc:
+            deployments.close()
+            if not isinstance(exc, GptstoreError):
+                log.exception("deployment %s failed to load", name)
+            cause = str(exc) if isinstance(exc, GptstoreError) else f"{type(exc).__name__}: {exc}"
             raise InvalidInput(
-                str(config),
-                [
-                    f"unknown table(s) {', '.join(unknown)}; a server config has [server] and "
-                    "[deployments.NAME]"
-                ],
-            )
-        for table in ("server", "deployments"):
-            if table in extra:
-                raw[table], where[table] = extra[table], str(config)
-    settings = structure(
-        raw.get("server", {}),
-        ServerSettings,
-        what=f"[server] in {where['server']}",
-        path="$.server",
-    )
-    specs = structure(
-        raw.get("deployments", {}),
-        dict[str, DeploymentSpec],
-        what=f"[deployments] in {where['deployments']}",
-        path="$.deployments",
-    )
-    for name, spec in specs.items():
-        check_limits(name, spec.max_batch, spec.max_queue)
-    return settings, specs
+                f"[deployments.{name}] in {config.files['deployments']}",
+                [f"failed to load: {cause}"],
+            ) from None
+
+
+async def _options(request: Request[Any, Any, Any]) -> Response[None] | None:
+    """Answer OPTIONS with every method of the path. (Litestar's own OPTIONS handler lists the
+    methods of the first handlers registered for a path, not all of them.)"""
+    if request.method != "OPTIONS":
+        return None
+    template = request.scope.get("path_template")
+    methods = {
+        method
+        for route in request.app.routes
+        if isinstance(route, HTTPRoute) and route.path_format == template
+        for method in route.methods
+    }
+    return Response(None, status_code=204, headers={"Allow": ", ".join(sorted(methods))})
 
 
 def create_app(
@@ -165,59 +81,36 @@ def create_app(
     """The app for the store at ``home`` ($GPTSTORE_HOME by default).
 
     ``config`` (default: ``$GPTSTORE_SERVER_CONFIG`` when set) is a TOML file whose ``[server]``
-    and ``[deployments]`` tables replace those of the store's config.toml.
+    and ``[deployments]`` tables replace those of the store's config.toml. Bad settings, and
+    deployments whose artifact, backend or options are wrong, raise InvalidInput here.
     """
     store = Store(home)
     if config is None and os.environ.get(SERVER_CONFIG_ENV):
         config = Path(os.environ[SERVER_CONFIG_ENV])
-    settings, specs = server_config(store, config)
+    checked = server_config(store, config)
+    plugins = manager or make_plugin_manager()
+    artifacts = ArtifactStore(store.artifacts_dir)
+    plan_deployments(checked, plugins, artifacts)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         import anyio
 
-        plugins = manager or make_plugin_manager()
-        deployments = Deployments(plugins, ArtifactStore(store.artifacts_dir))
-        app.state.manager = plugins
+        deployments = Deployments(plugins, artifacts)
+        await anyio.to_thread.run_sync(load_deployments, checked, deployments)
         app.state.deployments = deployments
-        app.state.loading = set(specs)
-        app.state.failed = {}
-
-        def load_all() -> None:
-            for name, spec in specs.items():
-                try:
-                    deployments.create(
-                        name,
-                        spec.artifact,
-                        spec.backend,
-                        spec.options,
-                        max_batch=spec.max_batch,
-                        max_queue=spec.max_queue,
-                    )
-                except Exception as exc:  # the server stays up; /ready says what failed
-                    log.exception("deployment %s failed to load", name)
-                    app.state.failed[name] = str(exc)
-                finally:
-                    app.state.loading.discard(name)
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(anyio.to_thread.run_sync, load_all)
-            try:
-                yield
-            finally:
-                group.cancel_scope.cancel()
-        deployments.close()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(deployments.close)
 
     return Litestar(
-        route_handlers=[health, ready, OpenAIController, StoreController],
+        route_handlers=[*HEALTH_ROUTES, OpenAIController, StoreController],
         lifespan=[lifespan],
         guards=[require_role],
-        state=State({"settings": settings, "store": store}),
-        exception_handlers={
-            GptstoreError: _gptstore_error,
-            HTTPException: _http_error,
-            Exception: _server_error,
-        },
-        request_max_body_size=settings.max_body_bytes,
+        before_request=_options,
+        state=State({"settings": checked.settings, "store": store, "manager": plugins}),
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=checked.settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="gptstore", version=__version__),
     )

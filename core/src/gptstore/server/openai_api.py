@@ -7,63 +7,125 @@ not implement (``tools``, ``response_format``...) is a 400 that names it, never 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
-from attrs import frozen
-from litestar import Controller, get, post
+import msgspec
+from attrs import field, frozen
+from litestar import Controller, Request, get, post
 from litestar.datastructures import State
-from litestar.params import JSONBody
 from litestar.response import Stream
 
-from gptstore.converter import structure
+from gptstore.converter import FieldProblem, at_least, in_range, json_converter, structure
 from gptstore.errors import InvalidInput
 from gptstore.protocols import StreamChunk
-from gptstore.server.batching import Batcher
-from gptstore.server.deployments import Deployment, Deployments
+from gptstore.server.errors import ClientGone
+from gptstore.serving.deployments import Deployment, Deployments
 from gptstore.types import ChatMessage, Generation, GenerationRequest, TokenLogprob
 
+T = TypeVar("T")
 MAX_N = 16
 #: The most completions one request may ask for (prompts x n): each is a row of a batch.
 MAX_ROWS = 128
+#: Deepest JSON nesting a body may have (a chat request needs 5 levels).
+MAX_DEPTH = 64
+#: ``max_tokens`` when a request leaves it out (or sends null), per endpoint, as OpenAI's.
+DEFAULT_MAX_TOKENS = {"completions": 16, "chat": 256}
+#: Most alternatives per token: ``logprobs`` of completions, ``top_logprobs`` of chat (OpenAI's).
+MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS = 5, 20
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 @frozen(kw_only=True)
-class CompletionBody:
+class _Sampling:
+    """Fields both endpoints share, with OpenAI's bounds."""
+
     model: str
+    temperature: float = field(default=1.0, validator=in_range(0, 2))
+    top_p: float = field(default=1.0, validator=in_range(0, 1, open_low=True))
+    top_k: int = field(default=0, validator=at_least(0))
+    n: int = field(default=1, validator=in_range(1, MAX_N))
+    stop: Any = None
+    seed: int | None = field(default=None, validator=in_range(*SEED_RANGE))
+    stream: bool = False
+    user: str | None = None
+
+
+@frozen(kw_only=True)
+class CompletionBody(_Sampling):
     prompt: Any
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
-    stop: Any = None
-    seed: int | None = None
-    logprobs: int | None = None
-    stream: bool = False
-    user: str | None = None
+    max_tokens: int | None = field(default=None, validator=at_least(1))
+    logprobs: int | None = field(default=None, validator=in_range(0, MAX_COMPLETION_LOGPROBS))
 
 
 @frozen(kw_only=True)
-class ChatBody:
-    model: str
+class ChatBody(_Sampling):
     messages: list[dict[str, Any]]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
-    stop: Any = None
-    seed: int | None = None
+    max_tokens: int | None = field(default=None, validator=at_least(1))
+    max_completion_tokens: int | None = field(default=None, validator=at_least(1))
     logprobs: bool = False
-    top_logprobs: int | None = None
-    stream: bool = False
-    user: str | None = None
+    top_logprobs: int | None = field(default=None, validator=in_range(0, MAX_TOP_LOGPROBS))
+
+    def __attrs_post_init__(self) -> None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldProblem("top_logprobs", "top_logprobs needs logprobs: true")
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deep ``value`` nests, counted no further than ``limit`` + 1 (no recursion)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        if isinstance(item, dict):
+            pending.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            pending.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+async def read_body(request: Request[Any, Any, Any], cls: type[T]) -> T:
+    """The request's JSON body structured into ``cls``: a 400 naming the place for anything
+    malformed, too deeply nested, of the wrong type or out of range."""
+    raw = await request.body()
+    try:
+        data = msgspec.json.decode(raw)
+    except RecursionError:
+        raise InvalidInput("request", [f"JSON nested deeper than {MAX_DEPTH} levels"]) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInput("request", [f"the body is not valid JSON: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise InvalidInput("request", ["the body must be a JSON object @ $"])
+    if _depth(data, MAX_DEPTH) > MAX_DEPTH:
+        raise InvalidInput("request", [f"JSON nested deeper than {MAX_DEPTH} levels"])
+    return structure(data, cls, what="request", using=json_converter)
+
+
+async def _until_disconnected(request: Request[Any, Any, Any]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_gone(request: Request[Any, Any, Any], answer: Awaitable[T]) -> T:
+    """``answer``, or ClientGone as soon as the client disconnects: the request leaves the
+    deployment's queue instead of being decoded for nobody."""
+    work = asyncio.ensure_future(answer)
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()
+        raise ClientGone
+    return work.result()
 
 
 def _stops(stop: Any) -> tuple[str, ...]:
@@ -91,22 +153,23 @@ def _prompts(prompt: Any) -> list[str]:
     return prompts
 
 
-def _check_n(n: int) -> None:
-    if not 1 <= n <= MAX_N:
-        raise InvalidInput("request", [f"n must lie in 1..{MAX_N}, got {n} @ $.n"])
-
-
 def _messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
     messages = []
     for index, message in enumerate(raw):
         role, content = message.get("role"), message.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        if isinstance(content, list):  # content parts: text ones only
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content
+            ):
                 raise InvalidInput(
                     "request",
-                    [f"only text content parts are supported @ $.messages[{index}].content"],
+                    [
+                        'only text content parts ({"type": "text", "text": "..."}) '
+                        f"are supported @ $.messages[{index}].content"
+                    ],
                 )
-            content = "".join(str(p.get("text", "")) for p in content)
+            content = "".join(p["text"] for p in content)
         if role not in ("system", "user", "assistant", "developer") or not isinstance(content, str):
             raise InvalidInput(
                 "request",
@@ -186,14 +249,14 @@ class OpenAIController(Controller):
         }
 
     @post("/completions", status_code=200)
-    async def completions(self, state: State, data: JSONBody[dict[str, Any]]) -> Any:
-        body = structure(data, CompletionBody, what="request")
-        _check_n(body.n)
+    async def completions(self, state: State, request: Request[Any, Any, Any]) -> Any:
+        body = await read_body(request, CompletionBody)
         deployment: Deployment = state.deployments.get(body.model)
+        max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS["completions"]
         requests = [
             GenerationRequest(
                 prompt=prompt,
-                max_tokens=body.max_tokens,
+                max_tokens=max_tokens,
                 temperature=body.temperature,
                 top_p=body.top_p,
                 top_k=body.top_k,
@@ -221,7 +284,7 @@ class OpenAIController(Controller):
         }
         if body.stream:
             return await _stream(
-                deployment.batcher,
+                deployment,
                 requests,
                 lambda index, chunk: {
                     **head,
@@ -235,7 +298,7 @@ class OpenAIController(Controller):
                     ],
                 },
             )
-        generations = await deployment.batcher.generate(requests)
+        generations = await unless_gone(request, deployment.generate(requests))
         prompt_tokens = sum(g.prompt_tokens for g in generations[:: body.n])
         return {
             **head,
@@ -252,12 +315,14 @@ class OpenAIController(Controller):
         }
 
     @post("/chat/completions", status_code=200)
-    async def chat_completions(self, state: State, data: JSONBody[dict[str, Any]]) -> Any:
-        body = structure(data, ChatBody, what="request")
-        _check_n(body.n)
+    async def chat_completions(self, state: State, request: Request[Any, Any, Any]) -> Any:
+        body = await read_body(request, ChatBody)
         deployment: Deployment = state.deployments.get(body.model)
-        prompt = deployment.runner.chat_prompt(_messages(body.messages))
-        max_tokens = body.max_completion_tokens or body.max_tokens or 256
+        prompt = deployment.chat_prompt(_messages(body.messages))
+        max_tokens = next(
+            (n for n in (body.max_completion_tokens, body.max_tokens) if n is not None),
+            DEFAULT_MAX_TOKENS["chat"],
+        )
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         requests = [
             GenerationRequest(
@@ -305,8 +370,8 @@ class OpenAIController(Controller):
                     ],
                 }
 
-            return await _stream(deployment.batcher, requests, chunk_event, opening)
-        generations = await deployment.batcher.generate(requests)
+            return await _stream(deployment, requests, chunk_event, opening)
+        generations = await unless_gone(request, deployment.generate(requests))
         return {
             **head,
             "object": "chat.completion",
@@ -324,12 +389,12 @@ class OpenAIController(Controller):
 
 
 async def _stream(
-    batcher: Batcher, requests: list[GenerationRequest], event: Any, opening: Any = None
+    deployment: Deployment, requests: list[GenerationRequest], event: Any, opening: Any = None
 ) -> Stream:
     """Server-sent events, one choice after another, decoded by the deployment's worker. The
     first chunk is awaited before the response starts, so a bad request still gets a 4xx
     instead of a broken stream; a client that disconnects stops the decoding."""
-    chunks = batcher.stream(requests)
+    chunks = deployment.stream(requests)
     try:
         first = await anext(chunks)
     except StopAsyncIteration:
@@ -348,7 +413,12 @@ async def _stream(
         finally:
             await chunks.aclose()
 
-    return Stream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    # The content type goes in the headers: Litestar lets a handler's default (JSON) override a
+    # Stream's media_type.
+    return Stream(
+        events(),
+        headers={"content-type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"},
+    )
 
 
 async def _chain(

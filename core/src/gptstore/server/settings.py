@@ -1,11 +1,23 @@
-"""``[server]`` and ``[deployments.NAME]`` in config.toml."""
+"""``[server]`` and ``[deployments.NAME]``: from the store's config.toml, or from a file given to
+``gptstore serve --config``; checked whole before the server listens."""
 
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
-from attrs import Factory, field, frozen
+from attrs import field, frozen
+
+from gptstore.artifacts import ArtifactStore
+from gptstore.config import Store, read_toml
+from gptstore.converter import structure
+from gptstore.errors import GptstoreError, InvalidInput
+from gptstore.manager import PluginManager
+from gptstore.serving.deployments import DeploymentSpec, Plan, check_name, plan
+
+#: How ``gptstore serve --config FILE`` tells uvicorn's worker processes which file it checked.
+SERVER_CONFIG_ENV = "GPTSTORE_SERVER_CONFIG"
 
 
 def _check_key(_instance: Any, _attribute: Any, key: str) -> None:
@@ -38,16 +50,83 @@ class ServerSettings:
         return {k.key: k.role for k in self.api_keys}
 
 
-@frozen(kw_only=True)
-class DeploymentSpec:
-    """``[deployments.NAME]``: an artifact served on a backend, loaded when the server starts.
+@frozen
+class ServerConfig:
+    """The server's settings and deployments, and the file each table came from."""
 
-    Requests are decoded in batches of up to ``max_batch`` rows; at most ``max_queue`` requests
-    wait, and more are refused with 429 and Retry-After.
-    """
+    settings: ServerSettings
+    deployments: dict[str, DeploymentSpec]
+    files: dict[str, str]
 
-    artifact: str
-    backend: str
-    options: dict[str, Any] = Factory(dict)
-    max_batch: int = 8
-    max_queue: int = 64
+
+def server_config(store: Store, config: Path | None = None) -> ServerConfig:
+    """``[server]`` and ``[deployments]``: from ``config`` (a TOML file) where it has them, else
+    from the store's config.toml. Problems name the file and the setting."""
+    raw = store.read_raw_config()
+    files = {"server": str(store.config_path), "deployments": str(store.config_path)}
+    if config is not None:
+        extra = read_toml(config)
+        unknown = sorted(set(extra) - {"server", "deployments"})
+        if unknown:
+            raise InvalidInput(
+                str(config),
+                [
+                    f"unknown table(s) {', '.join(unknown)}; a server config has [server] and "
+                    "[deployments.NAME]"
+                ],
+            )
+        for table in ("server", "deployments"):
+            if table in extra:
+                raw[table], files[table] = extra[table], str(config)
+    return parse_server_config(raw, files)
+
+
+def parse_server_config(raw: dict[str, Any], files: dict[str, str]) -> ServerConfig:
+    """The ``server`` and ``deployments`` tables of ``raw`` checked as ``gptstore serve`` reads
+    them (``files`` names where each table came from, for messages)."""
+    settings = structure(
+        raw.get("server", {}),
+        ServerSettings,
+        what=f"[server] in {files['server']}",
+        path="$.server",
+    )
+    specs = structure(
+        raw.get("deployments", {}),
+        dict[str, DeploymentSpec],
+        what=f"[deployments] in {files['deployments']}",
+        path="$.deployments",
+    )
+    for name in specs:
+        try:
+            check_name(name)
+        except InvalidInput as exc:
+            raise InvalidInput(f"[deployments] in {files['deployments']}", exc.problems) from None
+    return ServerConfig(settings, specs, files)
+
+
+def plan_deployments(
+    config: ServerConfig, manager: PluginManager, artifacts: ArtifactStore
+) -> dict[str, Plan]:
+    """Check every deployment without loading it: its artifact exists, its backend is
+    installed, its options are that backend's. All problems are reported at once, each naming
+    the file and the place (``$.deployments.NAME.options.x``)."""
+    plans: dict[str, Plan] = {}
+    problems: list[str] = []
+    for name, spec in config.deployments.items():
+        where = f"$.deployments.{name}"
+        try:
+            plans[name] = plan(
+                manager,
+                artifacts,
+                spec.artifact,
+                spec.backend,
+                spec.options,
+                where=f"{where}.options",
+            )
+        except InvalidInput as exc:
+            problems.extend(exc.problems)
+        except GptstoreError as exc:
+            problems.append(f"{exc} @ {where}")
+    if problems:
+        raise InvalidInput(f"[deployments] in {config.files['deployments']}", problems)
+    return plans

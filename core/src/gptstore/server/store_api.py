@@ -17,8 +17,8 @@ from gptstore.catalog import Catalog, Entry
 from gptstore.config import Store
 from gptstore.converter import structure, unstructure
 from gptstore.selection import make_scorer, select_models, selection_json
-from gptstore.server.deployments import Deployment
-from gptstore.types import Requirement, RunnerHealth
+from gptstore.serving.deployments import DeploymentSpec
+from gptstore.types import Requirement
 
 
 @frozen(kw_only=True)
@@ -30,35 +30,8 @@ class SelectBody:
     explain_excluded: int = 20
 
 
-@frozen(kw_only=True)
-class DeploymentBody:
-    name: str
-    artifact: str
-    backend: str
-    options: dict[str, Any] = Factory(dict)
-    max_batch: int = 8
-    max_queue: int = 64
-
-
 def _entry(entry: Entry) -> dict[str, Any]:
     return {**unstructure(entry.card), "uid": entry.card.uid, "listed": entry.listed}
-
-
-def _deployment(deployment: Deployment) -> dict[str, Any]:
-    health = deployment.runner.health()
-    if not deployment.batcher.alive:
-        health = RunnerHealth(False, "its batch worker has stopped")
-    return {
-        "name": deployment.name,
-        "artifact": deployment.artifact.id,
-        "backend": deployment.backend,
-        "options": deployment.options,
-        "max_batch": deployment.batcher.max_batch,
-        "max_queue": deployment.batcher.max_queue,
-        "batches": unstructure(deployment.batcher.stats),
-        "created_at": deployment.created_at.isoformat(),
-        "health": {"ok": health.ok, "message": health.message},
-    }
 
 
 def _catalog(state: State) -> Catalog:
@@ -124,35 +97,24 @@ class StoreController(Controller):
         store: Store = state.store
         artifacts = ArtifactStore(store.artifacts_dir)
         artifact = artifacts.get(check_artifact_id(artifact_id))
-        lineage: list[dict[str, Any]] = []
-        parent = artifact.manifest.parent
-        while parent is not None and len(lineage) < 100:
-            manifest = artifacts.get(parent).manifest
-            lineage.append(unstructure(manifest))
-            parent = manifest.parent
+        lineage = [unstructure(a.manifest) for a in artifacts.lineage(artifact)[1:]]
         return {**unstructure(artifact.manifest), "lineage": lineage}
 
     @get("/deployments", sync_to_thread=False)
     def deployments(self, state: State) -> list[dict[str, Any]]:
-        return [_deployment(d) for d in state.deployments.list()]
+        return [d.status() for d in state.deployments.list()]
 
     @get("/deployments/{name:str}", sync_to_thread=False)
     def deployment(self, state: State, name: FromPath[str]) -> dict[str, Any]:
-        return _deployment(state.deployments.get(name))
+        return state.deployments.get(name).status()  # type: ignore[no-any-return]
 
     @post("/deployments", status_code=201, sync_to_thread=True, opt={"role": "admin"})
     def create(self, state: State, data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
-        body = structure(data, DeploymentBody, what="request")
-        return _deployment(
-            state.deployments.create(
-                body.name,
-                body.artifact,
-                body.backend,
-                body.options,
-                max_batch=body.max_batch,
-                max_queue=body.max_queue,
-            )
-        )
+        """A deployment from ``{"name": ..., **DeploymentSpec}``; 409 when the name is taken."""
+        body = dict(data)
+        name = structure(body.pop("name", None), str, what="request", path="$.name")
+        spec = structure(body, DeploymentSpec, what="request")
+        return state.deployments.create(name, spec).status()  # type: ignore[no-any-return]
 
     @delete("/deployments/{name:str}", status_code=204, sync_to_thread=True, opt={"role": "admin"})
     def remove(self, state: State, name: FromPath[str]) -> None:

@@ -53,6 +53,11 @@ def store_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    for module in ("torch", "transformers", "tokenizers", "safetensors"):
+        pytest.importorskip(
+            module,
+            reason=f"tiny_model builds a real model with {module}: pip install 'gptstore[test]'",
+        )
     from gptstore.testing.models import build_causal_lm
 
     return build_causal_lm(

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from gptstore.config import Store
-from gptstore.server.app import server_config
+from gptstore.server.settings import server_config
 from gptstore.testing import serving_process
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import openai
 
-    settings, _deployments = server_config(Store(), args.config)  # checked as serve will
+    settings = server_config(Store(), args.config).settings  # checked as serve will
     key = args.key or (settings.api_keys[0].key if settings.api_keys else "none")
     with serving_process("--config", str(args.config)) as base:
         print(f"gptstore serve is ready at {base}; asking {args.model}:", flush=True)

@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from gptstore.modelfiles import SAFETENSORS_DTYPES, as_tuple, parse_model_index
-from gptstore.types import ModelCard
+from gptstore.plugin import (
+    SAFETENSORS_DTYPES,
+    ModelCard,
+    as_tuple,
+    parse_model_index,
+)
 
 SOURCE = "hf"
 

@@ -24,13 +24,20 @@ from typing import Any
 
 from attrs import field, frozen
 
-from gptstore.artifacts import sha256_file
-from gptstore.builtins.local import matching
-from gptstore.config import store_home
-from gptstore.errors import GptstoreError, NotFound, RefusedModel
-from gptstore.modelfiles import readme_text
-from gptstore.protocols import Refusal
-from gptstore.types import ModelCard, SearchQuery, SourceStatus, str_tuple
+from gptstore.plugin import (
+    GptstoreError,
+    ModelCard,
+    NotFound,
+    Refusal,
+    RefusedModel,
+    SearchQuery,
+    SourceStatus,
+    cache_dir,
+    matching,
+    readme_text,
+    sha256_file,
+    str_tuple,
+)
 
 SOURCE = "gguf"
 
@@ -146,7 +153,7 @@ class GgufSource:
     def __init__(self, options: GgufOptions | None) -> None:
         options = options or GgufOptions()
         self.options = options
-        self.cache = Path(options.cache_dir or store_home() / "cache" / "gguf").expanduser()
+        self.cache = Path(options.cache_dir or cache_dir("gguf")).expanduser()
 
     def files(self) -> Iterator[Path | Refusal]:
         for raw in self.options.paths:

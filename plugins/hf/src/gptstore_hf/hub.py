@@ -22,12 +22,23 @@ from typing import Any, Literal
 
 from attrs import field, frozen
 
-from gptstore.builtins.local import matching, read_card
-from gptstore.errors import GptstoreError, InvalidInput, NotFound, RefusedModel
-from gptstore.modelfiles import PICKLE_SUFFIXES, context_length, weight_files
-from gptstore.protocols import Refusal
-from gptstore.types import ModelCard, SearchQuery, SourceStatus, str_tuple
-from gptstore.units import parse_count
+from gptstore.plugin import (
+    PICKLE_SUFFIXES,
+    GptstoreError,
+    InvalidInput,
+    ModelCard,
+    NotFound,
+    Refusal,
+    RefusedModel,
+    SearchQuery,
+    SourceStatus,
+    context_length,
+    matching,
+    parse_count,
+    read_card,
+    str_tuple,
+    weight_files,
+)
 from gptstore_hf.cards import SOURCE, model_info_to_card
 
 DEFAULT_ENDPOINT = "https://huggingface.co"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from gptstore import hookimpl
-from gptstore.records import ModelSource
+from gptstore.plugin import (
+    ModelSource,
+    hookimpl,
+)
 from gptstore_hf.gguf_source import GgufOptions, GgufSource
 from gptstore_hf.hub import HubOptions, HubSource
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from gptstore import hookimpl
-from gptstore.records import OptimizationStrategy, ServingBackend
+from gptstore.plugin import OptimizationStrategy, ServingBackend, hookimpl
+from gptstore_onnx.export import ExportOptions, OnnxExport
+from gptstore_onnx.quantize import OnnxQuantize, QuantizeOptions
 from gptstore_onnx.runner import OrtBackend, OrtOptions
-from gptstore_onnx.strategies import ExportOptions, OnnxExport, OnnxQuantize, QuantizeOptions
 
 
 @hookimpl
@@ -22,7 +22,8 @@ def gptstore_optimization_strategies() -> Iterator[OptimizationStrategy]:
         name="onnx-quantize",
         factory=OnnxQuantize,
         options_type=QuantizeOptions,
-        description="Dynamic int8 quantization, perplexity change measured",
+        description="8-bit weights (MatMulNBits blocks, or dynamic int8), perplexity change "
+        "measured",
     )
 
 

@@ -9,10 +9,13 @@ from typing import Any
 
 from attrs import field, frozen
 
-from gptstore.decoding import Decoder, DecodingRunner, serving_tokenizer
-from gptstore.errors import InvalidInput, NotFound
-from gptstore.types import (
+from gptstore.plugin import (
     Artifact,
+    Decoder,
+    DecodingRunner,
+    InvalidInput,
+    NotFound,
+    serving_tokenizer,
     str_tuple,
 )
 
@@ -69,8 +72,11 @@ def choose_providers(requested: tuple[str, ...]) -> list[str]:
 
 
 class OrtBackend:
-    def load(self, artifact: Artifact, options: OrtOptions | None) -> OrtRunner:
-        return OrtRunner(artifact.path, options or OrtOptions())
+    def __init__(self, options: OrtOptions | None = None) -> None:
+        self.options = options or OrtOptions()
+
+    def load(self, artifact: Artifact) -> OrtRunner:
+        return OrtRunner(artifact.path, self.options)
 
 
 class OrtRunner(DecodingRunner):

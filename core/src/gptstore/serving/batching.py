@@ -27,7 +27,7 @@ from typing import Any
 
 from attrs import define, frozen
 
-from gptstore.errors import GptstoreError, Unavailable
+from gptstore.errors import GptstoreError, PluginError, Unavailable
 from gptstore.protocols import Runner, StreamChunk
 from gptstore.types import Generation, GenerationRequest
 
@@ -223,9 +223,14 @@ class Batcher:
             part = batch[start : start + self.max_batch]
             answers = self.runner.generate(part)
             if len(answers) != len(part):
-                raise GptstoreError(
+                raise PluginError(
                     f"deployment {self.name!r}: its runner answered {len(answers)} of "
                     f"{len(part)} requests"
+                )
+            if any(r.logprobs is not None and a.logprobs is None for r, a in zip(part, answers)):
+                raise PluginError(
+                    f"deployment {self.name!r}: its runner declares log-probabilities but "
+                    "returned none"
                 )
             generations.extend(answers)
         return generations

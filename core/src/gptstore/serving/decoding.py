@@ -11,6 +11,7 @@ numpy is imported when a loop runs: backends depend on it, the core does not.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import threading
 from collections import deque
@@ -20,13 +21,14 @@ from typing import Any, Literal
 
 from attrs import define, field
 
-from gptstore.errors import GptstoreError, InvalidInput, Unavailable
+from gptstore.errors import ContextLengthExceeded, GptstoreError, InvalidInput, Unavailable
 from gptstore.protocols import StreamChunk
 from gptstore.types import (
     ChatMessage,
     Generation,
     GenerationRequest,
     RunnerHealth,
+    RunnerInfo,
     TextLogprobs,
     TokenLogprob,
 )
@@ -37,8 +39,13 @@ from gptstore.types import (
 #: call returned after that (one new token per row).
 Forward = Callable[[Any, Any, Any, Any], tuple[Any, Any]]
 
+#: The most alternatives a request may ask for per token: each is a decoded string in the answer,
+#: so an unbounded count lets one small request fill the server's memory (OpenAI allows 20).
+MAX_LOGPROBS = 20
+
 
 def check_request(request: GenerationRequest) -> None:
+    """InvalidInput listing what is wrong with a request, whichever model it is for."""
     problems = []
     if not request.prompt:
         problems.append("the prompt is empty")
@@ -50,6 +57,8 @@ def check_request(request: GenerationRequest) -> None:
         problems.append(f"top_p must lie in (0, 1], got {request.top_p}")
     if request.top_k < 0:
         problems.append(f"top_k must not be negative, got {request.top_k}")
+    if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+        problems.append(f"logprobs must lie in 0..{MAX_LOGPROBS}, got {request.logprobs}")
     if problems:
         raise InvalidInput("generation request", problems)
 
@@ -110,17 +119,8 @@ class Decoder:
             return
         ids, mask, lengths = self.encode([r.prompt for r in requests])
         for request, length in zip(requests, lengths, strict=True):
-            if self.context_length and length + request.max_tokens > self.context_length:
-                raise InvalidInput(
-                    "generation request",
-                    [
-                        f"the prompt's {length} tokens plus max_tokens {request.max_tokens} exceed "
-                        f"the model's context of {self.context_length} tokens"
-                    ],
-                )
-        rows = [
-            Row(r, n, np.random.default_rng(r.seed)) for r, n in zip(requests, lengths, strict=True)
-        ]
+            check_context(length, request.max_tokens, self.context_length)
+        rows = [Row(r, n, generator(r.seed)) for r, n in zip(requests, lengths, strict=True)]
         positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
         state = None
         pad = self.tokenizer.pad_token_id or 0
@@ -238,6 +238,10 @@ class DecodingRunner:
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
         self.tokenizer = decoder.tokenizer
+        # count_tokens runs on the server's event loop while a batch is being tokenized on the
+        # worker thread; a fast tokenizer used from two threads at once fails ("Already
+        # borrowed"), so counting has its own copy.
+        self._counting_tokenizer = copy.deepcopy(decoder.tokenizer)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -252,6 +256,12 @@ class DecodingRunner:
 
     def _release(self) -> None:
         raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._counting_tokenizer(text)["input_ids"])
+
+    def info(self) -> RunnerInfo:
+        return RunnerInfo(context_length=self.decoder.context_length or None, logprobs=True)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -300,6 +310,26 @@ def serving_tokenizer(folder: Path) -> Any:
     return tokenizer
 
 
+def check_context(prompt_tokens: int, max_tokens: int, context_length: int | None) -> None:
+    """ContextLengthExceeded when a prompt and its completion do not fit in the context."""
+    if context_length and prompt_tokens + max_tokens > context_length:
+        raise ContextLengthExceeded(
+            "generation request",
+            [
+                f"the prompt's {prompt_tokens} tokens plus max_tokens {max_tokens} exceed "
+                f"the model's context of {context_length} tokens; shorten the prompt or lower "
+                "max_tokens"
+            ],
+        )
+
+
+def generator(seed: int | None) -> Any:
+    """A row's random generator; any integer seed works (a negative one wraps as 64 bits)."""
+    import numpy as np
+
+    return np.random.default_rng(None if seed is None else seed % 2**64)
+
+
 def log_softmax(logits: Any) -> Any:
     import numpy as np
 
@@ -313,7 +343,10 @@ def pick(logits: Any, request: GenerationRequest, rng: Any) -> int:
 
     if request.temperature == 0:
         return int(logits.argmax())
-    scores = logits / request.temperature
+    # Shifted before dividing, so the best token scores 0 at any temperature: a tiny one sends
+    # the others to -inf (greedy in effect) instead of overflowing into inf - inf = NaN.
+    with np.errstate(over="ignore"):
+        scores = (logits.astype(np.float64) - logits.max()) / request.temperature
     if request.top_k > 0 and request.top_k < scores.shape[-1]:
         kth = np.partition(scores, -request.top_k)[-request.top_k]
         scores = np.where(scores < kth, -np.inf, scores)

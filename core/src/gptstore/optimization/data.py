@@ -1,0 +1,89 @@
+"""Datasets for optimization and evaluation: read from files, digested, split deterministically.
+
+A file is plain text (one example per non-empty line) or JSONL (``.jsonl``): one JSON object per
+line with ``text`` (a string) or ``messages`` (a chat, rendered with the model's template by the
+step that uses it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from gptstore.errors import InvalidInput
+from gptstore.types import ChatMessage, Dataset, Example
+
+#: The built-in corpus: text every Python install has (the documentation topics of pydoc).
+DEFAULT_CORPUS = "pydoc_data.topics"
+
+
+def digest(examples: Sequence[Example]) -> str | None:
+    """sha256 over the examples in order (None when there are none)."""
+    if not examples:
+        return None
+    total = hashlib.sha256()
+    for example in examples:
+        if isinstance(example, str):
+            encoded = example.encode()
+        else:
+            encoded = json.dumps([[m.role, m.content] for m in example]).encode()
+        total.update(hashlib.sha256(encoded).digest())
+    return total.hexdigest()
+
+
+def dataset(examples: Sequence[Example], origin: str) -> Dataset:
+    return Dataset(tuple(examples), digest(examples), origin)
+
+
+def _message(value: object, where: str) -> ChatMessage:
+    if (
+        not isinstance(value, dict)
+        or not isinstance(value.get("role"), str)
+        or not isinstance(value.get("content"), str)
+    ):
+        raise ValueError(f'each message needs a string "role" and "content" @ {where}')
+    return ChatMessage(value["role"], value["content"])
+
+
+def load_dataset(path: Path) -> Dataset:
+    """The examples of a text or JSONL file; InvalidInput naming the file and line otherwise."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(str(path), [f"cannot read it: {exc}"]) from None
+    if path.suffix.lower() != ".jsonl":
+        return dataset([line for line in lines if line.strip()], str(path))
+    examples: list[Example] = []
+    problems = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                examples.append(item["text"])
+            elif isinstance(item, dict) and isinstance(item.get("messages"), list):
+                examples.append(
+                    tuple(
+                        _message(m, f"line {number}, messages[{i}]")
+                        for i, m in enumerate(item["messages"])
+                    )
+                )
+            else:
+                raise ValueError('expected an object with "text" (a string) or "messages" (a list)')
+        except (json.JSONDecodeError, ValueError) as exc:
+            problems.append(f"line {number}: {exc}")
+            if len(problems) >= 5:
+                break
+    if problems:
+        raise InvalidInput(str(path), problems)
+    return dataset(examples, str(path))
+
+
+def default_texts(limit: int = 3000) -> list[str]:
+    """A passage of the built-in corpus (no download), for demos and default measurements."""
+    import pydoc_data.topics
+
+    return [pydoc_data.topics.topics["assignment"][:limit]]

@@ -1,0 +1,34 @@
+"""API keys: routes say ``opt={"role": "user" | "admin" | None}``; keys come from
+``Authorization: Bearer KEY``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.handlers.base import BaseRouteHandler
+
+from gptstore.server.settings import ServerSettings
+
+
+async def require_role(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """Guard. (Async and reading the raw headers: it runs on every inference request, where a
+    sync guard would cost a worker-thread hop.)"""
+    needed = handler.opt.get("role")
+    if needed is None or connection.scope.get("method") == "OPTIONS":  # says only what exists
+        return
+    settings: ServerSettings = connection.app.state.settings
+    header = next((v for k, v in connection.scope["headers"] if k == b"authorization"), b"")
+    key = header[7:].strip().decode("latin-1") if header[:7].lower() == b"bearer " else ""
+    if not key:
+        if needed == "user" and settings.anonymous_inference:
+            return
+        raise NotAuthorizedException("missing API key: send 'Authorization: Bearer <key>'")
+    role = settings.roles.get(key)
+    if role is None:
+        raise NotAuthorizedException("invalid API key")
+    if needed == "admin" and role != "admin":
+        raise PermissionDeniedException("this endpoint changes state and needs an admin key")

@@ -1,0 +1,44 @@
+"""``/health`` (the process answers) and ``/ready`` (the configured deployments are loaded), for
+GET and HEAD. ``gptstore serve`` loads them before it listens, so ``/ready`` answers 200 from the
+first request on; it lists the deployments the store API is loading meanwhile."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Response, get, head
+from litestar.datastructures import State
+
+from gptstore.serving.deployments import Deployments
+
+
+@get("/health", sync_to_thread=False)
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@head("/health", sync_to_thread=False)
+def health_head() -> None:
+    return None
+
+
+def _readiness(state: State) -> tuple[bool, dict[str, Any]]:
+    deployments: Deployments | None = getattr(state, "deployments", None)
+    ready = deployments is not None
+    loading = deployments.loading() if deployments is not None else []
+    return ready, {"ready": ready, "loading": loading}
+
+
+@get("/ready", sync_to_thread=False)
+def ready(state: State) -> Response[dict[str, Any]]:
+    ok, body = _readiness(state)
+    return Response(body, status_code=200 if ok else 503)
+
+
+@head("/ready", sync_to_thread=False)
+def ready_head(state: State) -> Response[None]:
+    ok, _body = _readiness(state)
+    return Response(None, status_code=200 if ok else 503)
+
+
+ROUTES = [health, health_head, ready, ready_head]

@@ -1,0 +1,220 @@
+"""Contract test suites: what the core relies on from a model source, a scoring policy, an
+optimization strategy or a serving backend, as pytest classes any plugin runs against itself.
+
+Subclass one in a test module of your plugin and provide its fixtures::
+
+    from gptstore.testing.contracts import BackendContract
+
+
+    class TestMyBackend(BackendContract):
+        @pytest.fixture
+        def runner(self, tiny_model):
+            runner = MyBackend(MyOptions()).load(Artifact(tiny_model, Manifest(id="tiny")))
+            yield runner
+            runner.close()
+
+Every test of the class then runs against your plugin. The suites check behaviour through the
+documented protocols only (see docs/plugins/hooks.md), so a plugin that passes them works with
+``gptstore sync``, ``select``, ``optimize`` and ``serve``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gptstore.artifacts import ArtifactStore, hash_files
+from gptstore.catalog import Catalog
+from gptstore.errors import Cancelled, GptstoreError
+from gptstore.modelfiles import PICKLE_SUFFIXES
+from gptstore.protocols import Optimizer, Refusal, Runner, Scorer, Source, SqlRankable
+from gptstore.selection import select_models
+from gptstore.types import (
+    Artifact,
+    ChatMessage,
+    Generation,
+    GenerationRequest,
+    ModelCard,
+    OptimizationContext,
+    Requirement,
+    RunnerHealth,
+    RunnerInfo,
+    Score,
+    SearchQuery,
+    SourceStatus,
+)
+
+
+class SourceContract:
+    """A model source. Fixtures: ``source`` (built, its folders or server set up so that it
+    lists at least one model) and ``source_name`` (its record's name)."""
+
+    def test_status_says_whether_it_can_answer(self, source: Any) -> None:
+        assert isinstance(source, Source)
+        status = source.status()
+        assert isinstance(status, SourceStatus)
+        assert isinstance(status.message, str)
+        assert status.message
+
+    def test_search_yields_its_own_cards_or_refusals(self, source: Any, source_name: str) -> None:
+        items = list(source.search(SearchQuery()))
+        cards = [i for i in items if isinstance(i, ModelCard)]
+        assert cards, "the source lists no model; set up its fixture with at least one"
+        assert all(isinstance(i, ModelCard | Refusal) for i in items)
+        assert {c.source for c in cards} == {source_name}
+        assert len({c.uid for c in cards}) == len(cards), "model ids must be unique"
+
+    def test_search_stops_at_its_limit(self, source: Any) -> None:
+        cards = [i for i in source.search(SearchQuery(limit=1)) if isinstance(i, ModelCard)]
+        assert len(cards) <= 1
+
+    def test_fetch_puts_safetensors_in_a_new_folder_under_dest(
+        self, source: Any, tmp_path: Path
+    ) -> None:
+        card = next(i for i in source.search(SearchQuery()) if isinstance(i, ModelCard))
+        dest = tmp_path / "dest"
+        dest.mkdir()
+        folder = source.fetch(card.model_id, card.revision, dest)
+        assert folder.is_dir()
+        assert folder.resolve().is_relative_to(dest.resolve())
+        assert folder.resolve() != dest
+        assert list(folder.glob("*.safetensors")), "fetched models carry safetensors weights"
+        assert not [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+
+    def test_fetching_an_unknown_model_is_a_clear_error(self, source: Any, tmp_path: Path) -> None:
+        with pytest.raises(GptstoreError):
+            source.fetch("no-such-model-anywhere", None, tmp_path)
+
+
+class ScorerContract:
+    """A scoring policy. Fixtures: ``scorer`` (built) and ``cards`` (a few cards, of one source,
+    that differ in what the scorer weighs)."""
+
+    requirement = Requirement()
+
+    def test_scores_are_finite_and_explained(self, scorer: Any, cards: list[ModelCard]) -> None:
+        assert isinstance(scorer, Scorer)
+        for card in cards:
+            score = scorer.score(card, self.requirement)
+            assert isinstance(score, Score)
+            assert math.isfinite(score.total)
+            for criterion in score.breakdown:
+                assert criterion.name
+                assert isinstance(criterion.detail, str)
+
+    def test_sql_ranking_agrees_with_python(
+        self, scorer: Any, cards: list[ModelCard], tmp_path: Path
+    ) -> None:
+        if not isinstance(scorer, SqlRankable) or scorer.rank_sql(self.requirement) is None:
+            pytest.skip("the scorer ranks in Python only")
+        catalog = Catalog(tmp_path / "catalog.db")
+        catalog.upsert(cards, cards[0].source)
+        ranked = select_models(catalog, scorer, self.requirement, policy="x", limit=len(cards))
+        assert ranked.ranked_in == "sql"
+        in_sql = [c.card.uid for c in ranked.ranked]
+
+        class PythonOnly:
+            def score(self, card: ModelCard, requirement: Requirement) -> Score:
+                return scorer.score(card, requirement)  # type: ignore[no-any-return]
+
+        in_python = select_models(
+            catalog, PythonOnly(), self.requirement, policy="x", limit=len(cards)
+        )
+        assert in_sql == [c.card.uid for c in in_python.ranked]
+
+
+class OptimizerContract:
+    """An optimization strategy. Fixtures: ``optimizer`` (built with its options) and ``parent``
+    (an artifact it accepts, in an :class:`~gptstore.artifacts.ArtifactStore`)."""
+
+    def _context(self, parent: Artifact, **kwargs: Any) -> OptimizationContext:
+        output = ArtifactStore.of(parent).staging_dir()
+        return OptimizationContext(output_dir=output, **kwargs)
+
+    def test_apply_writes_the_output_folder_with_lineage(
+        self, optimizer: Any, parent: Artifact
+    ) -> None:
+        assert isinstance(optimizer, Optimizer)
+        progress: list[float] = []
+        context = self._context(parent, progress=lambda f, _m: progress.append(f))
+        try:
+            result = optimizer.apply(parent, context)
+            assert result.path.resolve() == context.output_dir.resolve()
+            assert result.manifest.parent == parent.id
+            assert result.manifest.step is not None
+            assert result.manifest.files == hash_files(context.output_dir)
+            assert all(0.0 <= f <= 1.0 for f in progress)
+        finally:
+            ArtifactStore.of(parent).discard(context.output_dir)
+
+    def test_a_cancelled_run_stops(self, optimizer: Any, parent: Artifact) -> None:
+        cancel = threading.Event()
+        cancel.set()
+        context = self._context(parent, cancel_event=cancel)
+        try:
+            with pytest.raises(Cancelled):
+                optimizer.apply(parent, context)
+        finally:
+            ArtifactStore.of(parent).discard(context.output_dir)
+
+
+class BackendContract:
+    """A serving backend. Fixture: ``runner`` (loaded; closed by the fixture). ``prompt`` may
+    be overridden with text the model tokenizes."""
+
+    prompt = "Hello, my name is"
+
+    def test_it_declares_what_it_can_do(self, runner: Any) -> None:
+        assert isinstance(runner, Runner)
+        info = runner.info()
+        assert isinstance(info, RunnerInfo)
+        assert info.context_length is None or info.context_length > 0
+        assert runner.count_tokens(self.prompt) > 0
+        assert isinstance(runner.health(), RunnerHealth)
+        assert runner.health().ok
+
+    def test_generate_answers_each_request_in_order(self, runner: Any) -> None:
+        requests = [
+            GenerationRequest(prompt=self.prompt, max_tokens=4),
+            GenerationRequest(prompt=self.prompt + " and", max_tokens=2),
+        ]
+        answers = runner.generate(requests)
+        assert len(answers) == 2
+        assert all(isinstance(a, Generation) for a in answers)
+        for request, answer in zip(requests, answers, strict=True):
+            assert answer.finish_reason in ("stop", "length")
+            assert 0 <= answer.completion_tokens <= request.max_tokens
+            assert answer.prompt_tokens > 0
+
+    def test_greedy_streams_give_the_generated_text(self, runner: Any) -> None:
+        request = GenerationRequest(prompt=self.prompt, max_tokens=6)
+        [whole] = runner.generate([request])
+        chunks = list(runner.stream(request))
+        assert chunks
+        assert chunks[-1].finish_reason == whole.finish_reason
+        assert all(c.finish_reason is None for c in chunks[:-1])
+        assert "".join(c.text for c in chunks) == whole.text
+
+    def test_logprobs_come_back_when_declared(self, runner: Any) -> None:
+        if not runner.info().logprobs:
+            pytest.skip("the runner declares no log-probabilities")
+        request = GenerationRequest(prompt=self.prompt, max_tokens=3, logprobs=2)
+        [answer] = runner.generate([request])
+        assert answer.logprobs is not None
+        assert len(answer.logprobs) >= answer.completion_tokens
+        assert all(len(t.top) == 2 and t.logprob <= 0 for t in answer.logprobs)
+        [scored] = runner.logprobs([self.prompt])
+        assert scored.logprobs[0] is None
+        assert len(scored.tokens) == len(scored.logprobs)
+
+    def test_chat_prompts_are_text(self, runner: Any) -> None:
+        try:
+            prompt = runner.chat_prompt([ChatMessage("user", "Hi")])
+        except GptstoreError:
+            return  # a model without a chat template says so
+        assert isinstance(prompt, str)
+        assert "Hi" in prompt

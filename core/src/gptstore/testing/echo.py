@@ -1,0 +1,121 @@
+"""An ``echo`` serving backend that needs no model: it answers with the prompt's words. For tests
+of HTTP clients, of the server and of anything above a runner, where a real model only costs
+time. Register it on a manager (``manager.register_plugin(gptstore.testing.echo, "echo")``) and
+deploy any artifact on it: :func:`echo_artifact` makes one.
+
+A backend without weights (this one, or a remote engine) still deploys an artifact: the artifact
+is its configuration (for a remote engine, the endpoint and model name in a file) and keeps its
+lineage like any other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from attrs import frozen
+
+from gptstore import hookimpl
+from gptstore.artifacts import ArtifactStore, hash_files
+from gptstore.protocols import StreamChunk
+from gptstore.records import ServingBackend
+from gptstore.types import (
+    Artifact,
+    ChatMessage,
+    Generation,
+    GenerationRequest,
+    Manifest,
+    RunnerHealth,
+    RunnerInfo,
+    TextLogprobs,
+)
+
+
+@frozen(kw_only=True)
+class EchoOptions:
+    """:param context_length: tokens (words) of prompt plus completion it takes.
+    :param uppercase: answer in capitals (so a test can tell two deployments apart)."""
+
+    context_length: int = 2048
+    uppercase: bool = False
+
+
+class EchoRunner:
+    """Answers each request with the first ``max_tokens`` words of its prompt."""
+
+    def __init__(self, options: EchoOptions) -> None:
+        self.options = options
+        self.closed = False
+
+    def _words(self, request: GenerationRequest) -> list[str]:
+        words = request.prompt.split()[: request.max_tokens]
+        return [w.upper() for w in words] if self.options.uppercase else words
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        return [
+            Generation(
+                text=" ".join(self._words(r)),
+                prompt_tokens=self.count_tokens(r.prompt),
+                completion_tokens=len(self._words(r)),
+                finish_reason="length",
+            )
+            for r in requests
+        ]
+
+    def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
+        words = self._words(request)
+        for i, word in enumerate(words):
+            yield StreamChunk(word if i == 0 else f" {word}")
+        yield StreamChunk("", finish_reason="length")
+
+    def logprobs(self, texts: Sequence[str]) -> list[TextLogprobs]:
+        return [
+            TextLogprobs(tuple(t.split()), (None,) + (0.0,) * (len(t.split()) - 1)) for t in texts
+        ]
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        return "\n".join(f"{m.role}: {m.content}" for m in messages)
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def info(self) -> RunnerInfo:
+        return RunnerInfo(context_length=self.options.context_length, logprobs=False)
+
+    def health(self) -> RunnerHealth:
+        return RunnerHealth(not self.closed, "closed" if self.closed else "echo")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class EchoBackend:
+    def __init__(self, options: EchoOptions | None) -> None:
+        self.options = options or EchoOptions()
+
+    def load(self, artifact: Artifact) -> EchoRunner:
+        return EchoRunner(self.options)
+
+
+@hookimpl
+def gptstore_serving_backends() -> Iterator[ServingBackend]:
+    yield ServingBackend(
+        name="echo",
+        factory=EchoBackend,
+        options_type=EchoOptions,
+        description="Answers with the prompt's words (no model; for tests)",
+    )
+
+
+def echo_artifact(artifacts: Path, artifact_id: str = "echo") -> Artifact:
+    """An artifact in the store folder ``artifacts`` to deploy on the echo backend."""
+    store = ArtifactStore(artifacts)
+    staging = store.staging_dir()
+    try:
+        folder = staging / "echo"
+        folder.mkdir()
+        (folder / "echo.json").write_text(json.dumps({"backend": "echo"}))
+        return store.commit(folder, Manifest(id=artifact_id, files=hash_files(folder)))
+    finally:
+        store.discard(staging)

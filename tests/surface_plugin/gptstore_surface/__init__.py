@@ -1,0 +1,1 @@
+"""A plugin written against ``gptstore.plugin`` alone, with all four extension points."""
