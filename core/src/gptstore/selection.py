@@ -15,7 +15,7 @@ from typing import Any, Literal
 from attrs import fields_dict, frozen
 
 from gptstore.catalog import Catalog, Entry
-from gptstore.catalog.filters import sql_filters, violations
+from gptstore.catalog.filters import violations
 from gptstore.config import Config
 from gptstore.converter import unstructure
 from gptstore.errors import GptstoreError, InvalidInput
@@ -121,24 +121,11 @@ def select_models(
     ``explain_excluded`` of the cards that do not."""
     ranking = scorer.rank_sql(requirement) if isinstance(scorer, SqlRankable) else None
     with catalog.read():
-        bits = catalog.bits()
-        table, clauses, params = sql_filters(requirement, bits)
-        where = " AND ".join(clauses) or "1"
-        total = catalog.execute("SELECT count(*) FROM cards")[0][0]
+        total = catalog.count()
         if ranking is not None:
-            matched = catalog.execute(f"SELECT count(*) FROM {table} WHERE {where}", params)[0][0]
-            ids = [
-                row[0]
-                for row in catalog.execute(
-                    f"SELECT c.id, {ranking.expression} AS score FROM {table} WHERE {where} "
-                    f"ORDER BY score DESC, c.parameters IS NULL, c.parameters, c.id LIMIT ?",
-                    [*ranking.params, *params, limit],
-                )
-            ]
+            ids, matched = catalog.ranked_ids(requirement, ranking, limit)
         else:
-            ids = [
-                row[0] for row in catalog.execute(f"SELECT c.id FROM {table} WHERE {where}", params)
-            ]
+            ids = catalog.matching_ids(requirement)
             matched = len(ids)
             if matched > PYTHON_SCORING_LIMIT:
                 raise GptstoreError(
@@ -152,16 +139,9 @@ def select_models(
             Candidate(entry, rank, score)
             for rank, (entry, score) in enumerate(scored[:limit], start=1)
         )
-
         excluded: list[Candidate] = []
         if explain_excluded > 0:
-            _cards, clauses, params = sql_filters(requirement, bits, fast=False)
-            where = " AND ".join(clauses) or "1"
-            rows = catalog.execute(
-                f"SELECT c.id FROM cards c WHERE NOT coalesce(({where}), 0) ORDER BY c.id LIMIT ?",
-                [*params, explain_excluded],
-            )
-            for entry in catalog.entries([row[0] for row in rows]):
+            for entry in catalog.entries(catalog.failing_ids(requirement, explain_excluded)):
                 failures = violations(entry.card, requirement, listed=entry.listed)
                 excluded.append(Candidate(entry, failures=tuple(failures)))
             excluded.sort(key=lambda c: (len(c.failures), c.card.uid))

@@ -22,6 +22,7 @@ from gptstore.catalog.filters import fts_query, fts_text, sql_filters
 from gptstore.catalog.schema import CARD_COLUMNS, MIGRATIONS, SCHEMA_VERSION
 from gptstore.converter import converter
 from gptstore.errors import CatalogError, NotFound
+from gptstore.protocols import SqlRanking
 from gptstore.scoring import epoch_days, popularity_score, size_log
 from gptstore.types import ModelCard, Requirement
 
@@ -451,6 +452,50 @@ class Catalog:
                 ).fetchone()
             return self._entries(conn, ids), int(total)
 
+    def ranked_ids(
+        self, requirement: Requirement, ranking: SqlRanking, limit: int
+    ) -> tuple[list[int], int]:
+        """The ids of the best ``limit`` cards meeting ``requirement`` by ``ranking`` (ties:
+        fewer parameters, then catalog order), and how many meet it."""
+        with self.read() as conn:
+            table, clauses, params = sql_filters(requirement, self.bits())
+            where = " AND ".join(clauses) or "1"
+            (matched,) = conn.execute(
+                f"SELECT count(*) FROM {table} WHERE {where}", params
+            ).fetchone()
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT c.id, {ranking.expression} AS score FROM {table} WHERE {where} "
+                    "ORDER BY score DESC, c.parameters IS NULL, c.parameters, c.id LIMIT ?",
+                    [*ranking.params, *params, limit],
+                )
+            ]
+        return ids, int(matched)
+
+    def matching_ids(self, requirement: Requirement) -> list[int]:
+        """The ids of every card meeting ``requirement``, in catalog order."""
+        with self.read() as conn:
+            table, clauses, params = sql_filters(requirement, self.bits())
+            where = " AND ".join(clauses) or "1"
+            return [
+                row[0] for row in conn.execute(f"SELECT c.id FROM {table} WHERE {where}", params)
+            ]
+
+    def failing_ids(self, requirement: Requirement, limit: int) -> list[int]:
+        """The ids of the first ``limit`` cards (catalog order) that fail ``requirement``."""
+        with self.read() as conn:
+            _cards, clauses, params = sql_filters(requirement, self.bits(), fast=False)
+            where = " AND ".join(clauses) or "1"
+            return [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT c.id FROM cards c WHERE NOT coalesce(({where}), 0) "
+                    "ORDER BY c.id LIMIT ?",
+                    [*params, limit],
+                )
+            ]
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run a read query (selection uses this inside :meth:`read`)."""
+        """Run a read query (tests and benchmarks look inside with it)."""
         return self.connection.execute(sql, params).fetchall()
