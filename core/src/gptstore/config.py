@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from attrs import Factory, frozen
 
 from gptstore.converter import structure
 from gptstore.errors import InvalidInput
+from gptstore.files import atomic_write
 
 CONFIG_FILE = "config.toml"
 CATALOG_FILE = "catalog.db"
@@ -99,12 +99,4 @@ class Store:
     def write_raw_config(self, data: dict[str, Any]) -> None:
         """Check ``data`` as a Config, then replace config.toml atomically."""
         structure(data, Config, what="configuration")
-        self.home.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.home, prefix=".config.", suffix=".toml")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                tomli_w.dump(data, handle)
-            os.replace(tmp, self.config_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.config_path, tomli_w.dumps(data))

@@ -51,10 +51,14 @@ def gptstore_model_sources() -> Iterable[ModelSource]:
 
         from attrs import frozen
 
-        from gptstore import hookimpl
-        from gptstore.protocols import Refusal
-        from gptstore.records import ModelSource
-        from gptstore.types import ModelCard, SearchQuery, SourceStatus
+        from gptstore.plugin import (
+            ModelCard,
+            ModelSource,
+            Refusal,
+            SearchQuery,
+            SourceStatus,
+            hookimpl,
+        )
 
 
         @frozen
@@ -105,9 +109,7 @@ def gptstore_scoring_policies() -> Iterable[ScoringPolicy]:
 
         from attrs import frozen
 
-        from gptstore import hookimpl
-        from gptstore.records import ScoringPolicy
-        from gptstore.types import Criterion, Score
+        from gptstore.plugin import Criterion, Score, ScoringPolicy, hookimpl
 
         PERMISSIVE = ("apache-2.0", "mit", "bsd-3-clause")
 
@@ -162,10 +164,7 @@ def gptstore_optimization_strategies() -> Iterable[OptimizationStrategy]:
 
         from attrs import frozen
 
-        from gptstore import hookimpl
-        from gptstore.artifacts import derive_manifest
-        from gptstore.records import OptimizationStrategy
-        from gptstore.types import Artifact
+        from gptstore.plugin import Artifact, OptimizationStrategy, derive_manifest, hookimpl
 
 
         @frozen
@@ -216,10 +215,15 @@ def gptstore_serving_backends() -> Iterable[ServingBackend]:
 
         from attrs import frozen
 
-        from gptstore import hookimpl
-        from gptstore.protocols import StreamChunk
-        from gptstore.records import ServingBackend
-        from gptstore.types import Generation, RunnerHealth, RunnerInfo, TextLogprobs
+        from gptstore.plugin import (
+            Generation,
+            RunnerHealth,
+            RunnerInfo,
+            ServingBackend,
+            StreamChunk,
+            TextLogprobs,
+            hookimpl,
+        )
 
 
         @frozen

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from gptstore.artifacts import ArtifactStore, hash_files
-from gptstore.optimize import optimize
+from gptstore.optimization.run import optimize
 from gptstore.types import Manifest
 from gptstore_onnx import plugin
 

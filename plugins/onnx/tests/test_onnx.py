@@ -9,7 +9,7 @@ import pytest
 from gptstore.artifacts import ArtifactStore, hash_files
 from gptstore.errors import GptstoreError
 from gptstore.optimization.gates import GateFailed
-from gptstore.optimize import optimize
+from gptstore.optimization.run import optimize
 from gptstore.records import ServingBackend
 from gptstore.testing.contracts import BackendContract, OptimizerContract
 from gptstore.types import GenerationRequest, Manifest

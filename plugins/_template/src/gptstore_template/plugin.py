@@ -10,9 +10,15 @@ from collections.abc import Iterator
 
 from attrs import field, frozen
 
-from gptstore import hookimpl
-from gptstore.records import ScoringPolicy
-from gptstore.types import Criterion, ModelCard, Requirement, Score, str_tuple
+from gptstore.plugin import (
+    Criterion,
+    ModelCard,
+    Requirement,
+    Score,
+    ScoringPolicy,
+    hookimpl,
+    str_tuple,
+)
 
 PERMISSIVE = ("apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0")
 

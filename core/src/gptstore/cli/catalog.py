@@ -1,47 +1,18 @@
-"""The ``gptstore`` command.
-
-User mistakes (a bad flag value, an unknown model or policy) print one line and exit 1; no
-traceback. Heavy libraries are never imported here.
-
-Most of what is printed comes from elsewhere (model cards, plugin records and errors, file paths),
-so rich reads no markup and no emoji codes in it: ``[beta]`` or ``:x:`` is printed as written.
-"""
+"""Catalog commands: ``plugins``, ``sources``, ``sync``, ``search``, ``show`` and ``select``."""
 
 from __future__ import annotations
 
-import json
-import os
-import sqlite3
 import sys
-import tomllib
-import warnings
-from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import click
-import tomli_w
-from attrs import fields_dict
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from gptstore import __version__
-from gptstore.artifacts import ArtifactStore
-from gptstore.catalog import Catalog
-from gptstore.config import Config, Store
+from gptstore.cli.base import App, cli, emit_json, err, out, progress_line
 from gptstore.converter import structure, unstructure
 from gptstore.errors import GptstoreError
-from gptstore.manager import (
-    PluginLoadWarning,
-    PluginManager,
-    build,
-    make_plugin_manager,
-    structure_options,
-)
-from gptstore.optimization.data import load_dataset
-from gptstore.optimize import optimize as optimize_artifact
+from gptstore.manager import build
 from gptstore.records import ModelSource, OptimizationStrategy, ScoringPolicy, ServingBackend
 from gptstore.selection import (
     Selection,
@@ -51,205 +22,9 @@ from gptstore.selection import (
     select_models,
     selection_json,
 )
-from gptstore.serving.deployments import load_runner, plan
-from gptstore.sync import enabled_sources, fetch_model, sync_catalog
-from gptstore.types import ChatMessage, GenerationRequest, ModelCard, Requirement
+from gptstore.sync import enabled_sources, sync_catalog
+from gptstore.types import ModelCard, Requirement
 from gptstore.units import format_bytes, format_count, parse_bytes, parse_count
-
-out = Console(soft_wrap=False, markup=False, emoji=False)
-err = Console(stderr=True, markup=False, emoji=False)
-
-
-class App:
-    """What commands share: the store home, its config, the plugin manager and the catalog."""
-
-    def __init__(self, home: Path | None) -> None:
-        self.store = Store(home)
-
-    @cached_property
-    def manager(self) -> PluginManager:
-        return make_plugin_manager()
-
-    @cached_property
-    def config(self) -> Config:
-        return self.store.config()
-
-    @cached_property
-    def catalog(self) -> Catalog:
-        return Catalog(self.store.catalog_path)
-
-
-class GptstoreGroup(click.Group):
-    """Turns GptstoreError into one clean line and exit status 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except GptstoreError as exc:
-            raise click.ClickException(str(exc)) from None
-        except sqlite3.Error as exc:
-            raise click.ClickException(f"catalog: {exc}") from None
-        except OSError as exc:  # a home or model folder that cannot be read or written
-            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}") from None
-
-
-def _show_warning(message: Any, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
-    label = "plugin" if issubclass(category, PluginLoadWarning) else category.__name__
-    err.print(Text(f"warning ({label}): {message}", style="yellow"))
-
-
-@click.group(cls=GptstoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="gptstore")
-@click.option(
-    "--home",
-    type=click.Path(path_type=Path),
-    envvar="GPTSTORE_HOME",
-    help="Store home (default: $GPTSTORE_HOME or ~/.gptstore).",
-)
-@click.pass_context
-def cli(ctx: click.Context, home: Path | None) -> None:
-    """gptstore: select, optimize, deploy and serve language models."""
-    warnings.showwarning = _show_warning
-    if home is not None:
-        os.environ["GPTSTORE_HOME"] = str(home)  # plugins find the same home
-    ctx.obj = App(home)
-
-
-def _progress() -> Progress:
-    """A transient spinner line on stderr; its text (source names, a strategy's messages) is
-    printed as written, never read as markup."""
-    return Progress(
-        SpinnerColumn(), TextColumn("{task.description}", markup=False), console=err, transient=True
-    )
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
-
-
-# -- init --
-
-
-@cli.command()
-@click.option(
-    "--local-path",
-    "local_paths",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="A folder of HF-format model folders for the local source (repeatable).",
-)
-@click.pass_obj
-def init(app: App, local_paths: tuple[Path, ...]) -> None:
-    """Create the store home and its config.toml (adding local model folders)."""
-    data = app.store.read_raw_config()
-    if local_paths:
-        local = data.setdefault("sources", {}).setdefault("local", {})
-        paths = list(local.get("paths", []))
-        for path in local_paths:
-            resolved = str(path.expanduser().resolve())
-            if not Path(resolved).is_dir():
-                raise GptstoreError(f"--local-path {path}: no such folder")
-            if resolved not in paths:
-                paths.append(resolved)
-        local["paths"] = paths
-    app.store.write_raw_config(data)
-    Catalog(app.store.catalog_path).close()
-    out.print(f"store home {app.store.home} ready; config in {app.store.config_path}")
-
-
-@cli.group()
-def config() -> None:
-    """Read and change config.toml."""
-
-
-@config.command("show")
-@click.pass_obj
-def config_show(app: App) -> None:
-    """Print config.toml."""
-    out.print(tomli_w.dumps(app.store.read_raw_config()) or "# empty")
-
-
-@config.command("set")
-@click.argument("key")
-@click.argument("value")
-@click.pass_obj
-def config_set(app: App, key: str, value: str) -> None:
-    """Set KEY (dotted, e.g. sources.gguf.packages) to VALUE, read as TOML when it parses
-    (["a", "b"], 5, true) and as a plain string otherwise.
-
-    The changed table is checked as the code that reads it will check it; config.toml is left
-    unchanged when it is wrong."""
-    parts = key.split(".")
-    if len(parts) < 2 or not all(parts):
-        raise GptstoreError(
-            f"config key {key!r}: write SECTION.NAME[.OPTION], e.g. sources.local.paths"
-        )
-    sections = list(fields_dict(Config))
-    if parts[0] not in sections:
-        raise GptstoreError(
-            f"config key {key!r}: unknown section {parts[0]!r}; config.toml has "
-            + ", ".join(sections)
-        )
-    try:
-        parsed = tomllib.loads(f"value = {value}")["value"]
-    except tomllib.TOMLDecodeError:
-        parsed = value
-    data = app.store.read_raw_config()
-    table = data
-    for part in parts[:-1]:
-        child = table.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise GptstoreError(f"config key {key!r}: {part} is a value, not a table")
-        table = child
-    table[parts[-1]] = parsed
-    try:
-        unchecked = _check_config_table(app.manager, data, parts)
-    except GptstoreError as exc:
-        hint = ""
-        if "required field missing" in str(exc) and not isinstance(parsed, dict):
-            hint = (  # one key at a time cannot add a table whose keys are all required
-                f"; set the required keys together as one table, e.g. gptstore config set "
-                f"{'.'.join(parts[:2])} '{{ KEY = VALUE, OTHER = VALUE }}'"
-            )
-        raise GptstoreError(f"config set {key}: {exc}; config.toml is unchanged{hint}") from None
-    app.store.write_raw_config(data)
-    out.print(f"{key} = {tomli_w.dumps({'v': parsed}).removeprefix('v = ').strip()}")
-    if unchecked:
-        err.print(Text(f"warning: {unchecked}", style="yellow"))
-
-
-def _check_config_table(manager: PluginManager, data: dict[str, Any], parts: list[str]) -> str:
-    """Check the table of config.toml ``data`` that a ``config set`` of ``parts`` changed, as the
-    code that reads it will: a source's or policy's table against its plugin's options, the
-    server's tables as ``gptstore serve`` reads them. Returns why it could not be checked (no
-    installed plugin provides that source or policy; one may be installed later), else ""."""
-    config = structure(data, Config, what="config.toml")
-    section, name = parts[0], parts[1]
-    if section in ("sources", "policies"):
-        record_type = {"sources": ModelSource, "policies": ScoringPolicy}[section]
-        records = manager.registrations(record_type)
-        if name not in records:
-            return (
-                f"no installed plugin provides a {record_type.kind} named {name!r} "
-                f"(installed: {', '.join(sorted(records)) or 'none'}), so [{section}.{name}] "
-                "was saved unchecked"
-            )
-        if section == "sources":
-            # `enabled` is the core's switch, not the plugin's option.
-            enabled = config.sources[name].get("enabled", True)
-            structure(enabled, bool, what="config.toml", path=f"$.sources.{name}.enabled")
-            options = config.source_options(name)
-        else:
-            options = config.policies[name]
-        structure_options(records[name], options, where=f"$.{section}.{name}")
-    elif section in ("server", "deployments"):
-        from gptstore.server.settings import parse_server_config
-
-        parse_server_config(data, {"server": "config.toml", "deployments": "config.toml"})
-    return ""
-
-
-# -- plugins and sources --
 
 
 @cli.command()
@@ -267,7 +42,7 @@ def plugins(app: App, as_json: bool) -> None:
             provided.setdefault(plugin, []).append(f"{record_type.kind}: {', '.join(names)}")
     infos = manager.plugin_infos()
     if as_json:
-        _emit_json([{**unstructure(i), "provides": provided.get(i.name, [])} for i in infos])
+        emit_json([{**unstructure(i), "provides": provided.get(i.name, [])} for i in infos])
         return
     styles = {"loaded": "green", "failed": "red"}
     table = Table()
@@ -320,7 +95,7 @@ def sources(app: App, as_json: bool) -> None:
             }
         )
     if as_json:
-        _emit_json(rows)
+        emit_json(rows)
         return
     table = Table("source", "plugin", "enabled", "status", "description")
     for row in rows:
@@ -334,9 +109,6 @@ def sources(app: App, as_json: bool) -> None:
     out.print(table)
 
 
-# -- sync --
-
-
 @cli.command()
 @click.argument("names", nargs=-1)
 @click.pass_obj
@@ -345,7 +117,7 @@ def sync(app: App, names: tuple[str, ...]) -> None:
     selected = enabled_sources(app.manager, app.config, names)
     if not selected:
         raise GptstoreError("no enabled model sources; see `gptstore sources`")
-    with _progress() as progress:
+    with progress_line() as progress:
         task = progress.add_task("listing sources")
 
         def report(source: str, count: int) -> None:
@@ -377,198 +149,6 @@ def sync(app: App, names: tuple[str, ...]) -> None:
     )
     if failed:
         sys.exit(1)
-
-
-@cli.command()
-@click.argument("model")
-@click.option(
-    "--id",
-    "artifact_id",
-    help="The artifact's id (reused when it already holds this model at this revision).",
-)
-@click.pass_obj
-def fetch(app: App, model: str, artifact_id: str | None) -> None:
-    """Fetch MODEL from its source into the store as an artifact (pinned to the synced revision)."""
-    entry = app.catalog.resolve(model)
-    artifact = fetch_model(
-        app.manager, app.config, entry.card, ArtifactStore(app.store.artifacts_dir), artifact_id
-    )
-    out.print(f"{entry.card.uid} -> artifact {artifact.id}\n{artifact.path}")
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_obj
-def artifacts(app: App, as_json: bool) -> None:
-    """List the store's artifacts with their origin and parent."""
-    found = ArtifactStore(app.store.artifacts_dir).list()
-    if as_json:
-        _emit_json([{**unstructure(a.manifest), "path": str(a.path)} for a in found])
-        return
-    table = Table("artifact", "kind", "origin", "parent", "files")
-    for artifact in found:
-        manifest = artifact.manifest
-        size = sum((artifact.path / name).stat().st_size for name in manifest.files)
-        table.add_row(
-            artifact.id,
-            manifest.kind,
-            manifest.origin or "-",
-            manifest.parent or "-",
-            f"{len(manifest.files)} ({format_bytes(size)})",
-        )
-    out.print(table)
-
-
-@cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option(
-    "--workers",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Worker processes; each loads every deployment.",
-)
-@click.option(
-    "--config",
-    "config",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="A TOML file whose [server] and [deployments.NAME] tables replace config.toml's.",
-)
-@click.pass_obj
-def serve(app: App, host: str, port: int, workers: int, config: Path | None) -> None:
-    """Serve the OpenAI-compatible API and the store API over HTTP.
-
-    Deployments in [deployments.NAME] are loaded at start; API keys come from [server]
-    api_keys (both from config.toml, or from --config). OpenAPI docs are at /schema.
-    """
-    import uvicorn
-
-    from gptstore.server.settings import SERVER_CONFIG_ENV, plan_deployments, server_config
-
-    # Bad settings, and deployments whose artifact, backend or options are wrong, stop here,
-    # before any worker starts; a deployment that fails to load stops the server before it
-    # listens (exit status 3, uvicorn's for a failed start-up).
-    plan_deployments(
-        server_config(app.store, config), app.manager, ArtifactStore(app.store.artifacts_dir)
-    )
-    os.environ["GPTSTORE_HOME"] = str(app.store.home)
-    if config is not None:
-        os.environ[SERVER_CONFIG_ENV] = str(config.resolve())
-    else:  # the workers read what was checked here: config.toml
-        os.environ.pop(SERVER_CONFIG_ENV, None)
-    uvicorn.run(
-        "gptstore.server:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level="info",
-    )
-
-
-@cli.command()
-@click.argument("artifact")
-@click.argument("strategy")
-@click.option(
-    "--option",
-    "options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A strategy option, VALUE read as TOML when it parses (repeatable).",
-)
-@click.option(
-    "--id",
-    "new_id",
-    help="The new artifact's id (reused when it was made the same way from the same parent).",
-)
-@click.option(
-    "--data",
-    "data_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Training or calibration data: a text file (one example per line) or JSONL "
-    '(objects with "text", or chat "messages").',
-)
-@click.pass_obj
-def optimize(
-    app: App,
-    artifact: str,
-    strategy: str,
-    options: tuple[str, ...],
-    new_id: str | None,
-    data_file: Path | None,
-) -> None:
-    """Derive a new artifact from ARTIFACT with an optimization STRATEGY (onnx-export, ...)."""
-    parsed = _toml_pairs(options, "--option", "max_logit_diff=0.01")
-    data = load_dataset(data_file) if data_file else None
-    with _progress() as progress:
-        task = progress.add_task(f"{strategy} on {artifact}")
-        derived = optimize_artifact(
-            app.manager,
-            ArtifactStore(app.store.artifacts_dir),
-            artifact,
-            strategy,
-            parsed,
-            data=data,
-            progress=lambda f, m: progress.update(task, description=f"{m} ({f:.0%})"),
-            new_id=new_id,
-        )
-    manifest = derived.manifest
-    out.print(f"{artifact} -> {derived.id} ({manifest.kind})")
-    for metric, number in {**manifest.metrics_before, **manifest.metrics_after}.items():
-        out.print(f"  {metric}: {number:.6g}")
-
-
-@cli.command()
-@click.argument("artifact")
-@click.argument("message")
-@click.option("--backend", required=True, help="Serving backend, e.g. onnx or torch.")
-@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--option",
-    "options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A backend option, VALUE read as TOML when it parses (repeatable).",
-)
-@click.pass_obj
-def chat(
-    app: App, artifact: str, message: str, backend: str, max_tokens: int, options: tuple[str, ...]
-) -> None:
-    """Ask ARTIFACT one chat MESSAGE on a serving backend and print the answer (greedy)."""
-    # Checked and loaded as a deployment is: the same options are refused the same way.
-    checked = plan(
-        app.manager,
-        ArtifactStore(app.store.artifacts_dir),
-        artifact,
-        backend,
-        _toml_pairs(options, "--option", "intra_op_threads=2"),
-        where="--option",
-    )
-    runner = load_runner(checked)
-    try:
-        prompt = runner.chat_prompt([ChatMessage("user", message)])
-        [answer] = runner.generate([GenerationRequest(prompt=prompt, max_tokens=max_tokens)])
-    finally:
-        runner.close()
-    out.print(answer.text)
-
-
-def _toml_pairs(texts: tuple[str, ...], flag: str, example: str) -> dict[str, Any]:
-    """``("a=1", "b=x")`` -> ``{"a": 1, "b": "x"}``: values read as TOML when they parse."""
-    parsed: dict[str, Any] = {}
-    for text in texts:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise GptstoreError(f"{flag} {text!r}: write KEY=VALUE, e.g. {example}")
-        try:
-            parsed[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed[key.strip()] = value
-    return parsed
-
-
-# -- requirement flags --
 
 
 def _pairs(texts: tuple[str, ...], flag: str, example: str) -> dict[str, float]:
@@ -677,7 +257,7 @@ def search(app: App, /, text: str | None, limit: int, as_json: bool, **flags: An
     requirement = _requirement(text, **flags)
     entries, total = app.catalog.search(requirement, limit=limit)
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 "total": total,
                 "results": [
@@ -710,7 +290,7 @@ def show(app: App, model: str, as_json: bool) -> None:
     entry = app.catalog.resolve(model)
     card = entry.card
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 **unstructure(card),
                 "uid": card.uid,
@@ -825,7 +405,7 @@ def select(
     )
     explained = [explain_model(app.catalog, scorer, requirement, model) for model in why]
     if as_json:
-        _emit_json(
+        emit_json(
             {**selection_json(selection), "why": [candidate_json(c, card=True) for c in explained]}
         )
         return
@@ -891,11 +471,3 @@ def _print_selection(selection: Selection) -> None:
                 style="yellow",
             )
         )
-
-
-def main() -> None:
-    cli(prog_name="gptstore")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""``python -m gptstore.cli``: the ``gptstore`` command."""
+
+from gptstore.cli import main
+
+main()

@@ -1,0 +1,108 @@
+"""Artifact commands: ``fetch``, ``artifacts`` and ``optimize``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from gptstore.artifacts import ArtifactStore
+from gptstore.cli.base import App, cli, emit_json, out, progress_line, toml_pairs
+from gptstore.converter import unstructure
+from gptstore.optimization.data import load_dataset
+from gptstore.optimization.run import optimize as optimize_artifact
+from gptstore.sync import fetch_model
+from gptstore.units import format_bytes
+
+
+@cli.command()
+@click.argument("model")
+@click.option(
+    "--id",
+    "artifact_id",
+    help="The artifact's id (reused when it already holds this model at this revision).",
+)
+@click.pass_obj
+def fetch(app: App, model: str, artifact_id: str | None) -> None:
+    """Fetch MODEL from its source into the store as an artifact (pinned to the synced revision)."""
+    entry = app.catalog.resolve(model)
+    artifact = fetch_model(
+        app.manager, app.config, entry.card, ArtifactStore(app.store.artifacts_dir), artifact_id
+    )
+    out.print(f"{entry.card.uid} -> artifact {artifact.id}\n{artifact.path}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def artifacts(app: App, as_json: bool) -> None:
+    """List the store's artifacts with their origin and parent."""
+    found = ArtifactStore(app.store.artifacts_dir).list()
+    if as_json:
+        emit_json([{**unstructure(a.manifest), "path": str(a.path)} for a in found])
+        return
+    table = Table("artifact", "kind", "origin", "parent", "files")
+    for artifact in found:
+        manifest = artifact.manifest
+        size = sum((artifact.path / name).stat().st_size for name in manifest.files)
+        table.add_row(
+            artifact.id,
+            manifest.kind,
+            manifest.origin or "-",
+            manifest.parent or "-",
+            f"{len(manifest.files)} ({format_bytes(size)})",
+        )
+    out.print(table)
+
+
+@cli.command()
+@click.argument("artifact")
+@click.argument("strategy")
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A strategy option, VALUE read as TOML when it parses (repeatable).",
+)
+@click.option(
+    "--id",
+    "new_id",
+    help="The new artifact's id (reused when it was made the same way from the same parent).",
+)
+@click.option(
+    "--data",
+    "data_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Training or calibration data: a text file (one example per line) or JSONL "
+    '(objects with "text", or chat "messages").',
+)
+@click.pass_obj
+def optimize(
+    app: App,
+    artifact: str,
+    strategy: str,
+    options: tuple[str, ...],
+    new_id: str | None,
+    data_file: Path | None,
+) -> None:
+    """Derive a new artifact from ARTIFACT with an optimization STRATEGY (onnx-export, ...)."""
+    parsed = toml_pairs(options, "--option", "max_logit_diff=0.01")
+    data = load_dataset(data_file) if data_file else None
+    with progress_line() as progress:
+        task = progress.add_task(f"{strategy} on {artifact}")
+        derived = optimize_artifact(
+            app.manager,
+            ArtifactStore(app.store.artifacts_dir),
+            artifact,
+            strategy,
+            parsed,
+            data=data,
+            progress=lambda f, m: progress.update(task, description=f"{m} ({f:.0%})"),
+            new_id=new_id,
+        )
+    manifest = derived.manifest
+    out.print(f"{artifact} -> {derived.id} ({manifest.kind})")
+    for metric, number in {**manifest.metrics_before, **manifest.metrics_after}.items():
+        out.print(f"  {metric}: {number:.6g}")
