@@ -47,7 +47,7 @@ def prepare(home: Path) -> tuple[dict[str, Path], Any]:
     """SmolLM2 as an HF folder, its ONNX export, and the int8 quantization (cached)."""
     from gptstore.artifacts import ArtifactStore, hash_files
     from gptstore.manager import make_plugin_manager
-    from gptstore.optimize import optimize
+    from gptstore.optimization.run import optimize
     from gptstore.types import Manifest, ModelCard, SearchQuery
     from gptstore_hf.gguf_source import GgufOptions, GgufSource
 
