@@ -24,7 +24,10 @@ from gptstore.files import atomic_write
 from gptstore.types import Artifact, Manifest, RecipeStep
 
 MANIFEST = "manifest.json"
-_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+#: Artifact ids: 1-128 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit,
+#: without ".." (an id never names a path outside the store).
+ARTIFACT_ID_PATTERN = r"^(?!.*\.\.)[a-z0-9][a-z0-9._-]{0,127}$"
+_ID = re.compile(ARTIFACT_ID_PATTERN)
 # Libraries whose versions decide whether a derived model can be reproduced.
 _TRACKED_LIBRARIES = (
     "gptstore",
@@ -74,7 +77,7 @@ def new_artifact_id(stem: str) -> str:
 
 def check_artifact_id(artifact_id: str) -> str:
     """Refuse ids that could name a path outside the store (``../x``, ``a/b``)."""
-    if not _ID.match(artifact_id) or ".." in artifact_id:
+    if not _ID.match(artifact_id):
         raise InvalidInput(
             "artifact id",
             [

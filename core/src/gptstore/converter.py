@@ -56,6 +56,7 @@ def at_least(low: float) -> Any:
                 f"{attribute.name} must be at least {_number(low)}, got {_number(value)}",
             )
 
+    check.json_schema = {"minimum": low}  # type: ignore[attr-defined]  # the OpenAPI schema's
     return check
 
 
@@ -73,6 +74,8 @@ def in_range(low: float, high: float, *, open_low: bool = False) -> Any:
                 attribute.name, f"{attribute.name} must lie in {bound}, got {_number(value)}"
             )
 
+    lower = {"exclusive_minimum": low} if open_low else {"minimum": low}
+    check.json_schema = {**lower, "maximum": high}  # type: ignore[attr-defined]
     return check
 
 

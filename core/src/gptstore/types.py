@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from attrs import Factory, define, field, frozen
 
+from gptstore.converter import at_least
 from gptstore.errors import Cancelled, InvalidInput
-from gptstore.units import DTYPE_BYTES, format_count, normalize_dtype
+from gptstore.units import DTYPE_ALIASES, DTYPE_BYTES, format_count, normalize_dtype
 
 # Metrics where lower is better are kept on the card but never read as "quality".
 _LOWER_IS_BETTER = ("perplexity", "ppl", "loss", "wer", "cer", "error", "bpb", "bits_per_byte")
@@ -162,29 +163,31 @@ class ModelCard:
 # requirements and scores
 
 
+def _check_floor(instance: Any, _attribute: Any, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ValueError(
+            f"metric floor for {instance.name} must lie in 0..1 (got {value}); "
+            "accuracy-like metrics are compared on a 0-1 scale"
+        )
+
+
+_check_floor.json_schema = {"minimum": 0, "maximum": 1}  # type: ignore[attr-defined]
+
+
 @frozen
 class MetricFloor:
     """``name`` must be reported with a normalized value of at least ``minimum`` (0-1)."""
 
     name: str = field(converter=_key)
-    minimum: float = field(converter=float)
-
-    @minimum.validator
-    def _check(self, _attribute: Any, value: float) -> None:
-        if not 0 <= value <= 1:
-            raise ValueError(
-                f"metric floor for {self.name} must lie in 0..1 (got {value}); "
-                "accuracy-like metrics are compared on a 0-1 scale"
-            )
+    minimum: float = field(converter=float, validator=_check_floor)
 
 
 def _optional_dtype(value: str | None) -> str | None:
     return normalize_dtype(value) if value else None
 
 
-def _positive(_instance: Any, attribute: Any, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value}")
+#: How a requirement's dtype may be written (canonical names and their aliases).
+DTYPE_NAMES = sorted({*DTYPE_BYTES, *DTYPE_ALIASES})
 
 
 @frozen(kw_only=True)
@@ -199,13 +202,17 @@ class Requirement:
     """
 
     task: str | None = field(default=None, converter=_optional_key)
-    min_params: int | None = field(default=None, validator=_positive)
-    max_params: int | None = field(default=None, validator=_positive)
+    min_params: int | None = field(default=None, validator=at_least(1))
+    max_params: int | None = field(default=None, validator=at_least(1))
     licenses: tuple[str, ...] = field(default=(), converter=_lower_tuple)
     languages: tuple[str, ...] = field(default=(), converter=_lower_tuple)
-    min_context: int | None = field(default=None, validator=_positive)
-    memory_budget: int | None = field(default=None, validator=_positive)
-    dtype: str | None = field(default=None, converter=_optional_dtype)
+    min_context: int | None = field(default=None, validator=at_least(1))
+    memory_budget: int | None = field(default=None, validator=at_least(1))
+    dtype: str | None = field(
+        default=None,
+        converter=_optional_dtype,
+        metadata={"json_schema": {"enum": [*DTYPE_NAMES, None]}},
+    )
     metric_floors: tuple[MetricFloor, ...] = ()
     sources: tuple[str, ...] = field(default=(), converter=_lower_tuple)
     query: str | None = field(default=None, converter=_optional_text)

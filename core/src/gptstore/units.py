@@ -36,7 +36,7 @@ DTYPE_BYTES: dict[str, float] = {
     "uint8": 1,
     "int4": 0.5,
 }
-_DTYPE_ALIASES = {
+DTYPE_ALIASES = {
     "f64": "float64",
     "fp64": "float64",
     "double": "float64",
@@ -105,7 +105,7 @@ def format_bytes(value: int | float | None) -> str:
 def normalize_dtype(name: str) -> str:
     """Canonical dtype name (``"bf16"`` -> ``"bfloat16"``, ``"BF16"`` -> ``"bfloat16"``)."""
     key = name.strip().lower().removeprefix("torch.")
-    key = _DTYPE_ALIASES.get(key, key)
+    key = DTYPE_ALIASES.get(key, key)
     if key not in DTYPE_BYTES:
         raise InvalidInput(
             "dtype", [f"unknown dtype {name!r}; use one of {', '.join(DTYPE_BYTES)}"]

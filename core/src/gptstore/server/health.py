@@ -4,38 +4,37 @@ first request on; it lists the deployments the store API is loading meanwhile.""
 
 from __future__ import annotations
 
-from typing import Any
-
 from litestar import Response, get, head
 from litestar.datastructures import State
 
+from gptstore.server.schema import Readiness, Status, errors
 from gptstore.serving.deployments import Deployments
 
 
-@get("/health", sync_to_thread=False)
-def health() -> dict[str, str]:
+@get("/health", sync_to_thread=False, responses=errors())
+def health() -> Status:
     return {"status": "ok"}
 
 
-@head("/health", sync_to_thread=False)
+@head("/health", sync_to_thread=False, responses=errors())
 def health_head() -> None:
     return None
 
 
-def _readiness(state: State) -> tuple[bool, dict[str, Any]]:
+def _readiness(state: State) -> tuple[bool, Readiness]:
     deployments: Deployments | None = getattr(state, "deployments", None)
     ready = deployments is not None
     loading = deployments.loading() if deployments is not None else []
     return ready, {"ready": ready, "loading": loading}
 
 
-@get("/ready", sync_to_thread=False)
-def ready(state: State) -> Response[dict[str, Any]]:
+@get("/ready", sync_to_thread=False, responses=errors(503))
+def ready(state: State) -> Response[Readiness]:
     ok, body = _readiness(state)
     return Response(body, status_code=200 if ok else 503)
 
 
-@head("/ready", sync_to_thread=False)
+@head("/ready", sync_to_thread=False, responses=errors(503))
 def ready_head(state: State) -> Response[None]:
     ok, _body = _readiness(state)
     return Response(None, status_code=200 if ok else 503)

@@ -13,18 +13,30 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-import msgspec
 from attrs import field, frozen
 from litestar import Controller, Request, get, post
 from litestar.datastructures import State
+from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.response import Stream
 
-from gptstore.converter import FieldProblem, at_least, in_range, json_converter, structure
+from gptstore.converter import FieldProblem, at_least, in_range
 from gptstore.errors import InvalidInput
 from gptstore.protocols import StreamChunk
+from gptstore.server.body import read_body
 from gptstore.server.errors import ClientGone
+from gptstore.server.schema import (
+    INFERENCE_ERRORS,
+    ChatCompletion,
+    ChatLogprobs,
+    Completion,
+    CompletionLogprobs,
+    ModelList,
+    Usage,
+    errors,
+    streaming_json_body,
+)
 from gptstore.serving.deployments import Deployment, Deployments
 from gptstore.types import ChatMessage, Generation, GenerationRequest, TokenLogprob
 
@@ -32,13 +44,54 @@ T = TypeVar("T")
 MAX_N = 16
 #: The most completions one request may ask for (prompts x n): each is a row of a batch.
 MAX_ROWS = 128
-#: Deepest JSON nesting a body may have (a chat request needs 5 levels).
-MAX_DEPTH = 64
 #: ``max_tokens`` when a request leaves it out (or sends null), per endpoint, as OpenAI's.
 DEFAULT_MAX_TOKENS = {"completions": 16, "chat": 256}
 #: Most alternatives per token: ``logprobs`` of completions, ``top_logprobs`` of chat (OpenAI's).
 MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS = 5, 20
 SEED_RANGE = (-(2**63), 2**63 - 1)
+
+_TEXT = Schema(type=OpenAPIType.STRING)
+_STOP = Schema(
+    one_of=[
+        Schema(type=OpenAPIType.NULL),
+        _TEXT,
+        Schema(type=OpenAPIType.ARRAY, items=_TEXT, max_items=4),
+    ],
+    description="Up to 4 sequences where generation stops (not included in the text)",
+)
+_PROMPT = Schema(
+    one_of=[
+        Schema(type=OpenAPIType.STRING, min_length=1),
+        Schema(
+            type=OpenAPIType.ARRAY,
+            items=Schema(type=OpenAPIType.STRING, min_length=1),
+            min_items=1,
+            max_items=MAX_ROWS,
+        ),
+    ],
+    description="A prompt, or a list of prompts (token arrays are not supported)",
+)
+_MESSAGE = Schema(
+    type=OpenAPIType.OBJECT,
+    properties={
+        "role": Schema(enum=["system", "developer", "user", "assistant"]),
+        "content": Schema(
+            one_of=[
+                _TEXT,
+                Schema(
+                    type=OpenAPIType.ARRAY,
+                    items=Schema(
+                        type=OpenAPIType.OBJECT,
+                        properties={"type": Schema(const="text"), "text": _TEXT},
+                        required=["type", "text"],
+                    ),
+                ),
+            ]
+        ),
+    },
+    required=["role", "content"],
+)
+_MESSAGES = Schema(type=OpenAPIType.ARRAY, items=_MESSAGE, min_items=1)
 
 
 @frozen(kw_only=True)
@@ -50,7 +103,7 @@ class _Sampling:
     top_p: float = field(default=1.0, validator=in_range(0, 1, open_low=True))
     top_k: int = field(default=0, validator=at_least(0))
     n: int = field(default=1, validator=in_range(1, MAX_N))
-    stop: Any = None
+    stop: Any = field(default=None, metadata={"json_schema": _STOP})
     seed: int | None = field(default=None, validator=in_range(*SEED_RANGE))
     stream: bool = False
     user: str | None = None
@@ -58,54 +111,42 @@ class _Sampling:
 
 @frozen(kw_only=True)
 class CompletionBody(_Sampling):
-    prompt: Any
+    #: For the OpenAPI schema: prompts x n is at most MAX_ROWS.
+    json_schema_rules: ClassVar[dict[str, Any]] = {
+        "all_of": [
+            Schema(
+                schema_if=Schema(properties={"n": Schema(const=n)}, required=["n"]),
+                then=Schema(properties={"prompt": Schema(max_items=MAX_ROWS // n)}),
+            )
+            for n in range(2, MAX_N + 1)
+        ]
+    }
+
+    prompt: Any = field(metadata={"json_schema": _PROMPT})
     max_tokens: int | None = field(default=None, validator=at_least(1))
     logprobs: int | None = field(default=None, validator=in_range(0, MAX_COMPLETION_LOGPROBS))
 
 
 @frozen(kw_only=True)
 class ChatBody(_Sampling):
-    messages: list[dict[str, Any]]
+    messages: list[dict[str, Any]] = field(metadata={"json_schema": _MESSAGES})
     max_tokens: int | None = field(default=None, validator=at_least(1))
     max_completion_tokens: int | None = field(default=None, validator=at_least(1))
     logprobs: bool = False
     top_logprobs: int | None = field(default=None, validator=in_range(0, MAX_TOP_LOGPROBS))
 
+    #: Rules across fields, for the OpenAPI schema: top_logprobs needs logprobs: true.
+    json_schema_rules: ClassVar[dict[str, Any]] = {
+        "schema_if": Schema(
+            properties={"top_logprobs": Schema(type=OpenAPIType.INTEGER)},
+            required=["top_logprobs"],
+        ),
+        "then": Schema(properties={"logprobs": Schema(const=True)}, required=["logprobs"]),
+    }
+
     def __attrs_post_init__(self) -> None:
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldProblem("top_logprobs", "top_logprobs needs logprobs: true")
-
-
-def _depth(value: Any, limit: int) -> int:
-    """How deep ``value`` nests, counted no further than ``limit`` + 1 (no recursion)."""
-    deepest, pending = 0, [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        deepest = max(deepest, depth)
-        if deepest > limit:
-            break
-        if isinstance(item, dict):
-            pending.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            pending.extend((v, depth + 1) for v in item)
-    return deepest
-
-
-async def read_body(request: Request[Any, Any, Any], cls: type[T]) -> T:
-    """The request's JSON body structured into ``cls``: a 400 naming the place for anything
-    malformed, too deeply nested, of the wrong type or out of range."""
-    raw = await request.body()
-    try:
-        data = msgspec.json.decode(raw)
-    except RecursionError:
-        raise InvalidInput("request", [f"JSON nested deeper than {MAX_DEPTH} levels"]) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidInput("request", [f"the body is not valid JSON: {exc}"]) from None
-    if not isinstance(data, dict):
-        raise InvalidInput("request", ["the body must be a JSON object @ $"])
-    if _depth(data, MAX_DEPTH) > MAX_DEPTH:
-        raise InvalidInput("request", [f"JSON nested deeper than {MAX_DEPTH} levels"])
-    return structure(data, cls, what="request", using=json_converter)
 
 
 async def _until_disconnected(request: Request[Any, Any, Any]) -> None:
@@ -184,7 +225,7 @@ def _messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
     return messages
 
 
-def _usage(generations: list[Generation], prompt_tokens: int) -> dict[str, int]:
+def _usage(generations: list[Generation], prompt_tokens: int) -> Usage:
     completion = sum(g.completion_tokens for g in generations)
     return {
         "prompt_tokens": prompt_tokens,
@@ -193,7 +234,7 @@ def _usage(generations: list[Generation], prompt_tokens: int) -> dict[str, int]:
     }
 
 
-def _completion_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
+def _completion_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> CompletionLogprobs | None:
     if logprobs is None:
         return None
     offsets, offset = [], 0
@@ -208,7 +249,7 @@ def _completion_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> dict[str,
     }
 
 
-def _chat_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
+def _chat_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> ChatLogprobs | None:
     if logprobs is None:
         return None
     return {
@@ -230,8 +271,8 @@ class OpenAIController(Controller):
     path = "/v1"
     opt: Mapping[str, Any] = MappingProxyType({"role": "user"})
 
-    @get("/models", sync_to_thread=False)
-    def models(self, state: State) -> dict[str, Any]:
+    @get("/models", sync_to_thread=False, responses=errors(401))
+    def models(self, state: State) -> ModelList:
         deployments: Deployments = state.deployments
         return {
             "object": "list",
@@ -248,8 +289,13 @@ class OpenAIController(Controller):
             ],
         }
 
-    @post("/completions", status_code=200)
-    async def completions(self, state: State, request: Request[Any, Any, Any]) -> Any:
+    @post(
+        "/completions",
+        status_code=200,
+        operation_class=streaming_json_body(CompletionBody),
+        responses=INFERENCE_ERRORS,
+    )
+    async def completions(self, state: State, request: Request[Any, Any, Any]) -> Completion:
         body = await read_body(request, CompletionBody)
         deployment: Deployment = state.deployments.get(body.model)
         max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS["completions"]
@@ -283,7 +329,7 @@ class OpenAIController(Controller):
             "model": deployment.name,
         }
         if body.stream:
-            return await _stream(
+            return await _stream(  # type: ignore[return-value]  # described as text/event-stream
                 deployment,
                 requests,
                 lambda index, chunk: {
@@ -301,7 +347,10 @@ class OpenAIController(Controller):
         generations = await unless_gone(request, deployment.generate(requests))
         prompt_tokens = sum(g.prompt_tokens for g in generations[:: body.n])
         return {
-            **head,
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": deployment.name,
             "choices": [
                 {
                     "index": i,
@@ -314,8 +363,15 @@ class OpenAIController(Controller):
             "usage": _usage(generations, prompt_tokens),
         }
 
-    @post("/chat/completions", status_code=200)
-    async def chat_completions(self, state: State, request: Request[Any, Any, Any]) -> Any:
+    @post(
+        "/chat/completions",
+        status_code=200,
+        operation_class=streaming_json_body(ChatBody),
+        responses=INFERENCE_ERRORS,
+    )
+    async def chat_completions(
+        self, state: State, request: Request[Any, Any, Any]
+    ) -> ChatCompletion:
         body = await read_body(request, ChatBody)
         deployment: Deployment = state.deployments.get(body.model)
         prompt = deployment.chat_prompt(_messages(body.messages))
@@ -370,11 +426,13 @@ class OpenAIController(Controller):
                     ],
                 }
 
-            return await _stream(deployment, requests, chunk_event, opening)
+            return await _stream(deployment, requests, chunk_event, opening)  # type: ignore[return-value]
         generations = await unless_gone(request, deployment.generate(requests))
         return {
-            **head,
+            "id": ident,
             "object": "chat.completion",
+            "created": created,
+            "model": deployment.name,
             "choices": [
                 {
                     "index": i,

@@ -5,20 +5,37 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any, cast
 
-from attrs import Factory, frozen
-from litestar import Controller, delete, get, post
+import anyio
+from attrs import Factory, field, frozen
+from litestar import Controller, Request, delete, get, post
 from litestar.datastructures import State
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.openapi.spec import OpenAPIType, Schema
+from litestar.params import FromPath, FromQuery, Parameter
 
-from gptstore.artifacts import ArtifactStore, check_artifact_id
+from gptstore.artifacts import ARTIFACT_ID_PATTERN, ArtifactStore, check_artifact_id
 from gptstore.catalog import Catalog, Entry
 from gptstore.config import Store
-from gptstore.converter import structure, unstructure
+from gptstore.converter import in_range, json_converter, structure, unstructure
 from gptstore.selection import make_scorer, select_models, selection_json
-from gptstore.serving.deployments import DeploymentSpec
+from gptstore.server.body import read_body
+from gptstore.server.schema import (
+    ArtifactWithLineage,
+    Card,
+    ManifestBody,
+    PluginStatus,
+    SearchResults,
+    SelectionResult,
+    errors,
+    json_body,
+)
+from gptstore.serving.deployments import NAME_PATTERN, Deployments, DeploymentSpec, DeploymentStatus
 from gptstore.types import Requirement
+
+#: Artifact ids as the store accepts them (no "..", no "/": an id never names a path outside).
+ARTIFACT_ID = Annotated[str, Parameter(pattern=ARTIFACT_ID_PATTERN)]
+DEPLOYMENT_NAME = Annotated[str, Parameter(pattern=NAME_PATTERN)]
 
 
 @frozen(kw_only=True)
@@ -26,12 +43,12 @@ class SelectBody:
     requirement: Requirement = Factory(Requirement)
     policy: str = "balanced"
     options: dict[str, Any] = Factory(dict)
-    limit: int = 10
-    explain_excluded: int = 20
+    limit: int = field(default=10, validator=in_range(1, 1000))
+    explain_excluded: int = field(default=20, validator=in_range(0, 1000))
 
 
-def _entry(entry: Entry) -> dict[str, Any]:
-    return {**unstructure(entry.card), "uid": entry.card.uid, "listed": entry.listed}
+def _entry(entry: Entry) -> Card:
+    return cast(Card, {**unstructure(entry.card), "uid": entry.card.uid, "listed": entry.listed})
 
 
 def _catalog(state: State) -> Catalog:
@@ -46,76 +63,111 @@ class StoreController(Controller):
     path = "/store"
     opt: Mapping[str, Any] = MappingProxyType({"role": "user"})
 
-    @get("/plugins", sync_to_thread=False)
-    def plugins(self, state: State) -> list[dict[str, Any]]:
+    @get("/plugins", sync_to_thread=False, responses=errors(401))
+    def plugins(self, state: State) -> list[PluginStatus]:
         return [unstructure(info) for info in state.manager.plugin_infos()]
 
-    @get("/models", sync_to_thread=True)
+    @get("/models", sync_to_thread=True, responses=errors(400, 401))
     def search(
         self,
         state: State,
-        q: FromQuery[str | None] = None,
+        q: Annotated[
+            str | None,
+            Parameter(
+                pattern=r"[^\W_]",
+                description="Words that must each appear in the name, description or tags "
+                "(as words or word prefixes)",
+            ),
+        ] = None,
         task: FromQuery[str | None] = None,
         source: FromQuery[str | None] = None,
-        limit: FromQuery[int] = 20,
-    ) -> dict[str, Any]:
+        limit: Annotated[int, Parameter(ge=1, le=200)] = 20,
+    ) -> SearchResults:
         requirement = structure(
             {"query": q, "task": task, "sources": [source] if source else []},
             Requirement,
             what="query",
         )
-        entries, total = _catalog(state).search(requirement, limit=max(1, min(limit, 200)))
+        entries, total = _catalog(state).search(requirement, limit=limit)
         return {"total": total, "results": [_entry(e) for e in entries]}
 
-    @get("/models/{uid:path}", sync_to_thread=True)
-    def card(self, state: State, uid: FromPath[str]) -> dict[str, Any]:
+    @get("/models/{uid:path}", sync_to_thread=True, responses=errors(401, 404))
+    def card(self, state: State, uid: FromPath[str]) -> Card:
         return _entry(_catalog(state).resolve(uid.lstrip("/")))
 
-    @post("/select", status_code=200, sync_to_thread=True)
-    def select(self, state: State, data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
-        body = structure(data, SelectBody, what="request")
+    @post(
+        "/select",
+        status_code=200,
+        operation_class=json_body(SelectBody),
+        responses=errors(400, 401, 404, 413),
+    )
+    async def select(self, state: State, request: Request[Any, Any, Any]) -> SelectionResult:
+        body = await read_body(request, SelectBody)
         store: Store = state.store
         # config.toml is read per request, as each `gptstore select` reads it: both rank alike.
         name, scorer = make_scorer(state.manager, store.config(), body.policy, body.options)
-        selection = select_models(
-            _catalog(state),
-            scorer,
-            body.requirement,
-            policy=name,
-            limit=max(1, body.limit),
-            explain_excluded=max(0, body.explain_excluded),
-        )
-        return selection_json(selection)
 
-    @get("/artifacts", sync_to_thread=True)
-    def artifacts(self, state: State) -> list[dict[str, Any]]:
+        def run() -> SelectionResult:
+            selection = select_models(
+                _catalog(state),
+                scorer,
+                body.requirement,
+                policy=name,
+                limit=body.limit,
+                explain_excluded=body.explain_excluded,
+            )
+            return cast(SelectionResult, selection_json(selection))
+
+        return await anyio.to_thread.run_sync(run)
+
+    @get("/artifacts", sync_to_thread=True, responses=errors(401))
+    def artifacts(self, state: State) -> list[ManifestBody]:
         store: Store = state.store
         return [unstructure(a.manifest) for a in ArtifactStore(store.artifacts_dir).list()]
 
-    @get("/artifacts/{artifact_id:str}", sync_to_thread=True)
-    def artifact(self, state: State, artifact_id: FromPath[str]) -> dict[str, Any]:
+    @get("/artifacts/{artifact_id:str}", sync_to_thread=True, responses=errors(400, 401, 404))
+    def artifact(self, state: State, artifact_id: ARTIFACT_ID) -> ArtifactWithLineage:
         store: Store = state.store
         artifacts = ArtifactStore(store.artifacts_dir)
         artifact = artifacts.get(check_artifact_id(artifact_id))
         lineage = [unstructure(a.manifest) for a in artifacts.lineage(artifact)[1:]]
-        return {**unstructure(artifact.manifest), "lineage": lineage}
+        return cast(ArtifactWithLineage, {**unstructure(artifact.manifest), "lineage": lineage})
 
-    @get("/deployments", sync_to_thread=False)
-    def deployments(self, state: State) -> list[dict[str, Any]]:
-        return [d.status() for d in state.deployments.list()]
+    @get("/deployments", sync_to_thread=False, responses=errors(401))
+    def deployments(self, state: State) -> list[DeploymentStatus]:
+        deployments: Deployments = state.deployments
+        return [d.status() for d in deployments.list()]
 
-    @get("/deployments/{name:str}", sync_to_thread=False)
-    def deployment(self, state: State, name: FromPath[str]) -> dict[str, Any]:
-        return state.deployments.get(name).status()  # type: ignore[no-any-return]
+    @get("/deployments/{name:str}", sync_to_thread=False, responses=errors(400, 401, 404, 503))
+    def deployment(self, state: State, name: DEPLOYMENT_NAME) -> DeploymentStatus:
+        deployments: Deployments = state.deployments
+        return deployments.get(name).status()
 
-    @post("/deployments", status_code=201, sync_to_thread=True, opt={"role": "admin"})
-    def create(self, state: State, data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
+    @post(
+        "/deployments",
+        status_code=201,
+        opt={"role": "admin"},
+        operation_class=json_body(
+            DeploymentSpec,
+            extra={"name": Schema(type=OpenAPIType.STRING, pattern=NAME_PATTERN)},
+        ),
+        responses=errors(400, 401, 403, 404, 409, 413),
+    )
+    async def create(self, state: State, request: Request[Any, Any, Any]) -> DeploymentStatus:
         """A deployment from ``{"name": ..., **DeploymentSpec}``; 409 when the name is taken."""
-        body = dict(data)
+        body = await read_body(request, dict[str, Any])
         name = structure(body.pop("name", None), str, what="request", path="$.name")
-        spec = structure(body, DeploymentSpec, what="request")
-        return state.deployments.create(name, spec).status()  # type: ignore[no-any-return]
+        spec = structure(body, DeploymentSpec, what="request", using=json_converter)
+        deployments: Deployments = state.deployments
+        return await anyio.to_thread.run_sync(lambda: deployments.create(name, spec).status())
 
-    @delete("/deployments/{name:str}", status_code=204, sync_to_thread=True, opt={"role": "admin"})
-    def remove(self, state: State, name: FromPath[str]) -> None:
-        state.deployments.delete(name)
+    @delete(
+        "/deployments/{name:str}",
+        status_code=204,
+        sync_to_thread=True,
+        opt={"role": "admin"},
+        responses=errors(400, 401, 403, 404),
+    )
+    def remove(self, state: State, name: DEPLOYMENT_NAME) -> None:
+        deployments: Deployments = state.deployments
+        deployments.delete(name)

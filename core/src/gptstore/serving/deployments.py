@@ -12,11 +12,11 @@ import re
 import threading
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from attrs import Factory, field, frozen
 
-from gptstore.artifacts import ArtifactStore
+from gptstore.artifacts import ARTIFACT_ID_PATTERN, ArtifactStore
 from gptstore.converter import in_range
 from gptstore.errors import Conflict, InvalidInput, NotFound, Unavailable
 from gptstore.manager import PluginManager, structure_options
@@ -26,7 +26,9 @@ from gptstore.serving.batching import Batcher
 from gptstore.serving.decoding import check_context, check_request
 from gptstore.types import Artifact, ChatMessage, Generation, GenerationRequest, RunnerInfo
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+#: Deployment names: 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+_NAME = re.compile(NAME_PATTERN)
 MAX_BATCH, MAX_QUEUE = 256, 100_000
 
 
@@ -39,7 +41,7 @@ class DeploymentSpec:
     wait, and more are refused with 429 and Retry-After.
     """
 
-    artifact: str
+    artifact: str = field(metadata={"json_schema": {"pattern": ARTIFACT_ID_PATTERN}})
     backend: str
     options: dict[str, Any] = Factory(dict)
     max_batch: int = field(default=8, validator=in_range(1, MAX_BATCH))
@@ -84,6 +86,34 @@ def load_runner(plan: Plan) -> Runner:
     store API) loads through here, so options are structured and refused the same way."""
     runner: Runner = plan.backend.factory(plan.options).load(plan.artifact)
     return runner
+
+
+class Health(TypedDict):
+    ok: bool
+    message: str
+
+
+class BatchCounts(TypedDict):
+    batches: int
+    rows: int
+    largest: int
+    streams: int
+
+
+class DeploymentStatus(TypedDict):
+    """What :meth:`Deployment.status` says (the store API's deployment objects)."""
+
+    name: str
+    artifact: str
+    backend: str
+    options: dict[str, Any]
+    max_batch: int
+    max_queue: int
+    context_length: int | None
+    logprobs: bool
+    batches: BatchCounts
+    created_at: str
+    health: Health
 
 
 class Deployment:
@@ -135,7 +165,7 @@ class Deployment:
         self.check(requests)
         return self.batcher.stream(requests)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DeploymentStatus:
         """What the store API shows: the spec, the runner's health and the batch statistics."""
         health = self.runner.health()
         ok, message = health.ok, health.message

@@ -34,10 +34,10 @@ from gptstore.types import (
 
 @frozen(kw_only=True)
 class EchoOptions:
-    """:param context_length: tokens (words) of prompt plus completion it takes.
+    """:param context_length: tokens (words) of prompt plus completion it takes (None: no limit).
     :param uppercase: answer in capitals (so a test can tell two deployments apart)."""
 
-    context_length: int = 2048
+    context_length: int | None = None
     uppercase: bool = False
 
 

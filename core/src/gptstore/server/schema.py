@@ -1,0 +1,336 @@
+"""The OpenAPI description of what the server really accepts and answers.
+
+Request bodies are read and checked by the handlers (with gptstore's converter, so errors name
+their place); :func:`json_body` describes the same attrs classes in the schema, bounds included,
+so generated clients and schema-driven tests see the rules the server applies. Responses are
+described with the TypedDicts below; every error status with OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, NotRequired, TypedDict
+
+import attrs
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import (
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    Reference,
+    RequestBody,
+    Schema,
+)
+
+# -- responses -----------------------------------------------------------------------------------
+
+
+class ErrorDetail(TypedDict):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(TypedDict):
+    """OpenAI's error shape, for every error the server answers."""
+
+    error: ErrorDetail
+
+
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(TypedDict):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(TypedDict):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: CompletionLogprobs | None
+
+
+class Completion(TypedDict):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(TypedDict):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(TypedDict):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(TypedDict):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: ChatLogprobs | None
+
+
+class ChatCompletion(TypedDict):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Model(TypedDict):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    backend: str
+    artifact: str
+
+
+class ModelList(TypedDict):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Readiness(TypedDict):
+    ready: bool
+    loading: list[str]
+
+
+class Status(TypedDict):
+    status: str
+
+
+class PluginStatus(TypedDict):
+    name: str
+    module: str | None
+    distribution: str | None
+    version: str | None
+    hooks: list[str]
+    status: Literal["loaded", "failed", "disabled"]
+    error: str | None
+    builtin: bool
+
+
+class Card(TypedDict):
+    """A model card (docs/plugins/hooks.md lists its fields), its uid and whether it is listed."""
+
+    uid: str
+    source: str
+    model_id: str
+    listed: bool
+
+
+class SearchResults(TypedDict):
+    total: int
+    results: list[Card]
+
+
+class Candidate(TypedDict):
+    rank: int | None
+    uid: str
+    score: float | None
+    breakdown: list[dict[str, Any]]
+    failures: list[str]
+    card: NotRequired[dict[str, Any]]
+
+
+class SelectionResult(TypedDict):
+    policy: str
+    requirement: dict[str, Any]
+    total: int
+    matched: int
+    ranked_in: Literal["sql", "python"]
+    ranked: list[Candidate]
+    excluded: list[Candidate]
+
+
+class ManifestBody(TypedDict):
+    id: str
+    kind: str
+    parent: str | None
+    origin: str | None
+
+
+class ArtifactWithLineage(ManifestBody):
+    lineage: list[dict[str, Any]]
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request: malformed JSON, wrong types, values out of range (each named with "
+    "its place), or a prompt that does not fit the model's context (code "
+    "context_length_exceeded)",
+    401: "No API key, or an unknown one",
+    403: "A user key on an endpoint that needs an admin key",
+    404: "No such model, deployment, artifact or card",
+    405: "The path does not have this method; Allow lists those it has",
+    409: "The name is taken",
+    413: "The body is larger than the server's max_body_bytes",
+    429: "The deployment's queue is full; retry after Retry-After seconds",
+    500: "A server bug, or a plugin that broke its contract (code plugin_error)",
+    503: "The deployment is loading or being deleted; retry after Retry-After seconds",
+}
+
+
+def errors(*statuses: int) -> dict[int, ResponseSpec]:
+    """The given error statuses (and 405 and 500, which any operation may answer), each with
+    OpenAI's error shape."""
+    return {
+        status: ResponseSpec(
+            data_container=ErrorBody,
+            description=ERROR_DESCRIPTIONS[status],
+            generate_examples=False,
+        )
+        for status in sorted({*statuses, 405, 500})
+    }
+
+
+#: Statuses every inference request may answer.
+INFERENCE_ERRORS = errors(400, 401, 404, 413, 429, 503)
+
+
+# -- request bodies ------------------------------------------------------------------------------
+
+
+def _bounds(field: attrs.Attribute) -> dict[str, Any]:  # type: ignore[type-arg]
+    """JSON Schema bounds of a field, from the converter's validators (they carry them)."""
+    bounds: dict[str, Any] = {}
+    validators = getattr(field.validator, "_validators", None) or (
+        [field.validator] if field.validator else []
+    )
+    for validator in validators:
+        bounds.update(getattr(validator, "json_schema", {}))
+    return bounds
+
+
+def schema_of(annotation: Any) -> Schema:
+    """The JSON Schema of a type as gptstore's converter reads it (strict scalars, no extra
+    keys)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any or annotation is object:
+        return Schema()
+    if attrs.has(annotation):
+        return _attrs_schema(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [schema_of(a) for a in args]
+        return Schema(one_of=options)
+    if annotation is type(None):
+        return Schema(type=OpenAPIType.NULL)
+    if origin is Literal:
+        return Schema(enum=list(args))
+    if origin in (list, tuple):
+        return Schema(type=OpenAPIType.ARRAY, items=schema_of(args[0]) if args else Schema())
+    if origin is dict:
+        return Schema(type=OpenAPIType.OBJECT, additional_properties=schema_of(args[1]))
+    scalar = {
+        str: OpenAPIType.STRING,
+        int: OpenAPIType.INTEGER,
+        float: OpenAPIType.NUMBER,
+        bool: OpenAPIType.BOOLEAN,
+    }
+    return Schema(type=scalar[annotation])
+
+
+def _attrs_schema(cls: type) -> Schema:
+    hints = typing.get_type_hints(cls)
+    properties: dict[str, Schema | Reference] = {}
+    required = []
+    for field in attrs.fields(cls):
+        override = field.metadata.get("json_schema")
+        if isinstance(override, Schema):  # the field's whole schema
+            schema = override
+        else:  # keywords added to the schema of its type
+            schema = schema_of(hints[field.name])
+            for key, value in (override or {}).items():
+                setattr(schema, key, value)
+        for key, value in _bounds(field).items():
+            if schema.one_of:  # an optional bounded number: bound the non-null branch
+                for branch in schema.one_of:
+                    if isinstance(branch, Schema) and branch.type != OpenAPIType.NULL:
+                        setattr(branch, key, value)
+            else:
+                setattr(schema, key, value)
+        if field.metadata.get("description"):
+            schema.description = field.metadata["description"]
+        properties[field.name] = schema
+        if field.default is attrs.NOTHING:
+            required.append(field.name)
+    return Schema(
+        type=OpenAPIType.OBJECT,
+        properties=properties,
+        required=required or None,
+        additional_properties=False,
+        title=cls.__name__,
+        **getattr(cls, "json_schema_rules", {}),
+    )
+
+
+def json_body(cls: type, *, extra: dict[str, Schema | Reference] | None = None) -> type[Operation]:
+    """An Operation class for a handler that reads its JSON body itself as ``cls`` (plus the
+    ``extra`` properties, all required), so the schema shows that body."""
+    schema = _attrs_schema(cls)
+    if extra:
+        schema.properties = {**extra, **(schema.properties or {})}
+        schema.required = [*extra, *(schema.required or [])]
+
+    @dataclass
+    class WithBody(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = RequestBody(
+                required=True, content={"application/json": OpenAPIMediaType(schema=schema)}
+            )
+
+    return WithBody
+
+
+def streaming_json_body(cls: type) -> type[Operation]:
+    """:func:`json_body`, and a 200 that is either JSON or, with ``stream: true``, server-sent
+    events."""
+    base = json_body(cls)
+
+    @dataclass
+    class WithStream(base):  # type: ignore[valid-type,misc]
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            ok = (self.responses or {}).get("200")
+            if isinstance(ok, OpenAPIResponse) and ok.content is not None:
+                ok.content["text/event-stream"] = OpenAPIMediaType(
+                    schema=Schema(
+                        type=OpenAPIType.STRING,
+                        description="With stream: true: `data: {chunk}` events in OpenAI's "
+                        "chunk format, ending with `data: [DONE]`",
+                    )
+                )
+
+    return WithStream
