@@ -358,3 +358,74 @@ def test_a_deployment_that_fails_to_load_unloads_the_others_and_names_the_cause(
         "invalid weights: the model file is truncated"
     )
     assert deployments.list() == []  # "good" was loaded, then unloaded
+
+
+BROKEN_BACKEND = """
+from gptstore.plugin import InvalidInput, ServingBackend, hookimpl
+
+
+class Fails:
+    def __init__(self, options):
+        pass
+
+    def load(self, artifact):
+        raise InvalidInput("weights", ["the model file is truncated"])
+
+
+@hookimpl
+def gptstore_serving_backends():
+    yield ServingBackend(name="fails", factory=Fails)
+"""
+
+
+@pytest.mark.parametrize(
+    ("deployment", "message", "status"),
+    [
+        (
+            {"artifact": "echo", "backend": "echo", "options": {"uppercase": "yes"}},
+            "expected bool, got str @ $.deployments.bad.options.uppercase",
+            1,
+        ),
+        ({"artifact": "echo", "backend": "ehco"}, "unknown serving backend 'ehco'", 1),
+        (
+            {"artifact": "echo", "backend": "fails"},
+            "[deployments.bad] in {config}: failed to load: invalid weights: the model file is "
+            "truncated",
+            3,
+        ),
+    ],
+)
+def test_gptstore_serve_stops_before_listening(tmp_path, deployment, message, status):
+    """As a user runs it: a deployment that is wrong, or fails to load, stops `gptstore serve`
+    with the file, the place and the cause, and it never listens."""
+    import os
+    import subprocess
+    import sys
+
+    from gptstore.testing import free_port
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "broken_backend.py").write_text(BROKEN_BACKEND)
+    info = site / "gptstore_testplugins-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: gptstore-testplugins\nVersion: 1\n"
+    )
+    (info / "entry_points.txt").write_text(
+        "[gptstore]\necho = gptstore.testing.echo\nfails = broken_backend\n"
+    )
+    home = _home(tmp_path, {"bad": deployment})
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "gptstore.cli", "--home", str(home), "serve", "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(site), "COLUMNS": "400"},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == status, output
+    assert message.format(config=home / "config.toml") in output
+    assert "Uvicorn running" not in output
+    assert "Traceback" not in output

@@ -43,6 +43,16 @@ log = logging.getLogger("gptstore.server")
 __all__ = ["SERVER_CONFIG_ENV", "create_app", "server_config"]
 
 
+class _UserErrorTracebacks(logging.Filter):
+    """Drops the traceback of a start-up failure that is a user's mistake (a GptstoreError, already
+    logged as one line by the lifespan): Litestar hands uvicorn the formatted traceback of any
+    start-up failure, and a typo in a config file deserves one line, not sixty."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Traceback" in message and "gptstore.errors." in message)
+
+
 def load_deployments(config: ServerConfig, deployments: Deployments) -> None:
     """Load every configured deployment; on a failure, unload what was loaded and raise an
     InvalidInput naming the deployment, the file and the cause."""
@@ -97,7 +107,12 @@ def create_app(
         import anyio
 
         deployments = Deployments(plugins, artifacts)
-        await anyio.to_thread.run_sync(load_deployments, checked, deployments)
+        try:
+            await anyio.to_thread.run_sync(load_deployments, checked, deployments)
+        except GptstoreError as exc:
+            log.error("gptstore serve cannot start: %s", exc)
+            logging.getLogger("uvicorn.error").addFilter(_UserErrorTracebacks())
+            raise
         app.state.deployments = deployments
         try:
             yield
