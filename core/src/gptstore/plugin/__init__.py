@@ -32,7 +32,7 @@ from gptstore.errors import (
     Unavailable,
     UnknownName,
 )
-from gptstore.files import atomic_write, staged_folder
+from gptstore.files import atomic_write
 from gptstore.modelfiles import (
     PICKLE_SUFFIXES,
     SAFETENSORS_DTYPES,
@@ -177,7 +177,6 @@ __all__ = [
     "readme_text",
     "serving_tokenizer",
     "sha256_file",
-    "staged_folder",
     "str_tuple",
     "structure",
     "unstructure",
