@@ -46,7 +46,8 @@ def config_set(home, key, value):
         (
             "policies.smallest.weights",
             "{ size = 1 }",
-            "scoring policy 'smallest' takes no options, got weights @ $.policies.smallest",
+            "options of scoring policy 'smallest': it takes no options, got weights @ "
+            "$.policies.smallest",
         ),
         (
             "server.anonymous_inference",

@@ -40,6 +40,10 @@ class HeldRunner(EchoRunner):
         HeldRunner.decoded.extend(r.prompt for r in requests)
         return super().generate(requests)
 
+    def stream(self, request):
+        HeldRunner.decoded.append(f"stream:{request.prompt}")
+        yield from super().stream(request)
+
 
 class LyingRunner(EchoRunner):
     """Declares log-probabilities and returns none: a plugin that breaks the contract."""
@@ -226,6 +230,53 @@ def test_streams_are_server_sent_events(server):
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == "one two three"
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        (
+            "/store/select",
+            {"policy": "smallest", "options": {"x": 1}},
+            "it takes no options, got x @ $.options",
+        ),
+        (
+            "/store/select",
+            {"requirement": {"min_params": 10**30}},
+            "min_params must lie in 1..9223372036854775807",
+        ),
+        (
+            "/store/select",
+            {"requirement": {"memory_budget": 1e300}},
+            "memory_budget must lie in 1..",
+        ),
+        (
+            "/store/select",
+            {"options": {"weights": {"quality": 1e308, "size": 1e308}}},
+            "must lie in 0..1000",
+        ),
+        ("/v1/completions", {**COMPLETION, "stream": True, "logprobs": 1}, "not streamed"),
+        ("/v1/chat/completions", {**CHAT, "stream": True, "logprobs": True}, "not streamed"),
+        ("/v1/completions", {**COMPLETION, "stop": "x" * 257}, "at most 256 characters"),
+        (
+            "/store/deployments",
+            {"name": "x", "artifact": "echo", "backend": "echo", "options": {"context_length": 0}},
+            "context_length must be at least 1, got 0 @ $.options.context_length",
+        ),
+    ],
+)
+def test_more_careless_input_is_a_400(server, path, body, message):
+    status, _h, answer = call(server, "POST", path, body, key=ADMIN)
+    assert status == 400, answer
+    assert message in answer["error"]["message"]
+
+
+def test_an_empty_stop_string_stops_nothing_and_query_problems_name_the_parameter(server):
+    status, _h, answer = call(server, "POST", "/v1/completions", {**COMPLETION, "stop": ""})
+    assert (status, answer["choices"][0]["text"]) == (200, "one two three")
+    status, _h, answer = call(server, "GET", "/store/models?limit=0")
+    assert status == 400
+    assert "@ $.limit" in answer["error"]["message"]
+
+
 def test_405_says_allow_options_lists_every_method_and_head_works(server):
     status, headers, answer = call(server, "GET", "/v1/completions")
     assert status == 405
@@ -263,7 +314,8 @@ def test_a_duplicate_deployment_is_a_409(server):
     assert "max_queue must lie in 1..100000, got 0 @ $.max_queue" in answer["error"]["message"]
 
 
-def test_a_request_whose_client_has_gone_is_not_decoded(server):
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_whose_client_has_gone_is_not_decoded(server, stream):
     HeldRunner.gate.clear()
     HeldRunner.started.clear()
     HeldRunner.decoded.clear()
@@ -275,7 +327,7 @@ def test_a_request_whose_client_has_gone_is_not_decoded(server):
     assert HeldRunner.started.wait(10)  # the worker is busy with "a"
     # The second request waits in the queue; its client sends it and hangs up.
     url = urllib.parse.urlsplit(server)
-    body = json.dumps({**COMPLETION, "model": "held", "prompt": "gone"}).encode()
+    body = json.dumps({**COMPLETION, "model": "held", "prompt": "gone", "stream": stream}).encode()
     with socket.create_connection((url.hostname, url.port)) as sock:
         sock.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -27,7 +27,7 @@ from attrs import evolve, frozen
 
 from gptstore import hookspecs
 from gptstore.converter import structure
-from gptstore.errors import PluginError, UnknownName
+from gptstore.errors import InvalidInput, PluginError, UnknownName
 from gptstore.records import (
     ModelSource,
     OptimizationStrategy,
@@ -340,9 +340,9 @@ def structure_options(record: _Registration, options: Any | None, *, where: str 
     record without an options type refuses any option)."""
     if record.options_type is None:
         if options:
-            raise PluginError(
-                f"{record.kind} {record.name!r} takes no options, got "
-                f"{', '.join(sorted(options))} @ {where}"
+            raise InvalidInput(
+                f"options of {record.kind} {record.name!r}",
+                [f"it takes no options, got {', '.join(sorted(options))} @ {where}"],
             )
         return None
     return structure(

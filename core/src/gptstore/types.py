@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from attrs import Factory, define, field, frozen
 
-from gptstore.converter import at_least
+from gptstore.converter import at_least, in_range
 from gptstore.errors import Cancelled, InvalidInput
 from gptstore.units import DTYPE_ALIASES, DTYPE_BYTES, format_count, normalize_dtype
 
@@ -186,6 +186,9 @@ def _optional_dtype(value: str | None) -> str | None:
     return normalize_dtype(value) if value else None
 
 
+#: The largest integer a requirement may hold (SQLite's integers are signed 64-bit).
+MAX_INT = 2**63 - 1
+
 #: How a requirement's dtype may be written (canonical names and their aliases).
 DTYPE_NAMES = sorted({*DTYPE_BYTES, *DTYPE_ALIASES})
 
@@ -202,12 +205,12 @@ class Requirement:
     """
 
     task: str | None = field(default=None, converter=_optional_key)
-    min_params: int | None = field(default=None, validator=at_least(1))
-    max_params: int | None = field(default=None, validator=at_least(1))
+    min_params: int | None = field(default=None, validator=in_range(1, MAX_INT))
+    max_params: int | None = field(default=None, validator=in_range(1, MAX_INT))
     licenses: tuple[str, ...] = field(default=(), converter=_lower_tuple)
     languages: tuple[str, ...] = field(default=(), converter=_lower_tuple)
-    min_context: int | None = field(default=None, validator=at_least(1))
-    memory_budget: int | None = field(default=None, validator=at_least(1))
+    min_context: int | None = field(default=None, validator=in_range(1, MAX_INT))
+    memory_budget: int | None = field(default=None, validator=in_range(1, MAX_INT))
     dtype: str | None = field(
         default=None,
         converter=_optional_dtype,
@@ -280,6 +283,31 @@ class RecipeStep:
     options: dict[str, Any] = Factory(dict)
 
 
+@frozen(kw_only=True)
+class Measurement:
+    """A figure measured on this host by ``gptstore eval``, never mixed up with a card's
+    self-reported metrics.
+
+    :param name: ``perplexity`` (lower is better), ``decode_tokens_per_s``,
+        ``time_to_first_token_s`` or ``resident_bytes`` (after loading).
+    :param backend: the serving backend it was measured on.
+    :param data: for perplexity, the dataset's origin and digest (``origin@sha256``).
+    :param host: the machine (CPU, cores, memory), for speed and memory figures.
+    """
+
+    name: str
+    value: float
+    backend: str
+    data: str | None = None
+    host: str = ""
+    measured_at: datetime | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str | None]:
+        """What a newer measurement replaces: the same figure, backend and data."""
+        return (self.name, self.backend, self.data)
+
+
 _KIND = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
@@ -298,6 +326,7 @@ class Manifest:
     :param parent: id of the artifact this one was derived from (None for an imported model).
     :param origin: the catalog card it descends from (``source:model_id@revision``).
     :param files: relative path -> sha256 of every file in the artifact.
+    :param measured: figures ``gptstore eval`` measured on this host (see :class:`Measurement`).
     """
 
     id: str
@@ -311,6 +340,7 @@ class Manifest:
     files: dict[str, str] = Factory(dict)
     library_versions: dict[str, str] = Factory(dict)
     created_at: datetime | None = None
+    measured: tuple[Measurement, ...] = ()
 
 
 @frozen
@@ -456,5 +486,5 @@ class RunnerInfo:
         request asks for them; when False, such a request is refused with a 400.
     """
 
-    context_length: int | None = None
+    context_length: int | None = field(default=None, validator=at_least(1))
     logprobs: bool = False

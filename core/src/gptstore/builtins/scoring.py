@@ -28,6 +28,8 @@ from gptstore.scoring import (
 )
 from gptstore.types import Criterion, ModelCard, Requirement, Score
 
+#: The largest weight (weights are relative: only their ratios matter).
+MAX_WEIGHT = 1000.0
 DEFAULT_WEIGHTS = {"quality": 0.4, "size": 0.3, "popularity": 0.15, "recency": 0.15}
 
 
@@ -37,9 +39,9 @@ def _check_weights(_instance: Any, _attribute: Any, weights: dict[str, float]) -
         raise ValueError(
             f"unknown weight(s) {', '.join(unknown)}; criteria are {', '.join(CRITERIA)}"
         )
-    negative = sorted(name for name, w in weights.items() if w < 0)
-    if negative:
-        raise ValueError(f"weight(s) of {', '.join(negative)} must not be negative")
+    wrong = sorted(name for name, w in weights.items() if not 0 <= w <= MAX_WEIGHT)
+    if wrong:  # NaN fails this too
+        raise ValueError(f"weight(s) of {', '.join(wrong)} must lie in 0..{MAX_WEIGHT:g}")
 
 
 @frozen

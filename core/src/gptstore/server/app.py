@@ -36,7 +36,7 @@ from gptstore.server.settings import (
     server_config,
 )
 from gptstore.server.store_api import StoreController
-from gptstore.serving.deployments import Deployments
+from gptstore.serving.deployments import Deployments, Plan
 
 log = logging.getLogger("gptstore.server")
 
@@ -53,12 +53,21 @@ class _UserErrorTracebacks(logging.Filter):
         return not ("Traceback" in message and "gptstore.errors." in message)
 
 
-def load_deployments(config: ServerConfig, deployments: Deployments) -> None:
-    """Load every configured deployment; on a failure, unload what was loaded and raise an
-    InvalidInput naming the deployment, the file and the cause."""
+#: Installed once (the uvicorn logger outlives any one app).
+_TRACEBACK_FILTER = _UserErrorTracebacks()
+
+
+def load_deployments(
+    config: ServerConfig, deployments: Deployments, plans: dict[str, Plan] | None = None
+) -> None:
+    """Load every configured deployment (``plans``: as :func:`plan_deployments` checked them);
+    on a failure, unload what was loaded and raise an InvalidInput naming the deployment, the
+    file and the cause."""
     for name, spec in config.deployments.items():
         try:
-            deployments.create(name, spec, where=f"$.deployments.{name}")
+            deployments.create(
+                name, spec, where=f"$.deployments.{name}", checked=(plans or {}).get(name)
+            )
         except Exception as exc:
             deployments.close()
             if not isinstance(exc, GptstoreError):
@@ -100,7 +109,7 @@ def create_app(
     checked = server_config(store, config)
     plugins = manager or make_plugin_manager()
     artifacts = ArtifactStore(store.artifacts_dir)
-    plan_deployments(checked, plugins, artifacts)
+    plans = plan_deployments(checked, plugins, artifacts)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -108,10 +117,10 @@ def create_app(
 
         deployments = Deployments(plugins, artifacts)
         try:
-            await anyio.to_thread.run_sync(load_deployments, checked, deployments)
+            await anyio.to_thread.run_sync(load_deployments, checked, deployments, plans)
         except GptstoreError as exc:
             log.error("gptstore serve cannot start: %s", exc)
-            logging.getLogger("uvicorn.error").addFilter(_UserErrorTracebacks())
+            logging.getLogger("uvicorn.error").addFilter(_TRACEBACK_FILTER)  # once: a set
             raise
         app.state.deployments = deployments
         try:

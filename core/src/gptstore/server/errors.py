@@ -80,7 +80,16 @@ def http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[Any
     assert isinstance(exc, HTTPException)
     message = exc.detail
     extra = getattr(exc, "extra", None)
-    if exc.status_code == 400 and extra:
+    if exc.status_code == 400 and isinstance(extra, list) and extra:
+        # Litestar's parameter checks: [{"message", "key", "source"}, ...] -> "... @ $.key".
+        problems = [
+            f"{item.get('message', 'invalid')} @ $.{item.get('key', '?')}"
+            if isinstance(item, dict)
+            else str(item)
+            for item in extra
+        ]
+        message = f"invalid request: {'; '.join(problems)}"
+    elif exc.status_code == 400 and extra:
         message = f"{exc.detail}: {extra}"
     # The exception's headers carry what the status promises: Allow on a 405 above all.
     return error_response(exc.status_code, message, headers=dict(exc.headers or {}))

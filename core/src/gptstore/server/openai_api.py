@@ -8,6 +8,7 @@ not implement (``tools``, ``response_format``...) is a 400 that names it, never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -49,13 +50,16 @@ DEFAULT_MAX_TOKENS = {"completions": 16, "chat": 256}
 #: Most alternatives per token: ``logprobs`` of completions, ``top_logprobs`` of chat (OpenAI's).
 MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS = 5, 20
 SEED_RANGE = (-(2**63), 2**63 - 1)
+#: Longest stop sequence, in characters.
+MAX_STOP_CHARS = 256
 
 _TEXT = Schema(type=OpenAPIType.STRING)
+_STOP_TEXT = Schema(type=OpenAPIType.STRING, max_length=MAX_STOP_CHARS)
 _STOP = Schema(
     one_of=[
         Schema(type=OpenAPIType.NULL),
-        _TEXT,
-        Schema(type=OpenAPIType.ARRAY, items=_TEXT, max_items=4),
+        _STOP_TEXT,
+        Schema(type=OpenAPIType.ARRAY, items=_STOP_TEXT, max_items=4),
     ],
     description="Up to 4 sequences where generation stops (not included in the text)",
 )
@@ -165,18 +169,38 @@ async def unless_gone(request: Request[Any, Any, Any], answer: Awaitable[T]) -> 
         watch.cancel()
     if not work.done():
         work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work  # let it finish cancelling (a stream's generator closes its end)
         raise ClientGone
     return work.result()
 
 
 def _stops(stop: Any) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else stop
     if stop is None:
         return ()
-    if isinstance(stop, str):
-        return (stop,)
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
-        return tuple(s for s in stop if s)
-    raise InvalidInput("request", ["stop must be a string or a list of up to 4 strings @ $.stop"])
+    if (
+        isinstance(stops, list)
+        and len(stops) <= 4
+        and all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stops)
+    ):
+        return tuple(s for s in stops if s)
+    raise InvalidInput(
+        "request",
+        [
+            f"stop must be a string or a list of up to 4 strings of at most {MAX_STOP_CHARS} "
+            "characters @ $.stop"
+        ],
+    )
+
+
+def _no_streamed_logprobs(stream: bool, logprobs: object) -> None:
+    # A stream's chunks may join several tokens: their log-probabilities would be lost or
+    # wrong, so the request is refused rather than answered with nulls.
+    if stream and logprobs:
+        raise InvalidInput(
+            "request", ["logprobs are not streamed; leave out stream or logprobs @ $.logprobs"]
+        )
 
 
 def _prompts(prompt: Any) -> list[str]:
@@ -297,6 +321,7 @@ class OpenAIController(Controller):
     )
     async def completions(self, state: State, request: Request[Any, Any, Any]) -> Completion:
         body = await read_body(request, CompletionBody)
+        _no_streamed_logprobs(body.stream, body.logprobs is not None)
         deployment: Deployment = state.deployments.get(body.model)
         max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS["completions"]
         requests = [
@@ -330,6 +355,7 @@ class OpenAIController(Controller):
         }
         if body.stream:
             return await _stream(  # type: ignore[return-value]  # described as text/event-stream
+                request,
                 deployment,
                 requests,
                 lambda index, chunk: {
@@ -373,6 +399,7 @@ class OpenAIController(Controller):
         self, state: State, request: Request[Any, Any, Any]
     ) -> ChatCompletion:
         body = await read_body(request, ChatBody)
+        _no_streamed_logprobs(body.stream, body.logprobs)
         deployment: Deployment = state.deployments.get(body.model)
         prompt = deployment.chat_prompt(_messages(body.messages))
         max_tokens = next(
@@ -426,7 +453,7 @@ class OpenAIController(Controller):
                     ],
                 }
 
-            return await _stream(deployment, requests, chunk_event, opening)  # type: ignore[return-value]
+            return await _stream(request, deployment, requests, chunk_event, opening)  # type: ignore[return-value]
         generations = await unless_gone(request, deployment.generate(requests))
         return {
             "id": ident,
@@ -447,16 +474,24 @@ class OpenAIController(Controller):
 
 
 async def _stream(
-    deployment: Deployment, requests: list[GenerationRequest], event: Any, opening: Any = None
+    request: Request[Any, Any, Any],
+    deployment: Deployment,
+    requests: list[GenerationRequest],
+    event: Any,
+    opening: Any = None,
 ) -> Stream:
     """Server-sent events, one choice after another, decoded by the deployment's worker. The
     first chunk is awaited before the response starts, so a bad request still gets a 4xx
-    instead of a broken stream; a client that disconnects stops the decoding."""
+    instead of a broken stream; a client that disconnects, before or during the stream, stops
+    the decoding."""
     chunks = deployment.stream(requests)
     try:
-        first = await anext(chunks)
+        first = await unless_gone(request, anext(chunks))
     except StopAsyncIteration:
         first = None
+    except ClientGone:
+        await chunks.aclose()
+        raise
 
     async def events() -> AsyncIterator[str]:
         opened: set[int] = set()

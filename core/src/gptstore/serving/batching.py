@@ -96,9 +96,12 @@ class Batcher:
     batches of up to ``max_batch`` rows (a larger request runs alone, ``max_batch`` rows at a
     time), streams one at a time."""
 
-    def __init__(self, runner: Runner, name: str, *, max_batch: int, max_queue: int) -> None:
+    def __init__(
+        self, runner: Runner, name: str, *, max_batch: int, max_queue: int, backend: str = "?"
+    ) -> None:
         self.runner = runner
         self.name = name
+        self.backend = backend
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.stats = BatchStats()
@@ -213,7 +216,9 @@ class Batcher:
             step(work)
         except Exception:
             log.exception("deployment %s: the batch worker failed", self.name)
-            error = GptstoreError(f"deployment {self.name!r} failed; see the server log")
+            error = PluginError(
+                f"deployment {self.name!r} (backend {self.backend}) failed; see the server log"
+            )
             for job in work if isinstance(work, list) else [work]:
                 _answer(job.done if isinstance(job, _Job) else job.push, error)
 
@@ -224,13 +229,13 @@ class Batcher:
             answers = self.runner.generate(part)
             if len(answers) != len(part):
                 raise PluginError(
-                    f"deployment {self.name!r}: its runner answered {len(answers)} of "
+                    f"deployment {self.name!r}: backend {self.backend} answered {len(answers)} of "
                     f"{len(part)} requests"
                 )
             if any(r.logprobs is not None and a.logprobs is None for r, a in zip(part, answers)):
                 raise PluginError(
-                    f"deployment {self.name!r}: its runner declares log-probabilities but "
-                    "returned none"
+                    f"deployment {self.name!r}: backend {self.backend} declares "
+                    "log-probabilities but returned none"
                 )
             generations.extend(answers)
         return generations
@@ -264,6 +269,8 @@ class Batcher:
         self.stats.streams += 1
         try:
             for index, request in enumerate(job.requests):
+                if not job.wanted():  # the client left while this stream waited
+                    return
                 chunks = self.runner.stream(request)
                 try:
                     for chunk in chunks:

@@ -217,7 +217,12 @@ class Decoder:
             # Hold back an incomplete character and anything that may start a stop sequence.
             safe = row.text.rstrip("\ufffd")
             hold = max(
-                (n for s in request.stop for n in range(len(s) - 1, 0, -1) if safe.endswith(s[:n])),
+                (
+                    n
+                    for s in request.stop
+                    for n in range(min(len(s) - 1, len(safe)), 0, -1)
+                    if safe.endswith(s[:n])
+                ),
                 default=0,
             )
             safe = safe[: len(safe) - hold]

@@ -18,7 +18,7 @@ from attrs import Factory, field, frozen
 
 from gptstore.artifacts import ARTIFACT_ID_PATTERN, ArtifactStore
 from gptstore.converter import in_range
-from gptstore.errors import Conflict, InvalidInput, NotFound, Unavailable
+from gptstore.errors import Conflict, InvalidInput, NotFound, PluginError, Unavailable
 from gptstore.manager import PluginManager, structure_options
 from gptstore.protocols import Runner, StreamChunk
 from gptstore.records import ServingBackend
@@ -125,8 +125,15 @@ class Deployment:
         self.artifact = plan.artifact
         self.backend = plan.backend.name
         self.runner = runner
-        self.info: RunnerInfo = runner.info()
-        self.batcher = Batcher(runner, name, max_batch=spec.max_batch, max_queue=spec.max_queue)
+        try:
+            self.info: RunnerInfo = runner.info()
+        except (ValueError, TypeError) as exc:  # RunnerInfo refused what the runner declared
+            raise PluginError(
+                f"backend {self.backend}: its runner's info() failed: {exc}"
+            ) from None
+        self.batcher = Batcher(
+            runner, name, max_batch=spec.max_batch, max_queue=spec.max_queue, backend=self.backend
+        )
         self.created_at = datetime.now(UTC)
 
     def check(self, requests: Sequence[GenerationRequest]) -> None:
@@ -203,7 +210,9 @@ class Deployments:
         self.manager = manager
         self.artifacts = artifacts
         self._items: dict[str, Deployment] = {}
-        self._loading: set[str] = set()
+        #: Names taken by a deployment that is not serving: "loading" or "being deleted".
+        self._pending: dict[str, str] = {}
+        self._closed = False
         self._lock = threading.Lock()
 
     def plan(self, name: str, spec: DeploymentSpec, *, where: str = "$") -> Plan:
@@ -218,13 +227,17 @@ class Deployments:
             where=f"{where}.options",
         )
 
-    def create(self, name: str, spec: DeploymentSpec, *, where: str = "$") -> Deployment:
-        """Load ``spec`` as deployment ``name``; Conflict when the name is taken."""
-        checked = self.plan(name, spec, where=where)
+    def create(
+        self, name: str, spec: DeploymentSpec, *, where: str = "$", checked: Plan | None = None
+    ) -> Deployment:
+        """Load ``spec`` as deployment ``name`` (``checked``: its plan, when already made);
+        Conflict when the name is taken, Unavailable once :meth:`close` has begun."""
+        checked = checked or self.plan(name, spec, where=where)
         with self._lock:
-            if name in self._items or name in self._loading:
+            self._check_open()
+            if name in self._items or name in self._pending:
                 raise Conflict(f"deployment {name!r} already exists; delete it first")
-            self._loading.add(name)
+            self._pending[name] = "loading"
         try:
             runner = load_runner(checked)
             try:
@@ -233,24 +246,33 @@ class Deployments:
                 runner.close()
                 raise
             with self._lock:
-                self._items[name] = deployment
+                closed = self._closed
+                if not closed:
+                    self._items[name] = deployment
+            if closed:  # the server shut down while this one loaded
+                deployment.close()
+                self._check_open()
         finally:
             with self._lock:
-                self._loading.discard(name)
+                self._pending.pop(name, None)
         return deployment
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("the server is shutting down")
 
     def loading(self) -> list[str]:
         with self._lock:
-            return sorted(self._loading)
+            return sorted(n for n, state in self._pending.items() if state == "loading")
 
     def get(self, name: str) -> Deployment:
         with self._lock:
             deployment = self._items.get(name)
-            loading = name in self._loading
+            state = self._pending.get(name)
             names = sorted(self._items)
         if deployment is None:
-            if loading:
-                raise Unavailable(f"deployment {name!r} is still loading; retry shortly")
+            if state is not None:
+                raise Unavailable(f"deployment {name!r} is {state}; retry shortly")
             raise NotFound(f"no deployment {name!r}; deployed: {', '.join(names) or 'none'}")
         return deployment
 
@@ -259,14 +281,27 @@ class Deployments:
             return sorted(self._items.values(), key=lambda d: d.name)
 
     def delete(self, name: str) -> None:
+        """Refuse new requests, answer the queued ones, unload. The name stays taken until the
+        model is unloaded, so a new deployment of that name never loads beside the old one."""
         with self._lock:
-            deployment = self._items.pop(name, None)
-        if deployment is None:
-            raise NotFound(f"no deployment {name!r}")
-        deployment.close()
+            deployment = self._items.get(name)
+            if deployment is None:
+                if name in self._pending:
+                    raise Unavailable(
+                        f"deployment {name!r} is {self._pending[name]}; retry shortly"
+                    )
+                raise NotFound(f"no deployment {name!r}")
+            self._pending[name] = "being deleted"  # taken while it drains
+            del self._items[name]
+        try:
+            deployment.close()
+        finally:
+            with self._lock:
+                self._pending.pop(name, None)
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             items, self._items = list(self._items.values()), {}
         for deployment in items:
             deployment.close()

@@ -14,10 +14,11 @@ import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from attrs import frozen
+from attrs import field, frozen
 
 from gptstore import hookimpl
 from gptstore.artifacts import ArtifactStore, hash_files
+from gptstore.converter import at_least
 from gptstore.protocols import StreamChunk
 from gptstore.records import ServingBackend
 from gptstore.types import (
@@ -37,7 +38,7 @@ class EchoOptions:
     """:param context_length: tokens (words) of prompt plus completion it takes (None: no limit).
     :param uppercase: answer in capitals (so a test can tell two deployments apart)."""
 
-    context_length: int | None = None
+    context_length: int | None = field(default=None, validator=at_least(1))
     uppercase: bool = False
 
 
