@@ -198,3 +198,46 @@ class TestTorchBackendContract(BackendContract):
         runner = TorchBackend(TorchOptions()).load(Artifact(tiny_model, Manifest(id="tiny")))
         yield runner
         runner.close()
+
+
+def test_eval_measures_on_this_host_and_records_it(tmp_path, tiny_model):
+    """`gptstore eval` as a user runs it: the figures land in the manifest as measured here,
+    a second run replaces them, and a text longer than the context is scored in pieces."""
+    import json
+    import shutil
+
+    from gptstore.artifacts import ArtifactStore, hash_files
+    from gptstore.testing import run_cli
+
+    home = tmp_path / "home"
+    store = ArtifactStore(home / "artifacts")
+    staging = store.staging_dir()
+    shutil.copytree(tiny_model, staging / "m")
+    store.commit(staging / "m", Manifest(id="tiny", files=hash_files(staging / "m")))
+    store.discard(staging)
+    data = tmp_path / "heldout.jsonl"
+    long_text = " ".join(f"word{i}" for i in range(3000))  # past the 2048-token context
+    data.write_text(
+        json.dumps({"text": long_text})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Hello there"}]})
+        + "\n"
+    )
+    for _ in range(2):
+        result = run_cli(
+            "--home", str(home), "eval", "tiny", "--backend", "torch", "--data", str(data),
+            "--max-tokens", "8", "--json",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    measured = {m["name"]: m for m in json.loads(result.stdout)}
+    assert set(measured) == {
+        "perplexity", "decode_tokens_per_s", "time_to_first_token_s", "resident_bytes"
+    }  # fmt: skip
+    assert 1 < measured["perplexity"]["value"] < 10_000
+    assert measured["perplexity"]["data"].startswith(f"{data}@")
+    assert measured["decode_tokens_per_s"]["value"] > 0
+    assert measured["resident_bytes"]["value"] > 0
+    assert "cores" in measured["decode_tokens_per_s"]["host"]
+    manifest = store.get("tiny").manifest
+    assert len(manifest.measured) == 4  # the second run replaced the first
+    assert manifest.files == hash_files(store.get("tiny").path)  # the files are untouched

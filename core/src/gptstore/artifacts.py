@@ -18,10 +18,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from attrs import evolve
+
 from gptstore.converter import structure, unstructure
 from gptstore.errors import InvalidInput, NotFound
 from gptstore.files import atomic_write
-from gptstore.types import Artifact, Manifest, RecipeStep
+from gptstore.types import Artifact, Manifest, Measurement, RecipeStep
 
 MANIFEST = "manifest.json"
 #: Artifact ids: 1-128 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit,
@@ -186,6 +188,15 @@ class ArtifactStore:
         write_json_atomic(staging / MANIFEST, unstructure(manifest))
         os.replace(staging, target)
         return Artifact(target, manifest)
+
+    def record(self, artifact: Artifact, measurements: list[Measurement]) -> Artifact:
+        """``artifact`` with ``measurements`` in its manifest (replacing older ones of the same
+        figure, backend and data), written atomically; its files are not touched."""
+        keys = {m.key for m in measurements}
+        kept = [m for m in artifact.manifest.measured if m.key not in keys]
+        manifest = evolve(artifact.manifest, measured=(*kept, *measurements))
+        write_json_atomic(artifact.path / MANIFEST, unstructure(manifest))
+        return Artifact(artifact.path, manifest)
 
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)

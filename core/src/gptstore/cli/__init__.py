@@ -1,10 +1,13 @@
-"""The ``gptstore`` command, one module per command group: :mod:`~gptstore.cli.catalog`
-(plugins, sources, sync, search, show, select), :mod:`~gptstore.cli.artifacts` (fetch,
-artifacts, optimize), :mod:`~gptstore.cli.serving` (serve, chat) and :mod:`~gptstore.cli.config`
-(init, config). Commands parse flags, call the same services as the HTTP API, and print.
+"""The ``gptstore`` command, one module per command group:
 
-User mistakes (a bad flag value, an unknown model or policy) print one line and exit 1; no
-traceback. Heavy libraries are never imported here.
+- :mod:`~gptstore.cli.catalog`: plugins, sources, sync, search, show, select;
+- :mod:`~gptstore.cli.artifacts`: fetch, artifacts, optimize, eval;
+- :mod:`~gptstore.cli.serving`: serve, chat;
+- :mod:`~gptstore.cli.config`: init, config.
+
+Commands parse flags, call the same services as the HTTP API, and print. User mistakes (a bad
+flag value, an unknown model or policy) print one line and exit 1; no traceback. Heavy libraries
+are never imported here.
 """
 
 from __future__ import annotations

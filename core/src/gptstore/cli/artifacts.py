@@ -1,4 +1,4 @@
-"""Artifact commands: ``fetch``, ``artifacts`` and ``optimize``."""
+"""Artifact commands: ``fetch``, ``artifacts``, ``optimize`` and ``eval``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from rich.table import Table
 from gptstore.artifacts import ArtifactStore
 from gptstore.cli.base import App, cli, emit_json, out, progress_line, toml_pairs
 from gptstore.converter import unstructure
-from gptstore.optimization.data import load_dataset
+from gptstore.optimization.data import default_heldout, load_dataset
+from gptstore.optimization.evaluation import evaluate_artifact
 from gptstore.optimization.run import optimize as optimize_artifact
 from gptstore.sync import fetch_model
 from gptstore.units import format_bytes
@@ -106,3 +107,62 @@ def optimize(
     out.print(f"{artifact} -> {derived.id} ({manifest.kind})")
     for metric, number in {**manifest.metrics_before, **manifest.metrics_after}.items():
         out.print(f"  {metric}: {number:.6g}")
+
+
+@cli.command("eval")
+@click.argument("artifact")
+@click.option("--backend", required=True, help="Serving backend to measure on, e.g. onnx or torch.")
+@click.option(
+    "--data",
+    "data_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Held-out text for perplexity: a text file or JSONL, as for optimize (default: the "
+    "held-out tenth of the built-in corpus, pydoc_data.topics).",
+)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A backend option, VALUE read as TOML when it parses (repeatable).",
+)
+@click.option(
+    "--max-tokens",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Tokens generated to time decoding.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def evaluate(
+    app: App,
+    artifact: str,
+    backend: str,
+    data_file: Path | None,
+    options: tuple[str, ...],
+    max_tokens: int,
+    as_json: bool,
+) -> None:
+    """Measure ARTIFACT on this host: held-out perplexity, decode tokens/s at batch 1, time to
+    first token and resident memory after loading; recorded in its manifest as measured."""
+    with progress_line() as progress:
+        progress.add_task(f"measuring {artifact} on {backend}")
+        result = evaluate_artifact(
+            app.manager,
+            ArtifactStore(app.store.artifacts_dir),
+            artifact,
+            backend,
+            toml_pairs(options, "--option", "intra_op_threads=2"),
+            load_dataset(data_file) if data_file else default_heldout(),
+            max_new_tokens=max_tokens,
+        )
+    if as_json:
+        emit_json([unstructure(m) for m in result.measurements])
+        return
+    table = Table("measured here", "value", "backend", "on")
+    for m in result.measurements:
+        shown = format_bytes(m.value) if m.name == "resident_bytes" else f"{m.value:.4g}"
+        table.add_row(m.name, shown, m.backend, m.data or m.host)
+    out.print(table)
+    out.print(f"recorded in {result.artifact.path / 'manifest.json'}")

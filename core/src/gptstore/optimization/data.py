@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -87,3 +88,42 @@ def default_texts(limit: int = 3000) -> list[str]:
     import pydoc_data.topics
 
     return [pydoc_data.topics.topics["assignment"][:limit]]
+
+
+def split(data: Dataset, heldout: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, held-out): a seeded shuffle, so the same data and seed always split the same
+    way; each part keeps the origin and gets its own digest."""
+    if not 0 < heldout < 1:
+        raise InvalidInput("split", [f"the held-out fraction must lie in (0, 1), got {heldout}"])
+    order = list(range(len(data.examples)))
+    random.Random(seed).shuffle(order)
+    count = max(1, round(len(order) * heldout)) if order else 0
+    held = sorted(order[:count])
+    kept = sorted(order[count:])
+    return (
+        dataset([data.examples[i] for i in kept], f"{data.origin} (train, seed {seed})"),
+        dataset([data.examples[i] for i in held], f"{data.origin} (held out, seed {seed})"),
+    )
+
+
+def default_dataset() -> Dataset:
+    """The built-in corpus: one example per documentation topic, in a stable order."""
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    return dataset([topics[name].strip() for name in sorted(topics)], DEFAULT_CORPUS)
+
+
+def default_heldout(max_chars: int = 20_000) -> Dataset:
+    """The held-out tenth of the built-in corpus (seed 0: never the part a step trains or
+    calibrates on), its first examples up to ``max_chars`` so a measurement stays quick."""
+    _train, heldout = split(default_dataset(), 0.1)
+    examples: list[Example] = []
+    total = 0
+    for example in heldout.examples:
+        size = len(example) if isinstance(example, str) else sum(len(m.content) for m in example)
+        if examples and total + size > max_chars:
+            break
+        examples.append(example)
+        total += size
+    return dataset(examples, heldout.origin)
