@@ -20,7 +20,7 @@ LAYERS = (
     ("gptstore.catalog",),
     ("gptstore.builtins.scoring", "gptstore.selection"),
     ("gptstore.artifacts",),
-    ("gptstore.sync",),
+    ("gptstore.sync", "gptstore.builtins.store"),
     ("gptstore.serving",),
     ("gptstore.optimization",),
     ("gptstore.plugin",),

@@ -104,7 +104,7 @@ def test_builtins_are_ordinary_plugins(plugin_manager):
         "smallest",
         "best-quality",
     }
-    assert set(plugin_manager.registrations(ModelSource)) == {"local"}
+    assert set(plugin_manager.registrations(ModelSource)) == {"local", "store"}
 
 
 def test_entry_point_plugin_is_loaded_with_its_distribution(fake_dist):

@@ -41,6 +41,7 @@ ENTRY_POINT_GROUP = "gptstore"
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("gptstore.local", "gptstore.builtins.local"),
     ("gptstore.scoring", "gptstore.builtins.scoring"),
+    ("gptstore.store", "gptstore.builtins.store"),
 )
 _HOOK_RECORDS: dict[str, type[_Registration]] = {
     "gptstore_model_sources": ModelSource,

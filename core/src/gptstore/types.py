@@ -84,7 +84,8 @@ class Metric:
         Accuracy-like metrics reported as 0-1 or 0-100 both map to 0-1; metrics where lower is
         better (perplexity, loss) have none.
         """
-        if not self.higher_is_better or self.value < 0:
+        # A figure measured here (perplexity, tokens/s, bytes) is raw, not an accuracy.
+        if not self.higher_is_better or self.value < 0 or self.origin == "measured":
             return None
         if self.value <= 1:
             return self.value

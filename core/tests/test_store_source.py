@@ -1,0 +1,92 @@
+"""The built-in ``store`` source: artifacts as cards, with lineage and measured figures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+
+import pytest
+
+from gptstore.artifacts import ArtifactStore, hash_files
+from gptstore.builtins.store import StoreSource
+from gptstore.testing import run_cli
+from gptstore.testing.contracts import SourceContract
+from gptstore.types import Manifest, Measurement, RecipeStep
+
+
+def _store(home, tiny_model):
+    store = ArtifactStore(home / "artifacts")
+    staging = store.staging_dir()
+    shutil.copytree(tiny_model, staging / "m")
+    base = store.commit(
+        staging / "m", Manifest(id="tiny", origin="local:tiny@1", files=hash_files(staging / "m"))
+    )
+    store.discard(staging)
+    return store, base
+
+
+def test_artifacts_are_cards_with_lineage_and_measured_figures(tmp_path, tiny_model):
+    home = tmp_path / "home"
+    store, base = _store(home, tiny_model)
+    staging = store.staging_dir()
+    shutil.copy(base.path / "config.json", staging / "config.json")  # an export: no safetensors
+    child = store.commit(
+        staging,
+        Manifest(
+            id="tiny-onnx",
+            kind="onnx",
+            parent="tiny",
+            step=RecipeStep("onnx-export", {}),
+            files=hash_files(staging),
+        ),
+    )
+    store.record(
+        child,
+        [
+            Measurement(
+                name="perplexity",
+                value=12.5,
+                backend="onnx",
+                data="heldout.txt@abc",
+                measured_at=datetime.now(UTC),
+            ),
+            Measurement(name="decode_tokens_per_s", value=80.0, backend="onnx", host="cpu"),
+        ],
+    )
+    synced = run_cli("--home", str(home), "sync", "store")
+    assert synced.returncode == 0, synced.stderr
+    assert "store: 2 added" in synced.stdout
+    shown = run_cli("--home", str(home), "show", "store:tiny-onnx", "--json")
+    card = json.loads(shown.stdout)
+    assert card["base_model"] == "tiny"
+    assert card["parameters"] == json.loads(
+        run_cli("--home", str(home), "show", "store:tiny", "--json").stdout
+    )["parameters"]  # an export has its parent's parameters
+    assert card["dtype"] is None  # but not its dtype
+    assert card["license"] == "apache-2.0"  # from the parent's README
+    metrics = {m["name"]: m for m in card["metrics"]}
+    assert metrics["perplexity@onnx"]["origin"] == "measured"
+    assert metrics["perplexity@onnx"]["dataset"] == "heldout.txt@abc"
+    assert metrics["decode_tokens_per_s@onnx"]["value"] == 80.0
+    selected = json.loads(
+        run_cli(
+            "--home", str(home), "select", "--source", "store", "--task", "text-generation",
+            "--policy", "best-quality", "--json",
+        ).stdout
+    )  # fmt: skip
+    ranked = {c["uid"]: c for c in selected["ranked"]}
+    assert set(ranked) == {"store:tiny", "store:tiny-onnx"}
+    # Measured speed is no accuracy: it does not count as quality.
+    assert ranked["store:tiny-onnx"]["score"] == 0.0
+
+
+class TestStoreSourceContract(SourceContract):
+    @pytest.fixture
+    def source_name(self):
+        return "store"
+
+    @pytest.fixture
+    def source(self, store_home, tiny_model):
+        _store(store_home.home, tiny_model)
+        return StoreSource()
