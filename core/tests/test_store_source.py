@@ -60,9 +60,12 @@ def test_artifacts_are_cards_with_lineage_and_measured_figures(tmp_path, tiny_mo
     shown = run_cli("--home", str(home), "show", "store:tiny-onnx", "--json")
     card = json.loads(shown.stdout)
     assert card["base_model"] == "tiny"
-    assert card["parameters"] == json.loads(
-        run_cli("--home", str(home), "show", "store:tiny", "--json").stdout
-    )["parameters"]  # an export has its parent's parameters
+    assert (
+        card["parameters"]
+        == json.loads(run_cli("--home", str(home), "show", "store:tiny", "--json").stdout)[
+            "parameters"
+        ]
+    )  # an export has its parent's parameters
     assert card["dtype"] is None  # but not its dtype
     assert card["license"] == "apache-2.0"  # from the parent's README
     metrics = {m["name"]: m for m in card["metrics"]}
