@@ -93,3 +93,43 @@ class TestStoreSourceContract(SourceContract):
     def source(self, store_home, tiny_model):
         _store(store_home.home, tiny_model)
         return StoreSource()
+
+
+def test_lineage_shows_the_tree_with_steps_options_and_figures(tmp_path, tiny_model):
+    home = tmp_path / "home"
+    store, _base = _store(home, tiny_model)
+    for name, parent, strategy in (
+        ("tiny-a", "tiny", "onnx-export"),
+        ("tiny-a-q", "tiny-a", "onnx-quantize"),
+        ("tiny-b", "tiny", "make-greedy"),
+    ):
+        staging = store.staging_dir()
+        (staging / "config.json").write_text("{}")
+        store.commit(
+            staging,
+            Manifest(
+                id=name,
+                kind="onnx",
+                parent=parent,
+                step=RecipeStep(strategy, {"block_size": 32} if name == "tiny-a-q" else {}),
+                metrics_after={"perplexity": 11.0} if name == "tiny-a-q" else {},
+                files=hash_files(staging),
+                created_at=datetime.now(UTC),
+            ),
+        )
+    store.record(
+        store.get("tiny-a-q"), [Measurement(name="decode_tokens_per_s", value=99.0, backend="onnx")]
+    )
+    shown = run_cli("--home", str(home), "lineage", "tiny-a-q")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    order = [next(i for i, line in enumerate(lines) if f"{n} " in line) for n in
+             ("tiny ", "tiny-a ", "tiny-a-q ", "tiny-b ")]  # fmt: skip
+    assert order == sorted(order)
+    assert "imported from local:tiny@1" in shown.stdout
+    assert "onnx-quantize (block_size=32)" in shown.stdout
+    assert "perplexity 11; decode_tokens_per_s@onnx 99" in shown.stdout
+    tree = json.loads(run_cli("--home", str(home), "lineage", "tiny-b", "--json").stdout)
+    assert tree["id"] == "tiny"
+    assert [d["id"] for d in tree["derived"]] == ["tiny-a", "tiny-b"]
+    assert tree["derived"][0]["derived"][0]["measured"][0]["value"] == 99.0

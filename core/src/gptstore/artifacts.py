@@ -189,6 +189,16 @@ class ArtifactStore:
         os.replace(staging, target)
         return Artifact(target, manifest)
 
+    def children(self) -> dict[str, list[Artifact]]:
+        """Parent id -> the artifacts derived from it, oldest first."""
+        found: dict[str, list[Artifact]] = {}
+        for artifact in self.list():
+            if artifact.manifest.parent is not None:
+                found.setdefault(artifact.manifest.parent, []).append(artifact)
+        for derived in found.values():
+            derived.sort(key=lambda a: (a.manifest.created_at is None, a.manifest.created_at, a.id))
+        return found
+
     def record(self, artifact: Artifact, measurements: list[Measurement]) -> Artifact:
         """``artifact`` with ``measurements`` in its manifest (replacing older ones of the same
         figure, backend and data), written atomically; its files are not touched."""

@@ -1,7 +1,7 @@
 """The ``gptstore`` command, one module per command group:
 
 - :mod:`~gptstore.cli.catalog`: plugins, sources, sync, search, show, select;
-- :mod:`~gptstore.cli.artifacts`: fetch, artifacts, optimize, eval;
+- :mod:`~gptstore.cli.artifacts`: fetch, artifacts, optimize, eval, lineage;
 - :mod:`~gptstore.cli.serving`: serve, chat;
 - :mod:`~gptstore.cli.config`: init, config.
 

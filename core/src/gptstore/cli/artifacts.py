@@ -1,11 +1,14 @@
-"""Artifact commands: ``fetch``, ``artifacts``, ``optimize`` and ``eval``."""
+"""Artifact commands: ``fetch``, ``artifacts``, ``optimize``, ``eval`` and ``lineage``."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
 
 from gptstore.artifacts import ArtifactStore
 from gptstore.cli.base import App, cli, emit_json, out, progress_line, toml_pairs
@@ -14,6 +17,7 @@ from gptstore.optimization.data import default_heldout, load_dataset
 from gptstore.optimization.evaluation import evaluate_artifact
 from gptstore.optimization.run import optimize as optimize_artifact
 from gptstore.sync import fetch_model
+from gptstore.types import Artifact
 from gptstore.units import format_bytes
 
 
@@ -166,3 +170,57 @@ def evaluate(
         table.add_row(m.name, shown, m.backend, m.data or m.host)
     out.print(table)
     out.print(f"recorded in {result.artifact.path / 'manifest.json'}")
+
+
+def _node(artifact: Artifact, children: dict[str, list[Artifact]]) -> dict[str, Any]:
+    manifest = artifact.manifest
+    return {
+        "id": artifact.id,
+        "kind": manifest.kind,
+        "origin": manifest.origin,
+        "step": unstructure(manifest.step),
+        "data_digest": manifest.data_digest,
+        "metrics_before": manifest.metrics_before,
+        "metrics_after": manifest.metrics_after,
+        "measured": unstructure(manifest.measured),
+        "derived": [_node(child, children) for child in children.get(artifact.id, [])],
+    }
+
+
+def _label(node: dict[str, Any], asked: str) -> Text:
+    label = Text(node["id"], style="bold" if node["id"] == asked else "")
+    step = node["step"]
+    label.append(f"  {node['kind']}")
+    if step is not None:
+        options = ", ".join(f"{k}={v}" for k, v in sorted(step["options"].items()))
+        label.append(f"  {step['strategy']}" + (f" ({options})" if options else ""), style="cyan")
+    else:
+        label.append(f"  imported from {node['origin'] or '?'}", style="cyan")
+    figures = [f"{k} {v:.4g}" for k, v in node["metrics_after"].items()]
+    figures += [f"{m['name']}@{m['backend']} {m['value']:.4g}" for m in node["measured"]]
+    if figures:
+        label.append("\n" + "; ".join(figures), style="dim")
+    return label
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def lineage(app: App, artifact: str, as_json: bool) -> None:
+    """The tree ARTIFACT belongs to, from the imported model down: each step with its options,
+    its figures and those gptstore eval measured."""
+    store = ArtifactStore(app.store.artifacts_dir)
+    root = store.lineage(store.get(artifact))[-1]
+    tree = _node(root, store.children())
+    if as_json:
+        emit_json(tree)
+        return
+
+    def grow(parent: Tree, node: dict[str, Any]) -> None:
+        for child in node["derived"]:
+            grow(parent.add(_label(child, artifact)), child)
+
+    shown = Tree(_label(tree, artifact))
+    grow(shown, tree)
+    out.print(shown)
