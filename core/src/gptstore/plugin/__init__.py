@@ -46,7 +46,14 @@ from gptstore.modelfiles import (
     readme_text,
     weight_files,
 )
-from gptstore.optimization.data import DEFAULT_CORPUS, default_texts, load_dataset
+from gptstore.optimization.data import (
+    DEFAULT_CORPUS,
+    default_dataset,
+    default_heldout,
+    default_texts,
+    load_dataset,
+    split,
+)
 from gptstore.optimization.evaluation import perplexity
 from gptstore.optimization.gates import Gate, GateFailed
 from gptstore.protocols import (
@@ -157,6 +164,8 @@ __all__ = [
     "check_weights",
     "context_length",
     "count_parameters",
+    "default_dataset",
+    "default_heldout",
     "default_texts",
     "derive_manifest",
     "format_bytes",
@@ -177,6 +186,7 @@ __all__ = [
     "readme_text",
     "serving_tokenizer",
     "sha256_file",
+    "split",
     "str_tuple",
     "structure",
     "unstructure",

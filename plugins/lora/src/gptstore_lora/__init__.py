@@ -1,0 +1,1 @@
+"""gptstore-lora: LoRA (and DoRA) fine-tuning with peft, as an optimization strategy."""
