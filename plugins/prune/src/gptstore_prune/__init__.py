@@ -1,0 +1,1 @@
+"""gptstore-prune: structured pruning that leaves plain, servable models."""
