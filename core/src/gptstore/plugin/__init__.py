@@ -56,6 +56,7 @@ from gptstore.optimization.data import (
 )
 from gptstore.optimization.evaluation import perplexity
 from gptstore.optimization.gates import Gate, GateFailed
+from gptstore.optimization.models import chat_renderer, load_causal_lm, packed_ids
 from gptstore.protocols import (
     Backend,
     Optimizer,
@@ -161,6 +162,7 @@ __all__ = [
     "at_least",
     "atomic_write",
     "cache_dir",
+    "chat_renderer",
     "check_weights",
     "context_length",
     "count_parameters",
@@ -173,9 +175,11 @@ __all__ = [
     "hash_files",
     "hookimpl",
     "in_range",
+    "load_causal_lm",
     "load_dataset",
     "matches",
     "matching",
+    "packed_ids",
     "parse_bytes",
     "parse_count",
     "parse_model_index",

@@ -18,13 +18,15 @@ from gptstore.plugin import (
     InvalidInput,
     OptimizationContext,
     at_least,
+    chat_renderer,
     default_dataset,
     derive_manifest,
     in_range,
+    load_causal_lm,
+    packed_ids,
     split,
     str_tuple,
     unstructure,
-    weight_files,
 )
 
 #: Every attention and MLP projection of Llama-like models (SmolLM2, Qwen, Mistral...).
@@ -54,25 +56,19 @@ class LoraOptions:
 
 
 def _blocks(tokenizer: Any, texts: list[str], seq_len: int) -> Any:
-    """Texts tokenized, joined with end-of-sequence tokens and cut into ``seq_len`` blocks
-    (packing: no padding is trained on)."""
+    """The texts packed into ``seq_len`` blocks, as one tensor; at least two (one held out)."""
     import torch
 
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-    count = len(ids) // seq_len
-    if count < 2:
+    blocks = packed_ids(tokenizer, texts, seq_len)
+    if len(blocks) < 2:
         raise InvalidInput(
             "data",
             [
-                f"{len(ids)} tokens make {count} block(s) of seq_len {seq_len}; give more text "
+                f"the data makes {len(blocks)} block(s) of seq_len {seq_len}; give more text "
                 "or a smaller seq_len (at least 2 blocks: one is held out)"
             ],
         )
-    return torch.tensor(ids[: count * seq_len]).view(count, seq_len)
+    return torch.tensor(blocks)
 
 
 def _perplexity(model: Any, blocks: Any, batch_size: int) -> float:
@@ -107,36 +103,17 @@ class Lora:
     def apply(self, artifact: Artifact, context: OptimizationContext) -> Artifact:
         import torch
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         options = self.options
-        if artifact.manifest.kind != "hf" or not weight_files(artifact.path):
-            raise InvalidInput(
-                "artifact",
-                [f"{artifact.id} is {artifact.manifest.kind}; lora takes a Hugging Face model"],
-            )
         if options.threads:
             torch.set_num_threads(options.threads)
         torch.manual_seed(options.seed)
         started = time.perf_counter()
         context.progress(0.0, "loading the model")
-        tokenizer = AutoTokenizer.from_pretrained(
-            artifact.path, trust_remote_code=False, local_files_only=True
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            artifact.path,
-            dtype=torch.float32,
-            use_safetensors=True,
-            trust_remote_code=False,
-            local_files_only=True,
-        )
-
-        def render(messages: Any) -> str:
-            chat = [{"role": m.role, "content": m.content} for m in messages]
-            return str(tokenizer.apply_chat_template(chat, tokenize=False))
-
+        model, tokenizer = load_causal_lm(artifact, "lora")
         # Without data: the built-in corpus's training part (its held-out tenth is never seen).
-        texts = context.data.texts(render) or split(default_dataset(), 0.1)[0].texts()
+        texts = context.data.texts(chat_renderer(tokenizer))
+        texts = texts or split(default_dataset(), 0.1)[0].texts()
         blocks = _blocks(tokenizer, texts, options.seq_len)
         order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(options.seed))
         held = max(1, round(len(blocks) * options.eval_fraction)) if options.eval_fraction else 0

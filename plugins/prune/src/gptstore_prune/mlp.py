@@ -22,12 +22,14 @@ from gptstore.plugin import (
     Artifact,
     InvalidInput,
     OptimizationContext,
+    chat_renderer,
     default_dataset,
     derive_manifest,
     in_range,
+    load_causal_lm,
+    packed_ids,
     split,
     unstructure,
-    weight_files,
 )
 
 KEPT_FILE = "pruning.json"
@@ -51,18 +53,10 @@ class PruneMlpOptions:
 def _token_blocks(tokenizer: Any, texts: list[str], tokens: int, seq_len: int) -> Any:
     import torch
 
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-        if len(ids) >= tokens:
-            break
-    ids = ids[:tokens]
-    count = len(ids) // seq_len
-    if count < 1:
-        raise InvalidInput("data", [f"{len(ids)} tokens are fewer than one block of {seq_len}"])
-    return torch.tensor(ids[: count * seq_len]).view(count, seq_len)
+    blocks = packed_ids(tokenizer, texts, seq_len, max_tokens=tokens)
+    if not blocks:
+        raise InvalidInput("data", [f"the data makes no block of {seq_len} tokens"])
+    return torch.tensor(blocks)
 
 
 def perplexity(model: Any, blocks: Any) -> float:
@@ -150,35 +144,14 @@ class PruneMlp:
 
     def apply(self, artifact: Artifact, context: OptimizationContext) -> Artifact:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         options = self.options
-        if artifact.manifest.kind != "hf" or not weight_files(artifact.path):
-            raise InvalidInput(
-                "artifact",
-                [
-                    f"{artifact.id} is {artifact.manifest.kind}; prune-mlp takes a Hugging Face "
-                    "model"
-                ],
-            )
         context.progress(0.0, "loading the model")
-        tokenizer = AutoTokenizer.from_pretrained(
-            artifact.path, trust_remote_code=False, local_files_only=True
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            artifact.path,
-            dtype=torch.float32,
-            use_safetensors=True,
-            trust_remote_code=False,
-            local_files_only=True,
-        ).eval()
-
-        def render(messages: Any) -> str:
-            chat = [{"role": m.role, "content": m.content} for m in messages]
-            return str(tokenizer.apply_chat_template(chat, tokenize=False))
+        model, tokenizer = load_causal_lm(artifact, "prune-mlp")
+        model.eval()
 
         if context.data:
-            calibration_texts = context.data.texts(render)
+            calibration_texts = context.data.texts(chat_renderer(tokenizer))
             data_digest = context.data.digest
         else:  # the built-in corpus: calibrate on its training part
             calibration_texts = split(default_dataset(), 0.1)[0].texts()
