@@ -10,20 +10,14 @@ import pytest
 
 from gptstore.artifacts import ArtifactStore, hash_files
 from gptstore.builtins.store import StoreSource
-from gptstore.testing import run_cli
+from gptstore.testing import add_artifact, run_cli
 from gptstore.testing.contracts import SourceContract
 from gptstore.types import Manifest, Measurement, RecipeStep
 
 
 def _store(home, tiny_model):
-    store = ArtifactStore(home / "artifacts")
-    staging = store.staging_dir()
-    shutil.copytree(tiny_model, staging / "m")
-    base = store.commit(
-        staging / "m", Manifest(id="tiny", origin="local:tiny@1", files=hash_files(staging / "m"))
-    )
-    store.discard(staging)
-    return store, base
+    base = add_artifact(home / "artifacts", tiny_model, "tiny", origin="local:tiny@1")
+    return ArtifactStore(home / "artifacts"), base
 
 
 def test_artifacts_are_cards_with_lineage_and_measured_figures(tmp_path, tiny_model):

@@ -204,17 +204,13 @@ def test_eval_measures_on_this_host_and_records_it(tmp_path, tiny_model):
     """`gptstore eval` as a user runs it: the figures land in the manifest as measured here,
     a second run replaces them, and a text longer than the context is scored in pieces."""
     import json
-    import shutil
 
     from gptstore.artifacts import ArtifactStore, hash_files
-    from gptstore.testing import run_cli
+    from gptstore.testing import add_artifact, run_cli
 
     home = tmp_path / "home"
+    add_artifact(home / "artifacts", tiny_model, "tiny")
     store = ArtifactStore(home / "artifacts")
-    staging = store.staging_dir()
-    shutil.copytree(tiny_model, staging / "m")
-    store.commit(staging / "m", Manifest(id="tiny", files=hash_files(staging / "m")))
-    store.discard(staging)
     data = tmp_path / "heldout.jsonl"
     long_text = " ".join(f"word{i}" for i in range(3000))  # past the 2048-token context
     data.write_text(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +13,12 @@ import time
 
 import pytest
 
-from gptstore.artifacts import ArtifactStore, hash_files
+from gptstore.artifacts import ArtifactStore
 from gptstore.optimization.run import optimize
+from gptstore.testing import add_artifact
 from gptstore.testing.contracts import OptimizerContract
 from gptstore.testing.models import build_causal_lm
-from gptstore.types import GenerationRequest, Manifest
+from gptstore.types import GenerationRequest
 from gptstore_lora import plugin
 from gptstore_lora.train import Lora, LoraOptions
 
@@ -33,13 +33,9 @@ def tied_model(tmp_path_factory):
     )
 
 
-def _store(tmp_path, model, artifact_id="base"):
-    store = ArtifactStore(tmp_path / "home" / "artifacts")
-    staging = store.staging_dir()
-    shutil.copytree(model, staging / "m")
-    store.commit(staging / "m", Manifest(id=artifact_id, files=hash_files(staging / "m")))
-    store.discard(staging)
-    return store
+def _store(tmp_path, model):
+    add_artifact(tmp_path / "home" / "artifacts", model, "base")
+    return ArtifactStore(tmp_path / "home" / "artifacts")
 
 
 @pytest.fixture

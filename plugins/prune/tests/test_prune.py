@@ -4,14 +4,14 @@ says it kept, and is served by the torch backend."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
-from gptstore.artifacts import ArtifactStore, hash_files
+from gptstore.artifacts import ArtifactStore
 from gptstore.optimization.run import optimize
+from gptstore.testing import add_artifact
 from gptstore.testing.contracts import OptimizerContract
-from gptstore.types import GenerationRequest, Manifest
+from gptstore.types import GenerationRequest
 from gptstore_prune import plugin
 from gptstore_prune.mlp import PruneMlp, PruneMlpOptions
 
@@ -19,12 +19,8 @@ FAST = {"calibration_tokens": 512, "eval_tokens": 256, "seq_len": 64}
 
 
 def _store(tmp_path, model):
-    store = ArtifactStore(tmp_path / "home" / "artifacts")
-    staging = store.staging_dir()
-    shutil.copytree(model, staging / "m")
-    store.commit(staging / "m", Manifest(id="base", files=hash_files(staging / "m")))
-    store.discard(staging)
-    return store
+    add_artifact(tmp_path / "home" / "artifacts", model, "base")
+    return ArtifactStore(tmp_path / "home" / "artifacts")
 
 
 @pytest.fixture

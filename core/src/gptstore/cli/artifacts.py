@@ -11,7 +11,16 @@ from rich.text import Text
 from rich.tree import Tree
 
 from gptstore.artifacts import ArtifactStore
-from gptstore.cli.base import App, cli, emit_json, out, progress_line, toml_pairs
+from gptstore.cli.base import (
+    App,
+    cli,
+    data_option,
+    emit_json,
+    option_pairs,
+    out,
+    progress_line,
+    toml_pairs,
+)
 from gptstore.converter import unstructure
 from gptstore.optimization.data import default_heldout, load_dataset
 from gptstore.optimization.evaluation import evaluate_artifact
@@ -64,25 +73,13 @@ def artifacts(app: App, as_json: bool) -> None:
 @cli.command()
 @click.argument("artifact")
 @click.argument("strategy")
-@click.option(
-    "--option",
-    "options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A strategy option, VALUE read as TOML when it parses (repeatable).",
-)
+@option_pairs("strategy")
 @click.option(
     "--id",
     "new_id",
     help="The new artifact's id (reused when it was made the same way from the same parent).",
 )
-@click.option(
-    "--data",
-    "data_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Training or calibration data: a text file (one example per line) or JSONL "
-    '(objects with "text", or chat "messages").',
-)
+@data_option("Training or calibration data")
 @click.pass_obj
 def optimize(
     app: App,
@@ -116,20 +113,11 @@ def optimize(
 @cli.command("eval")
 @click.argument("artifact")
 @click.option("--backend", required=True, help="Serving backend to measure on, e.g. onnx or torch.")
-@click.option(
-    "--data",
-    "data_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Held-out text for perplexity: a text file or JSONL, as for optimize (default: the "
-    "held-out tenth of the built-in corpus, pydoc_data.topics).",
+@data_option(
+    "Held-out text for perplexity (default: the held-out tenth of the built-in corpus, "
+    "pydoc_data.topics)"
 )
-@click.option(
-    "--option",
-    "options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A backend option, VALUE read as TOML when it parses (repeatable).",
-)
+@option_pairs("backend")
 @click.option(
     "--max-tokens",
     default=32,

@@ -12,9 +12,10 @@ import os
 import sqlite3
 import tomllib
 import warnings
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -26,6 +27,8 @@ from gptstore.catalog import Catalog
 from gptstore.config import Config, Store
 from gptstore.errors import GptstoreError
 from gptstore.manager import PluginLoadWarning, PluginManager, make_plugin_manager
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 out = Console(soft_wrap=False, markup=False, emoji=False)
 err = Console(stderr=True, markup=False, emoji=False)
@@ -96,6 +99,29 @@ def progress_line() -> Progress:
 
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
+
+
+def option_pairs(what: str) -> Callable[[F], F]:
+    """The repeatable ``--option KEY=VALUE`` flag of a plugin's options (``what``: "strategy",
+    "backend"), read with :func:`toml_pairs`."""
+    return click.option(
+        "--option",
+        "options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help=f"A {what} option, VALUE read as TOML when it parses (repeatable).",
+    )
+
+
+def data_option(purpose: str) -> Callable[[F], F]:
+    """The ``--data FILE`` flag: a text file or JSONL, read with ``load_dataset``."""
+    return click.option(
+        "--data",
+        "data_file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help=f'{purpose}: a text file (one example per line) or JSONL (objects with "text", '
+        'or chat "messages").',
+    )
 
 
 def toml_pairs(texts: tuple[str, ...], flag: str, example: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from gptstore.artifacts import ArtifactStore
-from gptstore.cli.base import App, cli, out, toml_pairs
+from gptstore.cli.base import App, cli, option_pairs, out, toml_pairs
 from gptstore.serving.deployments import load_runner, plan
 from gptstore.types import ChatMessage, GenerationRequest
 
@@ -66,13 +66,7 @@ def serve(app: App, host: str, port: int, workers: int, config: Path | None) -> 
 @click.argument("message")
 @click.option("--backend", required=True, help="Serving backend, e.g. onnx or torch.")
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--option",
-    "options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A backend option, VALUE read as TOML when it parses (repeatable).",
-)
+@option_pairs("backend")
 @click.pass_obj
 def chat(
     app: App, artifact: str, message: str, backend: str, max_tokens: int, options: tuple[str, ...]

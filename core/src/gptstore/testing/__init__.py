@@ -11,7 +11,8 @@ Fixtures for gptstore and its plugins' tests:
 - ``fake_dist``: installs a fake distribution (a real ``*.dist-info`` folder with entry points)
   on sys.path, to test plugin loading as pip would install it.
 
-and :func:`run_cli`, which runs the ``gptstore`` command in a subprocess as a user would;
+and :func:`add_artifact`, which copies a model folder into a store as an artifact;
+:func:`run_cli`, which runs the ``gptstore`` command in a subprocess as a user would;
 :func:`running_server`, which serves an ASGI app with uvicorn on 127.0.0.1;
 :func:`serving_process`, which runs `gptstore serve` as its own process.
 """
@@ -32,11 +33,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gptstore.artifacts import ArtifactStore, hash_files
 from gptstore.config import Store
 from gptstore.manager import PluginManager, make_plugin_manager
+from gptstore.types import Artifact, Manifest
 
 
 @pytest.fixture
@@ -99,6 +103,21 @@ def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
     yield make
     for module in added:
         sys.modules.pop(module, None)
+
+
+def add_artifact(artifacts: Path, folder: Path, artifact_id: str, **manifest: Any) -> Artifact:
+    """A copy of model ``folder`` committed to the store folder ``artifacts`` as artifact
+    ``artifact_id`` (``manifest`` adds Manifest fields: ``origin``, ``parent``, ``kind``...)."""
+    import shutil
+
+    store = ArtifactStore(artifacts)
+    staging = store.staging_dir()
+    try:
+        shutil.copytree(folder, staging / "model")
+        files = hash_files(staging / "model")
+        return store.commit(staging / "model", Manifest(id=artifact_id, files=files, **manifest))
+    finally:
+        store.discard(staging)
 
 
 def run_cli(
