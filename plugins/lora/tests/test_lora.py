@@ -34,20 +34,15 @@ def tied_model(tmp_path_factory):
 
 
 def _store(tmp_path, model):
-    add_artifact(tmp_path / "home" / "artifacts", model, "base")
-    return ArtifactStore(tmp_path / "home" / "artifacts")
+    return ArtifactStore.of(add_artifact(tmp_path / "home" / "artifacts", model, "base"))
 
 
 @pytest.fixture
 def manager():
     from gptstore.manager import make_plugin_manager
-
-    manager = make_plugin_manager(entrypoints=False)
-    manager.register_plugin(plugin, "lora")
     from gptstore_torch import plugin as torch_plugin
 
-    manager.register_plugin(torch_plugin, "torch")
-    return manager
+    return make_plugin_manager(entrypoints=False, extra=[("lora", plugin), ("torch", torch_plugin)])
 
 
 def test_the_adapter_learns_and_is_served_unmerged(tmp_path, tiny_model, manager):

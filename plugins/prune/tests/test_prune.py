@@ -19,8 +19,7 @@ FAST = {"calibration_tokens": 512, "eval_tokens": 256, "seq_len": 64}
 
 
 def _store(tmp_path, model):
-    add_artifact(tmp_path / "home" / "artifacts", model, "base")
-    return ArtifactStore(tmp_path / "home" / "artifacts")
+    return ArtifactStore.of(add_artifact(tmp_path / "home" / "artifacts", model, "base"))
 
 
 @pytest.fixture
@@ -28,10 +27,9 @@ def manager():
     from gptstore.manager import make_plugin_manager
     from gptstore_torch import plugin as torch_plugin
 
-    manager = make_plugin_manager(entrypoints=False)
-    manager.register_plugin(plugin, "prune")
-    manager.register_plugin(torch_plugin, "torch")
-    return manager
+    return make_plugin_manager(
+        entrypoints=False, extra=[("prune", plugin), ("torch", torch_plugin)]
+    )
 
 
 def test_pruned_models_are_plain_smaller_and_served(tmp_path, tiny_model, manager):
