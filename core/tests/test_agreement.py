@@ -16,13 +16,14 @@ from gptstore.catalog import Catalog
 from gptstore.catalog.filters import sql_filters, violations
 from gptstore.manager import build, make_plugin_manager
 from gptstore.records import ScoringPolicy
-from gptstore.types import Metric, MetricFloor, ModelCard, Requirement
+from gptstore.types import MeasuredBound, Metric, MetricFloor, ModelCard, Requirement
 
 TEXT = st.text(alphabet="abcdeéèçñ ﬁ²_-XYZ0189", min_size=0, max_size=24)
 TASKS = ("text-generation", "fill-mask", "summarization")
 LICENSES = ("mit", "apache-2.0", "llama3")
 LANGUAGES = ("en", "fr", "de")
 METRICS = ("mmlu", "arc", "wikitext")  # wikitext is reported as perplexity: lower is better
+MEASURED = ("perplexity@onnx", "perplexity@torch", "decode_tokens_per_s@onnx")
 
 metrics = st.lists(
     st.builds(
@@ -30,8 +31,14 @@ metrics = st.lists(
         name=st.sampled_from(METRICS),
         value=st.floats(0, 120, allow_nan=False),
         kind=st.sampled_from(("acc", "perplexity", None)),
+    )
+    | st.builds(
+        Metric,
+        name=st.sampled_from(MEASURED),
+        value=st.floats(0, 120, allow_nan=False),
+        origin=st.just("measured"),
     ),
-    max_size=3,
+    max_size=4,
     unique_by=lambda m: m.name,
 )
 cards = st.lists(
@@ -71,6 +78,17 @@ requirements = st.builds(
         st.builds(MetricFloor, st.sampled_from(METRICS), st.floats(0, 1)),
         max_size=2,
         unique_by=lambda f: f.name,
+    ),
+    measured=st.lists(
+        st.builds(
+            MeasuredBound,
+            name=st.sampled_from(MEASURED),
+            at_most=st.floats(60, 120),
+            at_least=st.none() | st.floats(0, 60),
+        )
+        | st.builds(MeasuredBound, name=st.sampled_from(MEASURED), at_least=st.floats(0, 120)),
+        max_size=2,
+        unique_by=lambda b: b.name,
     ),
     query=st.none() | st.sampled_from(("fi", "2", "e", "ç", "abc xyz", "ñ")),
     include_delisted=st.booleans(),

@@ -15,7 +15,7 @@ from gptstore.catalog.filters import sql_filters, violations
 from gptstore.catalog.schema import SCHEMA_VERSION
 from gptstore.errors import CatalogError, InvalidInput
 from gptstore.testing.synthetic import LANGUAGES, LICENSES, METRICS, TASKS, synthetic_cards
-from gptstore.types import MetricFloor, ModelCard, Requirement
+from gptstore.types import MeasuredBound, Metric, MetricFloor, ModelCard, Requirement
 
 
 @pytest.fixture
@@ -37,6 +37,48 @@ def test_newer_schema_is_refused(tmp_path):
     sqlite3.connect(path).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(CatalogError, match="newer than this gptstore knows"):
         Catalog(path)
+
+
+def test_measured_figures_of_an_older_catalog_are_filtered_after_migration(tmp_path):
+    """Schema 1 kept measured figures only in the card documents; migrating to 2 indexes them
+    so that perplexity ceilings and speed floors filter in SQL."""
+    path = tmp_path / "catalog.db"
+    card = ModelCard(
+        source="store",
+        model_id="tiny-onnx",
+        metrics=(Metric(name="perplexity@onnx", value=12.5, kind="perplexity", origin="measured"),),
+    )
+    old = Catalog(path)
+    old.upsert([card, ModelCard(source="store", model_id="tiny")], source="store")
+    with old.write() as conn:
+        conn.execute("DROP TABLE card_measured")
+        conn.execute("PRAGMA user_version = 1")
+    old.close()
+    catalog = Catalog(path)
+    assert catalog.schema_version() == SCHEMA_VERSION
+    ceiling = Requirement(measured=[MeasuredBound(name="perplexity@onnx", at_most=20)])
+    entries, _total = catalog.search(ceiling)
+    assert [e.card.model_id for e in entries] == ["tiny-onnx"]
+    tight = Requirement(measured=[MeasuredBound(name="Perplexity@ONNX", at_most=10)])
+    assert catalog.search(tight)[1] == 0
+    assert violations(card, tight) == ["perplexity@onnx 12.5 measured, not <= 10"]
+    catalog.close()
+
+
+@pytest.mark.parametrize(
+    ("bound", "message"),
+    [
+        ({"name": "perplexity", "at_most": 2}, "must be named FIGURE@BACKEND"),
+        ({"name": "perplexity@onnx"}, "has no bound"),
+        ({"name": "perplexity@onnx", "at_most": 2, "at_least": 3}, "at_least 3 > at_most 2"),
+        ({"name": "perplexity@onnx", "at_most": float("nan")}, "must lie in"),
+    ],
+)
+def test_bad_measured_bounds_are_clear_errors(bound, message):
+    from gptstore.converter import structure
+
+    with pytest.raises(InvalidInput, match=message):
+        structure({"measured": [bound]}, Requirement, what="requirement")
 
 
 def test_garbage_file_is_a_clear_error(tmp_path):

@@ -77,6 +77,29 @@ def test_artifacts_are_cards_with_lineage_and_measured_figures(tmp_path, tiny_mo
     # Measured speed is no accuracy: it does not count as quality.
     assert ranked["store:tiny-onnx"]["score"] == 0.0
 
+    def select(*bounds: str) -> dict:
+        shown = run_cli("--home", str(home), "select", "--source", "store", *bounds, "--json")
+        assert shown.returncode == 0, shown.stderr
+        return json.loads(shown.stdout)
+
+    # A perplexity ceiling and a speed floor select on what was measured here.
+    within = select("--max-measured", "perplexity@onnx=20", "--min-measured",
+                    "decode_tokens_per_s@onnx=50")  # fmt: skip
+    assert [c["uid"] for c in within["ranked"]] == ["store:tiny-onnx"]
+    failures = {c["uid"]: c["failures"] for c in within["excluded"]}
+    assert failures["store:tiny"] == [
+        "perplexity@onnx not measured (gptstore eval ARTIFACT --backend BACKEND)",
+        "decode_tokens_per_s@onnx not measured (gptstore eval ARTIFACT --backend BACKEND)",
+    ]
+    beyond = select("--min-measured", "decode_tokens_per_s@onnx=100")
+    assert beyond["ranked"] == []
+    assert {c["uid"]: c["failures"] for c in beyond["excluded"]}["store:tiny-onnx"] == [
+        "decode_tokens_per_s@onnx 80 measured, not >= 100"
+    ]
+    unnamed = run_cli("--home", str(home), "select", "--max-measured", "perplexity=20")
+    assert unnamed.returncode != 0
+    assert "must be named FIGURE@BACKEND" in unnamed.stderr
+
 
 class TestStoreSourceContract(SourceContract):
     @pytest.fixture

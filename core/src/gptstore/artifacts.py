@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ from attrs import evolve
 from gptstore.converter import structure, unstructure
 from gptstore.errors import InvalidInput, NotFound
 from gptstore.files import atomic_write
-from gptstore.types import Artifact, Manifest, Measurement, RecipeStep
+from gptstore.types import Artifact, GateCheck, Manifest, Measurement, RecipeStep
 
 MANIFEST = "manifest.json"
+#: Folders of artifacts being made (``.staging-<pid>-<random>``); the store never lists them.
+STAGING_PREFIX = ".staging-"
 #: Artifact ids: 1-128 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit,
 #: without ".." (an id never names a path outside the store).
 ARTIFACT_ID_PATTERN = r"^(?!.*\.\.)[a-z0-9][a-z0-9._-]{0,127}$"
@@ -42,6 +45,17 @@ _TRACKED_LIBRARIES = (
     "safetensors",
     "tokenizers",
 )
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -176,9 +190,39 @@ class ArtifactStore:
         return chain
 
     def staging_dir(self) -> Path:
-        """An empty temporary folder on the same file system, for a new artifact's files."""
+        """An empty temporary folder on the same file system, for a new artifact's files.
+
+        Its name carries this process's id: staging folders left by a process that no longer
+        runs (killed mid-step) are removed first."""
         self.root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
+        self.sweep()
+        return Path(tempfile.mkdtemp(dir=self.root, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+
+    def sweep(self) -> list[Path]:
+        """Remove the staging folders of processes that no longer run; returns them."""
+        removed = []
+        for path in self.root.glob(f"{STAGING_PREFIX}*"):
+            owner = path.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+            if path.is_dir() and not (owner.isdigit() and _alive(int(owner))):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
+    def remove(self, artifact: Artifact) -> None:
+        """Delete ``artifact`` (its folder leaves the store in one rename, then is removed);
+        refused while other artifacts are derived from it."""
+        derived = self.children().get(artifact.id, [])
+        if derived:
+            raise InvalidInput(
+                "artifact",
+                [
+                    f"{artifact.id} has derived artifacts ({', '.join(a.id for a in derived)}); "
+                    "remove those first"
+                ],
+            )
+        trash = Path(tempfile.mkdtemp(dir=self.root, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+        os.replace(artifact.path, trash / "removed")
+        shutil.rmtree(trash, ignore_errors=True)
 
     def commit(self, staging: Path, manifest: Manifest) -> Artifact:
         """Write the manifest into ``staging`` and rename it to ``artifacts/<id>``."""
@@ -199,12 +243,24 @@ class ArtifactStore:
             derived.sort(key=lambda a: (a.manifest.created_at is None, a.manifest.created_at, a.id))
         return found
 
-    def record(self, artifact: Artifact, measurements: list[Measurement]) -> Artifact:
+    def record(
+        self,
+        artifact: Artifact,
+        measurements: Sequence[Measurement] = (),
+        gates: Sequence[GateCheck] = (),
+    ) -> Artifact:
         """``artifact`` with ``measurements`` in its manifest (replacing older ones of the same
-        figure, backend and data), written atomically; its files are not touched."""
+        figure, backend and data) and ``gates`` (replacing older checks of the same figure),
+        written atomically; its files are not touched."""
         keys = {m.key for m in measurements}
         kept = [m for m in artifact.manifest.measured if m.key not in keys]
-        manifest = evolve(artifact.manifest, measured=(*kept, *measurements))
+        checked = {g.metric for g in gates}
+        old_gates = [g for g in artifact.manifest.gates if g.metric not in checked]
+        manifest = evolve(
+            artifact.manifest,
+            measured=(*kept, *measurements),
+            gates=(*old_gates, *gates),
+        )
         write_json_atomic(artifact.path / MANIFEST, unstructure(manifest))
         return Artifact(artifact.path, manifest)
 

@@ -183,6 +183,54 @@ class MetricFloor:
     minimum: float = field(converter=float, validator=_check_floor)
 
 
+def _check_measured_name(_instance: Any, _attribute: Any, value: str) -> None:
+    figure, at, backend = value.partition("@")
+    if not (figure and at and backend):
+        raise ValueError(
+            f"measured figure {value!r} must be named FIGURE@BACKEND, as gptstore eval records "
+            "it: perplexity@onnx, decode_tokens_per_s@torch, time_to_first_token_s@onnx"
+        )
+
+
+_check_measured_name.json_schema = {"pattern": "^[^@]+@[^@]+$"}  # type: ignore[attr-defined]
+
+#: The largest bound a measured figure may be given (finite; NaN and infinities are refused).
+MAX_MEASURE = 1e300
+
+
+@frozen(kw_only=True)
+class MeasuredBound:
+    """A figure ``gptstore eval`` measured on this host (``perplexity@onnx``,
+    ``decode_tokens_per_s@torch``) must lie within bounds: a perplexity ceiling, a speed floor.
+    A card without that figure fails it."""
+
+    name: str = field(converter=_key, validator=_check_measured_name)
+    at_most: float | None = field(default=None, validator=in_range(0, MAX_MEASURE))
+    at_least: float | None = field(default=None, validator=in_range(0, MAX_MEASURE))
+
+    def __attrs_post_init__(self) -> None:
+        if self.at_most is None and self.at_least is None:
+            raise InvalidInput("requirement", [f"measured bound on {self.name} has no bound"])
+        if self.at_most is not None and self.at_least is not None and self.at_least > self.at_most:
+            raise InvalidInput(
+                "requirement",
+                [
+                    f"measured bound on {self.name}: at_least {self.at_least:g} > at_most "
+                    f"{self.at_most:g}"
+                ],
+            )
+
+    def holds(self, value: float) -> bool:
+        return (self.at_most is None or value <= self.at_most) and (
+            self.at_least is None or value >= self.at_least
+        )
+
+    def describe(self) -> str:
+        parts = [f"<= {self.at_most:g}"] if self.at_most is not None else []
+        parts += [f">= {self.at_least:g}"] if self.at_least is not None else []
+        return " and ".join(parts)
+
+
 def _optional_dtype(value: str | None) -> str | None:
     return normalize_dtype(value) if value else None
 
@@ -202,6 +250,9 @@ class Requirement:
         card's own dtype (float32 when unknown).
     :param languages: every one of these must be listed by the card.
     :param licenses: an allowlist; the card's license must be one of them.
+    :param metric_floors: reported accuracy-like metrics, on a 0-1 scale.
+    :param measured: bounds on figures measured on this host (``gptstore eval``), which only the
+        ``store`` source's cards carry.
     :param query: free text that must match the card's name, description or tags.
     """
 
@@ -218,6 +269,7 @@ class Requirement:
         metadata={"json_schema": {"enum": [*DTYPE_NAMES, None]}},
     )
     metric_floors: tuple[MetricFloor, ...] = ()
+    measured: tuple[MeasuredBound, ...] = ()
     sources: tuple[str, ...] = field(default=(), converter=_lower_tuple)
     query: str | None = field(default=None, converter=_optional_text)
     include_delisted: bool = False
@@ -282,6 +334,28 @@ class RecipeStep:
 
     strategy: str
     options: dict[str, Any] = Factory(dict)
+    #: The digest of the data gptstore handed the strategy (None: none, so its default).
+    data: str | None = None
+
+
+@frozen(kw_only=True)
+class GateCheck:
+    """A quality gate a recipe checked on an artifact (kept in its manifest when it passed).
+
+    :param metric: the figure: ``perplexity@torch`` (measured here by ``gptstore eval``) or a
+        figure the step recorded (``heldout_perplexity``).
+    :param baseline: the value it was compared with for a relative gate, and ``baseline_of``
+        the artifact that value belongs to.
+    :param bound: the bound, as written (``at most +5% over smollm2``).
+    """
+
+    metric: str
+    value: float
+    bound: str
+    passed: bool
+    baseline: float | None = None
+    baseline_of: str | None = None
+    recipe: str | None = None
 
 
 @frozen(kw_only=True)
@@ -328,6 +402,7 @@ class Manifest:
     :param origin: the catalog card it descends from (``source:model_id@revision``).
     :param files: relative path -> sha256 of every file in the artifact.
     :param measured: figures ``gptstore eval`` measured on this host (see :class:`Measurement`).
+    :param gates: the quality gates a recipe checked on it (see :class:`GateCheck`).
     """
 
     id: str
@@ -342,6 +417,7 @@ class Manifest:
     library_versions: dict[str, str] = Factory(dict)
     created_at: datetime | None = None
     measured: tuple[Measurement, ...] = ()
+    gates: tuple[GateCheck, ...] = ()
 
 
 @frozen

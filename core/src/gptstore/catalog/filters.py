@@ -130,6 +130,16 @@ def sql_filters(
             "AND m.value >= ?)"
         )
         params.extend((floor.name, floor.minimum))
+    for measured in req.measured:
+        tests = ["m.name = ?", "m.id = c.id"]
+        params.append(measured.name)
+        if measured.at_most is not None:
+            tests.append("m.value <= ?")
+            params.append(measured.at_most)
+        if measured.at_least is not None:
+            tests.append("m.value >= ?")
+            params.append(measured.at_least)
+        clauses.append(f"EXISTS (SELECT 1 FROM card_measured m WHERE {' AND '.join(tests)})")
     if req.query:
         clauses.append("c.id IN (SELECT rowid FROM cards_fts WHERE cards_fts MATCH ?)")
         params.append(fts_query(req.query))
@@ -176,6 +186,14 @@ def violations(card: ModelCard, req: Requirement, *, listed: bool = True) -> lis
         if value is None or value < floor.minimum:
             shown = "missing" if value is None else f"{value:.3g}"
             failed.append(f"{floor.name} {shown} < floor {floor.minimum:g}")
+    for bound in req.measured:
+        measured = next(
+            (m for m in card.metrics if m.name == bound.name and m.origin == "measured"), None
+        )
+        if measured is None:
+            failed.append(f"{bound.name} not measured (gptstore eval ARTIFACT --backend BACKEND)")
+        elif not bound.holds(measured.value):
+            failed.append(f"{bound.name} {measured.value:.4g} measured, not {bound.describe()}")
     if req.query and not query_matches(card, req.query):
         failed.append(f"does not match query {req.query!r}")
     return failed

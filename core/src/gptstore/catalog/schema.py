@@ -126,6 +126,23 @@ MIGRATIONS: tuple[str, ...] = (
         error TEXT
     );
     """,
+    # 1 -> 2
+    """
+    -- Figures measured on this host (gptstore eval), raw: perplexity ceilings and speed floors
+    -- filter on them. Named FIGURE@BACKEND; only the store source's cards have any.
+    CREATE TABLE card_measured (
+        name TEXT NOT NULL,
+        id INTEGER NOT NULL,
+        value REAL NOT NULL,
+        PRIMARY KEY (name, id)
+    ) WITHOUT ROWID;
+    CREATE INDEX card_measured_card ON card_measured (id);
+    INSERT OR REPLACE INTO card_measured (name, id, value)
+        SELECT json_extract(m.value, '$.name'), d.card_id, json_extract(m.value, '$.value')
+        FROM card_docs d, json_each(d.card, '$.metrics') m
+        WHERE json_extract(m.value, '$.origin') = 'measured'
+            AND json_extract(m.value, '$.value') IS NOT NULL;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -238,7 +238,7 @@ class Catalog:
             conn.execute(
                 f"UPDATE cards SET {assignments}, listed = 1 WHERE id = ?", (*selection, card_id)
             )
-            for table in ("card_tasks", "card_metrics"):
+            for table in ("card_tasks", "card_metrics", "card_measured"):
                 conn.execute(f"DELETE FROM {table} WHERE id = ?", (card_id,))
             conn.execute("DELETE FROM card_languages WHERE card_id = ?", (card_id,))
             conn.execute("DELETE FROM cards_fts WHERE rowid = ?", (card_id,))
@@ -262,6 +262,10 @@ class Catalog:
             f"INSERT INTO card_metrics (name, id, value, listed, {columns}) "
             f"VALUES (?, ?, ?, 1, {marks})",
             [(name, card_id, value, *selection) for name, value in metrics.items()],
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO card_measured (name, id, value) VALUES (?, ?, ?)",
+            [(m.name, card_id, m.value) for m in card.metrics if m.origin == "measured"],
         )
         conn.execute(
             "INSERT INTO cards_fts (rowid, name, description, tags) VALUES (?,?,?,?)",

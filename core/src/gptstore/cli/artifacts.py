@@ -19,14 +19,23 @@ from gptstore.cli.base import (
     option_pairs,
     out,
     progress_line,
+    stage_progress,
     toml_pairs,
 )
-from gptstore.converter import unstructure
+from gptstore.converter import structure, unstructure
+from gptstore.errors import GptstoreError
 from gptstore.optimization.data import default_heldout, load_dataset
 from gptstore.optimization.evaluation import evaluate_artifact
+from gptstore.optimization.recipes import (
+    RecipeRun,
+    RecipeStopped,
+    describe_check,
+    load_recipe,
+    run_recipe,
+)
 from gptstore.optimization.run import optimize as optimize_artifact
 from gptstore.sync import fetch_model
-from gptstore.types import Artifact
+from gptstore.types import Artifact, GateCheck
 from gptstore.units import format_bytes
 
 
@@ -72,42 +81,96 @@ def artifacts(app: App, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("artifact")
-@click.argument("strategy")
+@click.argument("strategy", required=False)
 @option_pairs("strategy")
+@click.option(
+    "--recipe",
+    "recipe_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Run the steps of a recipe (TOML) from ARTIFACT instead of one STRATEGY.",
+)
 @click.option(
     "--id",
     "new_id",
     help="The new artifact's id (reused when it was made the same way from the same parent).",
 )
 @data_option("Training or calibration data")
+@click.option("--json", "as_json", is_flag=True, help="Print the recipe run's report as JSON.")
 @click.pass_obj
 def optimize(
     app: App,
     artifact: str,
-    strategy: str,
+    strategy: str | None,
     options: tuple[str, ...],
+    recipe_file: Path | None,
     new_id: str | None,
     data_file: Path | None,
+    as_json: bool,
 ) -> None:
-    """Derive a new artifact from ARTIFACT with an optimization STRATEGY (onnx-export, ...)."""
+    """Derive a new artifact from ARTIFACT with an optimization STRATEGY (onnx-export, lora,
+    prune-mlp...), or with the steps and quality gates of a --recipe."""
+    store = ArtifactStore(app.store.artifacts_dir)
+    if recipe_file is not None:
+        if strategy or options or new_id or data_file:
+            raise GptstoreError(
+                "--recipe takes no STRATEGY, --option, --id or --data: the recipe file sets them"
+            )
+        _run_recipe(app, store, artifact, recipe_file, as_json)
+        return
+    if strategy is None:
+        raise GptstoreError("name a STRATEGY (see gptstore plugins) or give --recipe FILE.toml")
     parsed = toml_pairs(options, "--option", "max_logit_diff=0.01")
     data = load_dataset(data_file) if data_file else None
-    with progress_line() as progress:
-        task = progress.add_task(f"{strategy} on {artifact}")
+    with stage_progress(f"{strategy} on {artifact}") as progress:
         derived = optimize_artifact(
-            app.manager,
-            ArtifactStore(app.store.artifacts_dir),
-            artifact,
-            strategy,
-            parsed,
-            data=data,
-            progress=lambda f, m: progress.update(task, description=f"{m} ({f:.0%})"),
+            app.manager, store, artifact, strategy, parsed, data=data, progress=progress,
             new_id=new_id,
-        )
+        )  # fmt: skip
     manifest = derived.manifest
     out.print(f"{artifact} -> {derived.id} ({manifest.kind})")
     for metric, number in {**manifest.metrics_before, **manifest.metrics_after}.items():
         out.print(f"  {metric}: {number:.6g}")
+
+
+def _run_recipe(
+    app: App, store: ArtifactStore, artifact: str, recipe_file: Path, as_json: bool
+) -> None:
+    loaded = load_recipe(app.manager, recipe_file)
+    reports = app.store.home / "runs"
+    try:
+        with stage_progress(f"recipe {loaded.recipe.name} on {artifact}") as progress:
+            run = run_recipe(
+                app.manager, store, loaded, artifact, progress=progress, report_dir=reports
+            )
+    except RecipeStopped as stopped:
+        if as_json:
+            emit_json(unstructure(stopped.run))
+        else:
+            _print_run(stopped.run)
+        raise
+    if as_json:
+        emit_json(unstructure(run))
+        return
+    _print_run(run)
+
+
+def _print_run(run: RecipeRun) -> None:
+    table = Table("step", "strategy", "artifact", "status", "gates", "time")
+    for step in run.steps:
+        gates = "\n".join(describe_check(c) for c in step.gates) or "-"
+        table.add_row(
+            str(step.index + 1),
+            step.strategy,
+            step.artifact or "-",
+            step.status + (f": {step.error}" if step.error else ""),
+            gates,
+            f"{step.seconds:.0f}s",
+        )
+    out.print(table)
+    verdict = "passed every gate" if run.passed else "stopped"
+    out.print(f"recipe {run.recipe} on {run.input} {verdict}; final artifact {run.final}")
+    if run.report:
+        out.print(f"report: {run.report}")
 
 
 @cli.command("eval")
@@ -171,6 +234,7 @@ def _node(artifact: Artifact, children: dict[str, list[Artifact]]) -> dict[str, 
         "metrics_before": manifest.metrics_before,
         "metrics_after": manifest.metrics_after,
         "measured": unstructure(manifest.measured),
+        "gates": unstructure(manifest.gates),
         "derived": [_node(child, children) for child in children.get(artifact.id, [])],
     }
 
@@ -188,6 +252,12 @@ def _label(node: dict[str, Any], asked: str) -> Text:
     figures += [f"{m['name']}@{m['backend']} {m['value']:.4g}" for m in node["measured"]]
     if figures:
         label.append("\n" + "; ".join(figures), style="dim")
+    for check in node["gates"]:
+        label.append(
+            f"\ngate {'passed' if check['passed'] else 'FAILED'}: "
+            + describe_check(structure(check, GateCheck, what="gate")),
+            style="green" if check["passed"] else "red",
+        )
     return label
 
 

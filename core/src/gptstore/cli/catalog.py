@@ -191,6 +191,20 @@ def requirement_options(func: Any) -> Any:
             multiple=True,
             help="Metric floor NAME=VALUE on a 0-1 scale (repeatable), e.g. mmlu=0.5.",
         ),
+        click.option(
+            "--max-measured",
+            "measured_ceilings",
+            multiple=True,
+            help="Ceiling FIGURE@BACKEND=VALUE on a figure gptstore eval measured here "
+            "(repeatable), e.g. perplexity@onnx=25.",
+        ),
+        click.option(
+            "--min-measured",
+            "measured_floors",
+            multiple=True,
+            help="Floor FIGURE@BACKEND=VALUE on a figure gptstore eval measured here "
+            "(repeatable), e.g. decode_tokens_per_s@onnx=40.",
+        ),
         click.option("--source", "sources", multiple=True, help="Only this source (repeatable)."),
         click.option(
             "--include-delisted",
@@ -201,6 +215,19 @@ def requirement_options(func: Any) -> Any:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _measured_bounds(ceilings: tuple[str, ...], floors: tuple[str, ...]) -> list[dict[str, Any]]:
+    """--max-measured / --min-measured pairs as MeasuredBound data, one bound per figure."""
+    bounds: dict[str, dict[str, Any]] = {}
+    example = "perplexity@onnx=25"
+    for key, pairs, flag in (
+        ("at_most", ceilings, "--max-measured"),
+        ("at_least", floors, "--min-measured"),
+    ):
+        for name, value in _pairs(pairs, flag, example).items():
+            bounds.setdefault(name, {"name": name})[key] = value
+    return list(bounds.values())
 
 
 def _requirement(query: str | None, **flags: Any) -> Requirement:
@@ -221,6 +248,7 @@ def _requirement(query: str | None, **flags: Any) -> Requirement:
             {"name": k, "minimum": v}
             for k, v in _pairs(flags["metric_floors"], "--min-metric", "mmlu=0.5").items()
         ],
+        "measured": _measured_bounds(flags["measured_ceilings"], flags["measured_floors"]),
         "sources": list(flags["sources"]),
         "query": query,
         "include_delisted": flags["include_delisted"],

@@ -13,7 +13,28 @@ from gptstore.converter import unstructure
 from gptstore.errors import GptstoreError
 from gptstore.manager import PluginManager, structure_options
 from gptstore.records import OptimizationStrategy
-from gptstore.types import Artifact, Dataset, OptimizationContext
+from gptstore.types import Artifact, Dataset, OptimizationContext, RecipeStep
+
+
+def made_like(
+    store: ArtifactStore,
+    parent: str,
+    strategy: str,
+    options: dict[str, Any],
+    data_digest: str | None,
+) -> Artifact | None:
+    """An artifact already made from ``parent`` by ``strategy`` with these (unstructured)
+    options and data, oldest first; None when there is none."""
+    for child in store.children().get(parent, []):
+        step = child.manifest.step
+        if (
+            step is not None
+            and step.strategy == strategy
+            and step.options == options
+            and step.data == data_digest
+        ):
+            return child
+    return None
 
 
 def optimize(
@@ -30,10 +51,12 @@ def optimize(
 ) -> Artifact:
     """Derive a new artifact from ``artifact_id`` with ``strategy``; it lands in the store
     atomically, with its lineage, or not at all. With ``new_id``, an artifact of that id made
-    from the same parent by the same strategy and options is reused."""
+    from the same parent by the same strategy, options and data is reused."""
     record = manager.get(OptimizationStrategy, strategy)
     structured = structure_options(record, options, where="$.options")
+    plain = unstructure(structured) if structured else {}
     parent = store.get(artifact_id)
+    data_digest = data.digest if data else None
     if new_id is not None:
         existing = store.find(check_artifact_id(new_id))
         if existing is not None:
@@ -42,7 +65,8 @@ def optimize(
                 existing.manifest.parent != parent.id
                 or step is None
                 or step.strategy != record.name
-                or step.options != (unstructure(structured) if structured else {})
+                or step.options != plain
+                or step.data != data_digest
             ):
                 raise GptstoreError(
                     f"artifact {new_id} exists and was made otherwise; choose another id"
@@ -65,7 +89,10 @@ def optimize(
                 f"strategy {record.name!r} did not record {parent.id} as the "
                 "parent; use gptstore.artifacts.derive_manifest"
             )
-        manifest = evolve(result.manifest, id=new_id) if new_id else result.manifest
+        step = result.manifest.step or RecipeStep(record.name, plain)
+        manifest = evolve(result.manifest, step=evolve(step, data=data_digest))
+        if new_id:
+            manifest = evolve(manifest, id=new_id)
         return store.commit(staging, manifest)
     finally:
         store.discard(staging)
