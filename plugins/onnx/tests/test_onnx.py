@@ -176,6 +176,14 @@ def test_optimize_from_the_command_line(tmp_path, tiny_model):
     assert result.returncode == 0, result.stderr
     assert "tiny-cli -> tiny.onnx-export-" in result.stdout
     assert "max_logit_diff:" in result.stdout
+    # One line per stage, not pages of tracer warnings.
+    stages = [line.split("] ", 1)[1] for line in result.stderr.splitlines() if line.strip()]
+    assert stages == [
+        "exporting with optimum-onnx",
+        "fusing normalization and rotary-embedding operators",
+        "comparing logits with the torch model",
+        "done",
+    ], result.stderr
     named = [
         run_cli("optimize", "tiny-cli", "onnx-export", "--id", "tiny-onnx", env=env)
         for _ in range(2)

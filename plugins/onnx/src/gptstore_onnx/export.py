@@ -4,7 +4,8 @@ attention kept grouped, fused operators, and a gate on the logits' difference fr
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import io
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from attrs import field, frozen
@@ -21,6 +22,37 @@ from gptstore.plugin import (
 from gptstore_onnx.attention import grouped_attention
 from gptstore_onnx.graph import fuse_graph
 from gptstore_onnx.runner import OrtOptions, OrtRunner
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence what exporting and quantizing print: pages of TracerWarnings that tracing a
+    KV-cache model always raises (the result is checked against the torch logits after), a log
+    line per quantized node, and the deprecation notes of transformers and optimum. The steps
+    report one progress line per stage instead; a failure still raises."""
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in ("transformers", "optimum", "torch.onnx", "onnxruntime")]
+    levels = [logger.level for logger in loggers]
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        hf_logging, hf_level = None, None
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+            if hf_logging is not None:
+                hf_logging.set_verbosity(hf_level)
+
 
 DEFAULT_PROMPTS = ("Hello, my name is", "The capital of France is", "def fibonacci(n):\n    return")
 
@@ -87,7 +119,8 @@ class OnnxExport:
 
         require_kind(artifact, "hf", "onnx-export", "a Hugging Face format artifact")
         context.progress(0.05, "exporting with optimum-onnx")
-        with grouped_attention() if options.grouped_attention else contextlib.nullcontext():
+        grouped = grouped_attention() if options.grouped_attention else contextlib.nullcontext()
+        with grouped, quiet():
             main_export(
                 str(artifact.path),
                 output=context.output_dir,

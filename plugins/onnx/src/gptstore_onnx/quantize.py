@@ -19,7 +19,7 @@ from gptstore.plugin import (
     perplexity,
     unstructure,
 )
-from gptstore_onnx.export import require_kind
+from gptstore_onnx.export import quiet, require_kind
 from gptstore_onnx.graph import fold_constant_transposes, save_model
 from gptstore_onnx.runner import MODEL_FILE, OrtOptions, OrtRunner
 
@@ -105,7 +105,8 @@ class OnnxQuantize:
                 and path.name != "manifest.json"
             ):
                 shutil.copy2(path, context.output_dir / path.name)
-        quantize(artifact.path / MODEL_FILE, context.output_dir / MODEL_FILE, options)
+        with quiet():
+            quantize(artifact.path / MODEL_FILE, context.output_dir / MODEL_FILE, options)
 
         context.check_cancelled()
         context.progress(0.7, "measuring the quantized perplexity")
