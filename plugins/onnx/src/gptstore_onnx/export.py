@@ -23,6 +23,7 @@ from gptstore_onnx.attention import grouped_attention
 from gptstore_onnx.graph import fuse_graph
 from gptstore_onnx.runner import OrtOptions, OrtRunner
 
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence what exporting and quantizing print: pages of TracerWarnings that tracing a
@@ -32,7 +33,9 @@ def quiet() -> Iterator[None]:
     import logging
     import warnings
 
-    loggers = [logging.getLogger(name) for name in ("transformers", "optimum", "torch.onnx", "onnxruntime")]
+    loggers = [
+        logging.getLogger(name) for name in ("transformers", "optimum", "torch.onnx", "onnxruntime")
+    ]
     levels = [logger.level for logger in loggers]
     try:
         from transformers.utils import logging as hf_logging
