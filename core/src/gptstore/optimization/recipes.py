@@ -237,6 +237,7 @@ def measured_value(
     backend: str,
     options: dict[str, Any],
     data: Dataset,
+    progress: Callable[[float, str], None] | None = None,
 ) -> tuple[Artifact, float]:
     """``figure`` of ``artifact`` on ``backend``: the one its manifest holds when it was
     measured on the same data (perplexity) or on this host (speed, memory), else measured
@@ -247,6 +248,8 @@ def measured_value(
         same = m.data == source if figure == "perplexity" else m.host == host
         if m.name == figure and m.backend == backend and same:
             return artifact, m.value
+    if progress is not None:
+        progress(0.0, f"measuring {figure}@{backend} of {artifact.id}")
     result = evaluate_artifact(manager, store, artifact.id, backend, options, data)
     [value] = [m.value for m in result.measurements if m.name == figure]
     return result.artifact, value
@@ -287,19 +290,31 @@ class _Run:
             before = artifact.manifest.metrics_before.get(gate.metric) if gate.relative else None
             baseline_of = parent.id if gate.relative else None
         else:
-            self.progress(0.0, f"measuring {gate.name} of {artifact.id}")
             data = self.loaded.eval_data
             artifact, after = measured_value(
-                self.manager, self.store, artifact, gate.metric, gate.backend, gate.options, data
+                self.manager,
+                self.store,
+                artifact,
+                gate.metric,
+                gate.backend,
+                gate.options,
+                data,
+                self.progress,
             )
             before, baseline_of = None, None
             if gate.relative:
                 base = self.input if gate.baseline == "input" else parent
                 backend = gate.baseline_backend or gate.backend
                 options = gate.options if backend == gate.backend else {}
-                self.progress(0.0, f"measuring {gate.metric}@{backend} of {base.id}")
                 base, before = measured_value(
-                    self.manager, self.store, base, gate.metric, backend, options, data
+                    self.manager,
+                    self.store,
+                    base,
+                    gate.metric,
+                    backend,
+                    options,
+                    data,
+                    self.progress,
                 )
                 if base.id == self.input.id:
                     self.input = base
