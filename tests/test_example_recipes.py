@@ -10,7 +10,6 @@ from pathlib import Path
 
 import openai
 import pytest
-import tomli_w
 
 from gptstore.testing import add_artifact, run_cli, serving_process
 
@@ -21,7 +20,6 @@ NEEDED = {
     "gptstore-onnx": "gptstore_onnx",
     "gptstore-torch": "gptstore_torch",
 }
-KEY = "sk-recipe-test"
 
 
 @pytest.fixture
@@ -36,13 +34,15 @@ def home(tmp_path, tiny_model):
 
 def test_small_recipe_prunes_recovers_exports_quantizes_and_serves(home, tmp_path):
     env = {"GPTSTORE_HOME": str(home)}
+    # As the README runs it, with the final artifact named for docs/examples/serve-small.toml.
     made = run_cli(
-        "optimize", "tiny", "--recipe", str(EXAMPLES / "small.toml"), "--json", env=env,
-        timeout=900,
+        "optimize", "--recipe", str(EXAMPLES / "small.toml"), "tiny", "--id", "smollm2-small",
+        "--json", env=env, timeout=900,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     run = json.loads(made.stdout)
     assert run["passed"] is True
+    assert run["final"] == "smollm2-small"
     assert [s["strategy"] for s in run["steps"]] == [
         "prune-mlp",
         "lora",
@@ -69,17 +69,9 @@ def test_small_recipe_prunes_recovers_exports_quantizes_and_serves(home, tmp_pat
     assert "gate passed: perplexity@onnx" in shown
     assert "gate passed: decode_tokens_per_s@onnx" in shown
 
-    config = tmp_path / "serve.toml"
-    config.write_text(
-        tomli_w.dumps(
-            {
-                "server": {"api_keys": [{"key": KEY, "role": "user"}]},
-                "deployments": {"small": {"artifact": run["final"], "backend": "onnx"}},
-            }
-        )
-    )
+    config = EXAMPLES / "serve-small.toml"
     with serving_process("--config", str(config), env=env) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-demo", max_retries=0)
         answer = client.chat.completions.create(
             model="small",
             messages=[{"role": "user", "content": "hello there"}],
@@ -90,8 +82,8 @@ def test_small_recipe_prunes_recovers_exports_quantizes_and_serves(home, tmp_pat
 
     # Again: every step is reused and no figure is measured twice.
     again = run_cli(
-        "optimize", "tiny", "--recipe", str(EXAMPLES / "small.toml"), "--json", env=env,
-        timeout=900,
+        "optimize", "--recipe", str(EXAMPLES / "small.toml"), "tiny", "--id", "smollm2-small",
+        "--json", env=env, timeout=900,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
     rerun = json.loads(again.stdout)
@@ -110,7 +102,7 @@ def test_every_example_recipe_is_valid_with_the_plugins_installed(home):
     recipes = sorted(EXAMPLES.glob("*.toml"))
     assert {p.name for p in recipes} >= {"small.toml", "domain.toml"}
     for path in recipes:
-        if path.name == "serve.toml":
+        if path.name.startswith("serve"):
             continue
         loaded = load_recipe(manager, path)
         assert loaded.recipe.description

@@ -92,7 +92,8 @@ def artifacts(app: App, as_json: bool) -> None:
 @click.option(
     "--id",
     "new_id",
-    help="The new artifact's id (reused when it was made the same way from the same parent).",
+    help="The new artifact's id (with --recipe: the last step's); reused when it was made the "
+    "same way from the same parent.",
 )
 @data_option("Training or calibration data")
 @click.option("--json", "as_json", is_flag=True, help="Print the recipe run's report as JSON.")
@@ -111,11 +112,11 @@ def optimize(
     prune-mlp...), or with the steps and quality gates of a --recipe."""
     store = ArtifactStore(app.store.artifacts_dir)
     if recipe_file is not None:
-        if strategy or options or new_id or data_file:
+        if strategy or options or data_file:
             raise GptstoreError(
-                "--recipe takes no STRATEGY, --option, --id or --data: the recipe file sets them"
+                "--recipe takes no STRATEGY, --option or --data: the recipe file sets them"
             )
-        _run_recipe(app, store, artifact, recipe_file, as_json)
+        _run_recipe(app, store, artifact, recipe_file, new_id, as_json)
         return
     if strategy is None:
         raise GptstoreError("name a STRATEGY (see gptstore plugins) or give --recipe FILE.toml")
@@ -133,14 +134,25 @@ def optimize(
 
 
 def _run_recipe(
-    app: App, store: ArtifactStore, artifact: str, recipe_file: Path, as_json: bool
+    app: App,
+    store: ArtifactStore,
+    artifact: str,
+    recipe_file: Path,
+    final_id: str | None,
+    as_json: bool,
 ) -> None:
     loaded = load_recipe(app.manager, recipe_file)
     reports = app.store.home / "runs"
     try:
         with stage_progress(f"recipe {loaded.recipe.name} on {artifact}") as progress:
             run = run_recipe(
-                app.manager, store, loaded, artifact, progress=progress, report_dir=reports
+                app.manager,
+                store,
+                loaded,
+                artifact,
+                progress=progress,
+                report_dir=reports,
+                final_id=final_id,
             )
     except RecipeStopped as stopped:
         if as_json:

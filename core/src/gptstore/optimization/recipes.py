@@ -362,10 +362,12 @@ def run_recipe(
     progress: Callable[[float, str], None] | None = None,
     cancel: threading.Event | None = None,
     report_dir: Path | None = None,
+    final_id: str | None = None,
 ) -> RecipeRun:
     """Run ``loaded`` from ``artifact_id``. Returns the run when every gate passed; raises
     :class:`RecipeStopped` (with the run) when a gate or a step failed. With ``report_dir``,
-    the run's report is written there as JSON either way."""
+    the run's report is written there as JSON either way. ``final_id`` names the last step's
+    artifact (over the recipe's own ``id``)."""
     recipe = loaded.recipe
     say = progress or (lambda _fraction, _message: None)
     started = datetime.now(UTC)
@@ -382,13 +384,14 @@ def run_recipe(
             def step_progress(fraction: float, message: str, label: str = label) -> None:
                 say(fraction, f"{label}: {message}")
 
+            step_id = final_id if final_id and index == count - 1 else step.id
             record = manager.get(OptimizationStrategy, step.strategy)
             structured = structure_options(record, step.options, where="options")
             plain = unstructure(structured) if structured else {}
             digest = data.digest if data else None
             existing = (
-                store.find(step.id)
-                if step.id
+                store.find(check_artifact_id(step_id))
+                if step_id
                 else made_like(store, current.id, record.name, plain, digest)
             )
             try:
@@ -401,7 +404,7 @@ def run_recipe(
                     data=data,
                     progress=step_progress,
                     cancel=cancel,
-                    new_id=existing.id if existing is not None else step.id,
+                    new_id=existing.id if existing is not None else step_id,
                 )
             except GptstoreError as exc:
                 stop = f"step {index + 1} ({step.strategy}) failed: {exc}"
