@@ -57,6 +57,18 @@ from gptstore.optimization.data import (
 from gptstore.optimization.evaluation import perplexity
 from gptstore.optimization.gates import Gate, GateFailed
 from gptstore.optimization.models import chat_renderer, load_causal_lm, packed_ids
+from gptstore.optimization.training import (
+    LOG_FILE,
+    block_perplexity,
+    copy_readme,
+    heldout_split,
+    step_count,
+    token_blocks,
+    train_steps,
+    training_metrics,
+    training_texts,
+    warmup_cosine,
+)
 from gptstore.protocols import (
     Backend,
     Optimizer,
@@ -107,6 +119,7 @@ def cache_dir(name: str) -> Path:
 
 __all__ = [
     "DEFAULT_CORPUS",
+    "LOG_FILE",
     "PICKLE_SUFFIXES",
     "RANK_COLUMNS",
     "RANK_COLUMNS_VERSION",
@@ -167,10 +180,12 @@ __all__ = [
     "as_tuple",
     "at_least",
     "atomic_write",
+    "block_perplexity",
     "cache_dir",
     "chat_renderer",
     "check_weights",
     "context_length",
+    "copy_readme",
     "count_parameters",
     "default_dataset",
     "default_heldout",
@@ -179,6 +194,7 @@ __all__ = [
     "format_bytes",
     "format_count",
     "hash_files",
+    "heldout_split",
     "hookimpl",
     "in_range",
     "load_causal_lm",
@@ -197,8 +213,14 @@ __all__ = [
     "serving_tokenizer",
     "sha256_file",
     "split",
+    "step_count",
     "str_tuple",
     "structure",
+    "token_blocks",
+    "train_steps",
+    "training_metrics",
+    "training_texts",
     "unstructure",
+    "warmup_cosine",
     "weight_files",
 ]
