@@ -192,6 +192,117 @@ def test_a_peft_adapter_is_served_on_its_base_without_merging(tmp_path, tiny_mod
     plain.close()
 
 
+def _committed_adapter(tmp_path, tiny_model, peft_config, *, scale=1.0):
+    """(base, adapter) artifacts of a store: the tiny model and a peft adapter made on it
+    (prompt-learning embeddings scaled by ``scale``, so they steer the random model)."""
+    import shutil
+
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from gptstore.artifacts import ArtifactStore, hash_files
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    staging = store.staging_dir()
+    shutil.copytree(tiny_model, staging / "base")
+    base = store.commit(staging / "base", Manifest(id="base-1", files=hash_files(staging / "base")))
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), peft_config)
+    with torch.no_grad():
+        for parameter in model.prompt_encoder.parameters():
+            parameter.mul_(scale)
+    model.save_pretrained(staging / "adapter", safe_serialization=True)
+    adapter = store.commit(
+        staging / "adapter",
+        Manifest(id="adapter-1", parent=base.id, files=hash_files(staging / "adapter")),
+    )
+    store.discard(staging)
+    return base, adapter
+
+
+def _prompt_tuning(tiny_model):
+    from peft import PromptTuningConfig
+
+    return PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=5,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="Python documentation:",
+        tokenizer_name_or_path=str(tiny_model),
+    )
+
+
+def _p_tuning(_tiny_model):
+    from peft import PromptEncoderConfig
+
+    return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=32)
+
+
+@pytest.mark.parametrize("make_config", [_prompt_tuning, _p_tuning])
+def test_a_prompt_tuning_adapter_is_served_as_peft_generates(tmp_path, tiny_model, make_config):
+    """peft's forward prepends the virtual tokens on every call, cached decode steps included:
+    the runner puts them in the cache once, and its greedy text (alone and in a left-padded
+    batch) and log-probabilities are those of peft's generate and forward."""
+    import warnings
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(tiny_model)
+    base, adapter = _committed_adapter(tmp_path, tiny_model, config, scale=3.0)
+    served = TorchBackend().load(adapter)
+    plain = TorchBackend().load(base)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), adapter.path
+    ).eval()
+    tokenizer = served.tokenizer
+    expected = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with warnings.catch_warnings():  # peft ignores position ids, and says so
+            warnings.simplefilter("ignore", UserWarning)
+            out = reference.generate(**ids, max_new_tokens=10, do_sample=False)
+        expected.append(
+            tokenizer.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        )
+    try:
+        alone = [served.generate([GenerationRequest(prompt=p, max_tokens=10)])[0] for p in PROMPTS]
+        batched = served.generate([GenerationRequest(prompt=p, max_tokens=10) for p in PROMPTS])
+        without = plain.generate([GenerationRequest(prompt=p, max_tokens=10) for p in PROMPTS])
+        assert [a.text for a in alone] == expected
+        assert [b.text for b in batched] == expected
+        assert [w.text for w in without] != expected
+        streamed = served.stream(GenerationRequest(prompt=PROMPTS[1], max_tokens=10))
+        assert "".join(c.text for c in streamed) == expected[1]
+        virtual = config.num_virtual_tokens
+        assert served.info().context_length == 2048 - virtual
+
+        text = "The quick brown fox jumps over the lazy dog"
+        [scored] = served.logprobs([text])
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = reference(input_ids=ids).logits[0, virtual:-1]
+        picked = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1)
+        assert scored.logprobs[1:] == pytest.approx(picked.tolist(), abs=1e-4)
+        assert "".join(scored.tokens) == text
+    finally:
+        served.close()
+        plain.close()
+
+
+def test_a_prefix_tuning_adapter_is_refused_clearly(tmp_path, tiny_model):
+    from peft import PrefixTuningConfig
+
+    from gptstore.errors import RefusedModel
+
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    _base, adapter = _committed_adapter(tmp_path, tiny_model, config)
+    with pytest.raises(RefusedModel, match="a PREFIX_TUNING adapter; the torch backend serves"):
+        TorchBackend().load(adapter)
+
+
 class TestTorchBackendContract(BackendContract):
     @pytest.fixture
     def runner(self, tiny_model):

@@ -1,6 +1,15 @@
 """The PyTorch eager runner: transformers' model forward inside gptstore's shared decode loop
 (:class:`gptstore.plugin.DecodingRunner`), one forward pass per generated token for the whole
-batch."""
+batch.
+
+PEFT adapters are served on their base model without merging. Adapters that change weights
+(LoRA, DoRA...) run as peft's wrapper. Prompt tuning and p-tuning adapters do not: peft's forward
+prepends the virtual tokens on every call (again on each cached decode step), drops the position
+ids and returns logits for the virtual positions too. The runner instead computes the virtual
+token embeddings once at load, and on the first step of a batch feeds the base model those
+embeddings followed by the prompt's: the cache then holds them, every mask starts with them, every
+position counts after them, and their logits are dropped. Generated text and log-probabilities are
+then those of peft's own generate and forward for each prompt, batched or not."""
 
 from __future__ import annotations
 
@@ -68,6 +77,8 @@ class TorchRunner(DecodingRunner):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.dtype = getattr(torch, options.dtype)
+        #: A prompt-tuning adapter's virtual token embeddings, [1, tokens, hidden]; else None.
+        self.prefix: Any = None
         self.model = (
             AutoModelForCausalLM.from_pretrained(
                 folder,
@@ -87,15 +98,22 @@ class TorchRunner(DecodingRunner):
                     f"{adapter}: no adapter_model.safetensors; gptstore loads safetensors only"
                 )
             self.model = PeftModel.from_pretrained(self.model, adapter, is_trainable=False).eval()
+            self.prefix = _virtual_tokens(self.model, adapter)
+            if self.prefix is not None:
+                # peft's forward would prepend them again on every step: serve the base model.
+                self.model = self.model.get_base_model().eval()
+                self.prefix = self.prefix.to(self.device, self.dtype)
         has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
         tokenizer = serving_tokenizer(adapter if adapter is not None and has_tokenizer else folder)
-        super().__init__(
-            Decoder(
-                tokenizer,
-                self.model.generation_config.eos_token_id,
-                int(getattr(self.model.config, "max_position_embeddings", 0) or 0),
-            )
-        )
+        context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        if context and self.prefix is not None:
+            context = max(context - self.virtual_tokens, 1)  # the virtual tokens use positions
+        super().__init__(Decoder(tokenizer, self.model.generation_config.eos_token_id, context))
+
+    @property
+    def virtual_tokens(self) -> int:
+        """How many virtual tokens a prompt-tuning adapter puts before every prompt (else 0)."""
+        return 0 if self.prefix is None else int(self.prefix.shape[1])
 
     def _model(
         self, ids: Any, mask: Any, positions: Any, past: Any, *, last: bool
@@ -105,16 +123,37 @@ class TorchRunner(DecodingRunner):
         # Inference mode per call: torch's grad mode is per thread, and a runner may be called
         # from any thread.
         with torch.inference_mode():
-            out = self.model(
-                input_ids=torch.from_numpy(ids).to(self.device),
-                attention_mask=torch.from_numpy(mask).to(self.device),
-                position_ids=torch.from_numpy(positions).to(self.device),
-                past_key_values=past,
-                use_cache=True,
-            )
+            inputs = {
+                "input_ids": torch.from_numpy(ids).to(self.device),
+                "attention_mask": torch.from_numpy(mask).to(self.device),
+                "position_ids": torch.from_numpy(positions).to(self.device),
+            }
+            if self.prefix is not None:
+                inputs = self._with_virtual_tokens(inputs, first=past is None)
+            out = self.model(**inputs, past_key_values=past, use_cache=True)
             # Decoding needs only the last position: slice before copying out of torch.
-            logits = out.logits[:, -1, :] if last else out.logits
+            logits = out.logits[:, -1, :] if last else out.logits[:, -ids.shape[1] :, :]
             return logits.float().cpu().numpy(), out.past_key_values
+
+    def _with_virtual_tokens(self, inputs: dict[str, Any], *, first: bool) -> dict[str, Any]:
+        """The inputs of one step behind a prompt-tuning adapter's virtual tokens: every row's
+        mask starts with them and its positions count after them; on the first step (empty
+        cache) their embeddings come before the prompt's, and the cache holds them from then on.
+        Rows are left-padded: a row reads [virtual tokens][padding, masked][its tokens], at the
+        positions it would have alone (as peft's generate at batch 1)."""
+        import torch
+
+        ids, mask, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
+        rows, count = ids.shape[0], self.virtual_tokens
+        mask = torch.cat([mask.new_ones(rows, count), mask], dim=1)
+        positions = positions + count
+        if not first:
+            return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        embeds = self.model.get_input_embeddings()(ids)
+        embeds = torch.cat([self.prefix.expand(rows, -1, -1).to(embeds.dtype), embeds], dim=1)
+        ahead = torch.arange(count, device=positions.device).expand(rows, -1)
+        positions = torch.cat([ahead, positions], dim=1)
+        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
 
     def _step(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
         return self._model(ids, mask, positions, past, last=True)
@@ -128,3 +167,28 @@ class TorchRunner(DecodingRunner):
     def _release(self) -> None:
         del self.model
         gc.collect()
+
+
+#: The prompt-learning adapters whose virtual tokens are embeddings put before the input (peft's
+#: forward concatenates ``get_prompt()`` to ``inputs_embeds``); the runner serves these.
+PREFIXED_EMBEDDINGS = ("PROMPT_TUNING", "P_TUNING")
+
+
+def _virtual_tokens(model: Any, adapter: Path) -> Any:
+    """A prompt-tuning (or p-tuning) adapter's virtual token embeddings, [1, tokens, hidden],
+    computed once; None for adapters that change weights. RefusedModel for the other prompt
+    learning methods (prefix tuning writes the KV cache, multitask prompt tuning needs task
+    ids): the decode loop would serve them wrongly."""
+    import torch
+
+    config = model.active_peft_config
+    if not config.is_prompt_learning:
+        return None
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if kind not in PREFIXED_EMBEDDINGS:
+        raise RefusedModel(
+            f"{adapter}: a {kind} adapter; the torch backend serves prompt learning adapters of "
+            f"{' and '.join(PREFIXED_EMBEDDINGS)} only (or adapters that change weights, as LoRA)"
+        )
+    with torch.no_grad():
+        return model.get_prompt(batch_size=1).detach().clone()

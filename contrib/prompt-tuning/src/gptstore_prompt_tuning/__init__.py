@@ -1,0 +1,1 @@
+"""gptstore-prompt-tuning: prompt tuning with peft, as an optimization strategy."""
