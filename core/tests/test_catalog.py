@@ -263,3 +263,11 @@ def test_every_selection_table_has_the_documented_columns(catalog):
     for table in ("cards", "card_tasks", "card_metrics"):
         columns = {row[1] for row in catalog.execute(f"PRAGMA table_info({table})")}
         assert set(RANK_COLUMNS) <= columns, table
+
+
+def test_a_requirement_holds_a_bounded_number_of_floors_and_bounds():
+    from gptstore.converter import structure
+
+    many = [{"name": f"f{i}@onnx", "at_most": 1} for i in range(33)]
+    with pytest.raises(InvalidInput, match="measured holds at most 32 entries, got 33"):
+        structure({"measured": many}, Requirement, what="requirement")

@@ -6,6 +6,7 @@ any step runs, and a kill mid-step leaves no half artifact."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import time
 import pytest
 
 from gptstore.artifacts import ArtifactStore
+from gptstore.optimization.gates import Gate, GateFailed
 from gptstore.testing import add_artifact, run_cli
 
 #: ``shrink`` copies its parent and scales a recorded figure, ``loss``, by ``factor``; with
@@ -255,6 +257,9 @@ def test_killed_mid_step_leaves_no_half_artifact(shop, tmp_path):
             process.kill()
             pytest.fail("step 2 never started")
         time.sleep(0.05)
+    # Another process's sweep leaves a folder its writer still holds.
+    assert ArtifactStore(artifacts).sweep() == []
+    assert staging()
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     [first] = _ids(home) - {"base"}
@@ -272,3 +277,47 @@ def test_killed_mid_step_leaves_no_half_artifact(shop, tmp_path):
     assert [s["status"] for s in report["steps"]] == ["reused", "made"]
     assert report["steps"][0]["artifact"] == first
     assert staging() == []
+
+
+def test_a_gate_that_cannot_be_checked_removes_the_step_and_says_why(shop, tmp_path):
+    run, home, _env = shop
+    unrecorded = _recipe(
+        tmp_path,
+        '[[steps]]\nstrategy = "shrink"\n'
+        '[[steps]]\nstrategy = "shrink"\noptions = { factor = 0.9 }\n'
+        'gates = [{ metric = "accuracy", at_least = 0.5 }]\n',
+    )
+    stopped = run("optimize", "base", "--recipe", str(unrecorded), "--json")
+    assert stopped.returncode == 1
+    assert "Traceback" not in stopped.stderr
+    assert "shrink recorded no figure 'accuracy' (it recorded: loss)" in stopped.stderr
+    report = json.loads(stopped.stdout)
+    assert [s["status"] for s in report["steps"]] == ["made", "failed"]
+    assert _ids(home) == {"base", report["steps"][0]["artifact"]}  # step 2 is gone
+
+
+@pytest.mark.parametrize("after", [math.nan, math.inf])
+def test_a_diverged_figure_passes_no_gate(after):
+    with pytest.raises(GateFailed, match="not a finite number"):
+        Gate(metric="perplexity@torch", at_most=0.35, relative=True).check(after, 20.0)
+    with pytest.raises(GateFailed, match="not a finite number"):
+        Gate(metric="loss", at_most=10).check(after)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--id", "Bad Name"], "is not an artifact id"),
+        (["--id", "first"], "is also the id of another step"),
+    ],
+)
+def test_a_bad_final_id_is_refused_before_any_step_runs(shop, tmp_path, args, message):
+    run, home, _env = shop
+    recipe = _recipe(
+        tmp_path,
+        '[[steps]]\nstrategy = "shrink"\nid = "first"\n[[steps]]\nstrategy = "shrink"\n',
+    )
+    refused = run("optimize", "base", "--recipe", str(recipe), *args)
+    assert refused.returncode == 1
+    assert message in refused.stderr
+    assert _ids(home) == {"base"}

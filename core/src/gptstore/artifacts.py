@@ -12,7 +12,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -27,7 +27,8 @@ from gptstore.files import atomic_write
 from gptstore.types import Artifact, GateCheck, Manifest, Measurement, RecipeStep
 
 MANIFEST = "manifest.json"
-#: Folders of artifacts being made (``.staging-<pid>-<random>``); the store never lists them.
+#: Folders of artifacts being made (``.staging-<random>``, each with a ``.lock`` file beside it);
+#: the store never lists them.
 STAGING_PREFIX = ".staging-"
 #: Artifact ids: 1-128 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit,
 #: without ".." (an id never names a path outside the store).
@@ -47,15 +48,46 @@ _TRACKED_LIBRARIES = (
 )
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (on this machine)."""
+#: A staging folder in the older layout (no lock file) untouched this long is a leftover.
+STALE_UNLOCKED_S = 24 * 3600
+#: Staging folder -> the descriptor of its lock file, held by this process.
+_HELD: dict[str, int] = {}
+
+
+def _lock_path(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".lock")
+
+
+def _lock(handle: int) -> bool:
+    """Take an exclusive lock on an open file without waiting; whether it was taken."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no sweeping of others' folders
         return False
-    except PermissionError:  # another user's process
-        return True
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
     return True
+
+
+def _unheld(lock: Path) -> bool:
+    """Whether no process holds ``lock`` (its writer is gone)."""
+    try:
+        handle = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        return _lock(handle)
+    finally:
+        os.close(handle)  # closing drops the lock taken here
+
+
+def _release(staging: Path) -> None:
+    handle = _HELD.pop(str(staging), None)
+    if handle is not None:
+        _lock_path(staging).unlink(missing_ok=True)
+        os.close(handle)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -192,20 +224,43 @@ class ArtifactStore:
     def staging_dir(self) -> Path:
         """An empty temporary folder on the same file system, for a new artifact's files.
 
-        Its name carries this process's id: staging folders left by a process that no longer
-        runs (killed mid-step) are removed first."""
+        This process holds an exclusive lock on a file beside it (``<folder>.lock``) until the
+        folder is committed or discarded, so a folder whose writer is gone (killed mid-step)
+        can be told from one in use, by any process on any machine sharing the store: the next
+        staging folder made here sweeps such leftovers first."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.sweep()
-        return Path(tempfile.mkdtemp(dir=self.root, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+        while True:
+            folder = self.root / f"{STAGING_PREFIX}{uuid.uuid4().hex[:16]}"
+            lock = _lock_path(folder)
+            try:
+                handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            except FileExistsError:
+                continue
+            _lock(handle)
+            _HELD[str(folder)] = handle
+            folder.mkdir()
+            return folder
 
     def sweep(self) -> list[Path]:
-        """Remove the staging folders of processes that no longer run; returns them."""
+        """Remove staging folders no process holds (left by a killed step), and folders in the
+        older, unlocked layout untouched for a day; returns what was removed."""
         removed = []
         for path in self.root.glob(f"{STAGING_PREFIX}*"):
-            owner = path.name[len(STAGING_PREFIX) :].split("-", 1)[0]
-            if path.is_dir() and not (owner.isdigit() and _alive(int(owner))):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+            if path.suffix == ".lock" or str(path) in _HELD:
+                continue
+            lock = _lock_path(path)
+            if lock.is_file():
+                if not _unheld(lock):
+                    continue
+            elif time.time() - path.stat().st_mtime < STALE_UNLOCKED_S:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            removed.append(path)
+        for lock in self.root.glob(f"{STAGING_PREFIX}*.lock"):
+            if not lock.with_suffix("").exists() and _unheld(lock):
+                lock.unlink(missing_ok=True)
         return removed
 
     def remove(self, artifact: Artifact) -> None:
@@ -220,9 +275,9 @@ class ArtifactStore:
                     "remove those first"
                 ],
             )
-        trash = Path(tempfile.mkdtemp(dir=self.root, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+        trash = self.staging_dir()
         os.replace(artifact.path, trash / "removed")
-        shutil.rmtree(trash, ignore_errors=True)
+        self.discard(trash)
 
     def commit(self, staging: Path, manifest: Manifest) -> Artifact:
         """Write the manifest into ``staging`` and rename it to ``artifacts/<id>``."""
@@ -231,6 +286,7 @@ class ArtifactStore:
             raise InvalidInput("artifact", [f"{manifest.id} already exists in {self.root}"])
         write_json_atomic(staging / MANIFEST, unstructure(manifest))
         os.replace(staging, target)
+        _release(staging)
         return Artifact(target, manifest)
 
     def children(self) -> dict[str, list[Artifact]]:
@@ -250,12 +306,13 @@ class ArtifactStore:
         gates: Sequence[GateCheck] = (),
     ) -> Artifact:
         """``artifact`` with ``measurements`` in its manifest (replacing older ones of the same
-        figure, backend and data) and ``gates`` (replacing older checks of the same figure),
+        figure, backend and data) and ``gates`` (replacing older checks of the same figure by the
+        same recipe),
         written atomically; its files are not touched."""
         keys = {m.key for m in measurements}
         kept = [m for m in artifact.manifest.measured if m.key not in keys]
-        checked = {g.metric for g in gates}
-        old_gates = [g for g in artifact.manifest.gates if g.metric not in checked]
+        checked = {(g.metric, g.recipe) for g in gates}
+        old_gates = [g for g in artifact.manifest.gates if (g.metric, g.recipe) not in checked]
         manifest = evolve(
             artifact.manifest,
             measured=(*kept, *measurements),
@@ -265,7 +322,9 @@ class ArtifactStore:
         return Artifact(artifact.path, manifest)
 
     def discard(self, staging: Path) -> None:
+        """Remove a staging folder (and release it)."""
         shutil.rmtree(staging, ignore_errors=True)
+        _release(staging)
 
     def get(self, artifact_id: str) -> Artifact:
         folder = self.root / check_artifact_id(artifact_id)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from attrs import Factory, define, field, frozen
 
-from gptstore.converter import at_least, in_range
+from gptstore.converter import FieldProblem, at_least, in_range
 from gptstore.errors import Cancelled, InvalidInput
 from gptstore.units import DTYPE_ALIASES, DTYPE_BYTES, format_count, normalize_dtype
 
@@ -231,6 +231,21 @@ class MeasuredBound:
         return " and ".join(parts)
 
 
+#: The most metric floors, and the most measured bounds, one requirement may hold.
+MAX_BOUNDS = 32
+
+
+def _few(most: int) -> Any:
+    def check(_instance: Any, attribute: Any, value: tuple[Any, ...]) -> None:
+        if len(value) > most:
+            raise FieldProblem(
+                attribute.name, f"{attribute.name} holds at most {most} entries, got {len(value)}"
+            )
+
+    check.json_schema = {"maxItems": most}  # type: ignore[attr-defined]
+    return check
+
+
 def _optional_dtype(value: str | None) -> str | None:
     return normalize_dtype(value) if value else None
 
@@ -268,8 +283,8 @@ class Requirement:
         converter=_optional_dtype,
         metadata={"json_schema": {"enum": [*DTYPE_NAMES, None]}},
     )
-    metric_floors: tuple[MetricFloor, ...] = ()
-    measured: tuple[MeasuredBound, ...] = ()
+    metric_floors: tuple[MetricFloor, ...] = field(default=(), validator=_few(MAX_BOUNDS))
+    measured: tuple[MeasuredBound, ...] = field(default=(), validator=_few(MAX_BOUNDS))
     sources: tuple[str, ...] = field(default=(), converter=_lower_tuple)
     query: str | None = field(default=None, converter=_optional_text)
     include_delisted: bool = False
@@ -334,7 +349,8 @@ class RecipeStep:
 
     strategy: str
     options: dict[str, Any] = Factory(dict)
-    #: The digest of the data gptstore handed the strategy (None: none, so its default).
+    #: The digest of the data gptstore handed the strategy, ``"none"`` when it gave none (the
+    #: strategy's default); None in manifests from before gptstore recorded it.
     data: str | None = None
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from gptstore import hookimpl
@@ -34,7 +35,7 @@ from gptstore.modelfiles import (
 )
 from gptstore.protocols import Refusal
 from gptstore.records import ModelSource
-from gptstore.types import Artifact, Metric, ModelCard, SearchQuery, SourceStatus
+from gptstore.types import Artifact, Measurement, Metric, ModelCard, SearchQuery, SourceStatus
 
 SOURCE = "store"
 
@@ -69,15 +70,16 @@ def card_of(artifact: Artifact, lineage: list[Artifact]) -> ModelCard:
     architectures = config.get("architectures") or []
     architecture = str(architectures[0]) if architectures else None
     reported = parse_model_index(meta.get("model-index"))
+    # One figure per name: the latest (perplexity measured on two datasets is one figure that
+    # filters and explanations must agree on).
+    latest: dict[str, Measurement] = {}
+    for m in sorted(
+        artifact.manifest.measured, key=lambda m: m.measured_at or datetime.min.replace(tzinfo=UTC)
+    ):
+        latest[f"{m.name}@{m.backend}"] = m
     measured = tuple(
-        Metric(
-            name=f"{m.name}@{m.backend}",
-            value=m.value,
-            kind=m.name,
-            dataset=m.data,
-            origin="measured",
-        )
-        for m in artifact.manifest.measured
+        Metric(name=name, value=m.value, kind=m.name, dataset=m.data, origin="measured")
+        for name, m in latest.items()
     )
     license_value = next(iter(as_tuple(meta.get("license"))), None)
     return ModelCard(

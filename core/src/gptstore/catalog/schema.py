@@ -139,7 +139,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX card_measured_card ON card_measured (id);
     INSERT OR REPLACE INTO card_measured (name, id, value)
         SELECT json_extract(m.value, '$.name'), d.card_id, json_extract(m.value, '$.value')
-        FROM card_docs d, json_each(d.card, '$.metrics') m
+        -- A document SQLite cannot read as JSON (NaN in an older one) is left to the next sync.
+        FROM card_docs d,
+            json_each(CASE WHEN json_valid(d.card) THEN d.card ELSE '{}' END, '$.metrics') m
         WHERE json_extract(m.value, '$.origin') = 'measured'
             AND json_extract(m.value, '$.value') IS NOT NULL;
     """,

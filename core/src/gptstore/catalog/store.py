@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -265,7 +266,11 @@ class Catalog:
         )
         conn.executemany(
             "INSERT OR REPLACE INTO card_measured (name, id, value) VALUES (?, ?, ?)",
-            [(m.name, card_id, m.value) for m in card.metrics if m.origin == "measured"],
+            [
+                (m.name, card_id, m.value)
+                for m in card.metrics
+                if m.origin == "measured" and math.isfinite(m.value)
+            ],
         )
         conn.execute(
             "INSERT INTO cards_fts (rowid, name, description, tags) VALUES (?,?,?,?)",

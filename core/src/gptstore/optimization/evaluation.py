@@ -21,7 +21,7 @@ from gptstore.errors import InvalidInput
 from gptstore.manager import PluginManager
 from gptstore.protocols import Runner
 from gptstore.serving.deployments import load_runner, plan
-from gptstore.types import Artifact, Dataset, GenerationRequest, Measurement
+from gptstore.types import Artifact, ChatMessage, Dataset, GenerationRequest, Measurement
 
 #: The prompt decode speed is measured with (greedy, batch 1).
 SPEED_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -50,21 +50,33 @@ def perplexity(runner: Runner, texts: Sequence[str]) -> float:
     return math.exp(-sum(scores) / len(scores))
 
 
-def decode_speed(runner: Runner, max_new_tokens: int = 32) -> tuple[float, float]:
-    """(decode tokens per second, time to first token in seconds), greedy at batch 1: a one
-    token generation times the prompt and first token; a longer one, the tokens after it."""
-    first = GenerationRequest(prompt=SPEED_PROMPT, max_tokens=1)
+def _timed(runner: Runner, prompt: str, max_new_tokens: int) -> tuple[float, float] | None:
+    """(tokens/s after the first, time to first token) for ``prompt``; None when the model
+    ends its answer before a second token."""
+    first = GenerationRequest(prompt=prompt, max_tokens=1)
     runner.generate([first])  # warm-up: first calls allocate
     started = time.perf_counter()
     runner.generate([first])
     ttft = time.perf_counter() - started
     started = time.perf_counter()
-    [whole] = runner.generate([GenerationRequest(prompt=SPEED_PROMPT, max_tokens=max_new_tokens)])
+    [whole] = runner.generate([GenerationRequest(prompt=prompt, max_tokens=max_new_tokens)])
     elapsed = time.perf_counter() - started
-    after_first = max(whole.completion_tokens - 1, 0)
-    if after_first == 0:
-        raise InvalidInput("model", ["it ended its answer at once; no decode speed to measure"])
+    after_first = whole.completion_tokens - 1
+    if after_first < 1:
+        return None
     return after_first / max(elapsed - ttft, 1e-9), ttft
+
+
+def decode_speed(runner: Runner, max_new_tokens: int = 32) -> tuple[float, float]:
+    """(decode tokens per second, time to first token in seconds), greedy at batch 1: a one
+    token generation times the prompt and first token; a longer one, the tokens after it. The
+    prompt is :data:`SPEED_PROMPT` as a chat (an instruct model answers it at length), else as
+    plain text."""
+    for prompt in (runner.chat_prompt([ChatMessage("user", SPEED_PROMPT)]), SPEED_PROMPT):
+        timed = _timed(runner, prompt, max_new_tokens)
+        if timed is not None:
+            return timed
+    raise InvalidInput("model", ["it ended its answer at once; no decode speed to measure"])
 
 
 def resident_bytes() -> int:
@@ -121,6 +133,11 @@ def evaluate_artifact(
     try:
         loaded = resident_bytes()
         ppl = perplexity(runner, data.texts(runner.chat_prompt))
+        if not math.isfinite(ppl):
+            raise InvalidInput(
+                "model",
+                [f"its perplexity is {ppl}: the log-probabilities are not finite numbers"],
+            )
         tokens_per_s, ttft = decode_speed(runner, max_new_tokens)
     finally:
         runner.close()

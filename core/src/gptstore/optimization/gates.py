@@ -3,6 +3,8 @@ raises :class:`GateFailed` and the step's artifact is discarded."""
 
 from __future__ import annotations
 
+import math
+
 from attrs import frozen
 
 from gptstore.errors import GptstoreError
@@ -26,7 +28,13 @@ class Gate:
     relative: bool = False
 
     def check(self, after: float, before: float | None = None) -> None:
-        """Raise GateFailed when ``after`` (against ``before`` when relative) is out of bounds."""
+        """Raise GateFailed when ``after`` (against ``before`` when relative) is out of bounds,
+        or is not a finite number (a diverged model's NaN passes no gate)."""
+        if not math.isfinite(after) or (before is not None and not math.isfinite(before)):
+            raise GateFailed(
+                f"{self.metric} is {after} (before: {before}), not a finite number; the result "
+                "is discarded"
+            )
         if self.relative:
             if before is None or before == 0:
                 raise GateFailed(f"gate on {self.metric}: no value before the step to compare")

@@ -24,7 +24,6 @@ artifacts before it, which passed, are kept. Every run writes a report of what e
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -43,7 +42,7 @@ from gptstore.manager import PluginManager, structure_options
 from gptstore.optimization.data import default_heldout, load_dataset
 from gptstore.optimization.evaluation import evaluate_artifact, host_description
 from gptstore.optimization.gates import Gate, GateFailed
-from gptstore.optimization.run import made_like, optimize
+from gptstore.optimization.run import data_key, made_like, optimize
 from gptstore.records import OptimizationStrategy, ServingBackend
 from gptstore.types import Artifact, Dataset, GateCheck
 
@@ -89,6 +88,18 @@ class RecipeGate:
             )
         if self.backend is None and (self.baseline_backend or self.options):
             problems.append(f"the gate on {self.metric} sets backend options but no backend")
+        if self.backend is None and self.baseline != "input":
+            problems.append(
+                f"the gate on {self.metric} sets baseline but no backend: a recorded figure is "
+                "compared with the step's own figure before"
+            )
+        if not self.relative and (self.baseline != "input" or self.baseline_backend):
+            problems.append(f"the gate on {self.metric} sets a baseline but is not relative")
+        if self.at_most is not None and self.at_least is not None and self.at_least > self.at_most:
+            problems.append(
+                f"the gate on {self.metric} can never pass: at_least {self.at_least:g} > "
+                f"at_most {self.at_most:g}"
+            )
         if problems:
             raise InvalidInput("gate", problems)
 
@@ -97,12 +108,15 @@ class RecipeGate:
         """The figure as the manifest names it (``perplexity@torch``)."""
         return f"{self.metric}@{self.backend}" if self.backend else self.metric
 
+    def shown(self, value: float) -> str:
+        """A bound as written: a signed percentage when relative (``+3.5%``)."""
+        return f"{value * 100:+.4g}%" if self.relative else f"{value:.4g}"
+
     def bound(self, baseline_of: str | None) -> str:
         """The bound in words: ``at most +35% over smollm2``."""
-        shown = "{:+.0%}" if self.relative else "{:.4g}"
-        parts = [f"at most {shown.format(self.at_most)}"] if self.at_most is not None else []
+        parts = [f"at most {self.shown(self.at_most)}"] if self.at_most is not None else []
         if self.at_least is not None:
-            parts.append(f"at least {shown.format(self.at_least)}")
+            parts.append(f"at least {self.shown(self.at_least)}")
         against = f" against {baseline_of}" if self.relative and baseline_of else ""
         return " and ".join(parts) + against
 
@@ -145,11 +159,15 @@ class LoadedRecipe:
     eval_data: Dataset
 
 
-def _data_path(recipe_path: Path, value: str, where: str) -> Path:
-    path = (recipe_path.parent / value).expanduser()
+def _data(recipe_path: Path, value: str, where: str) -> Dataset:
+    """The examples of a data file named in a recipe (relative to the recipe's folder)."""
+    path = recipe_path.parent / Path(value).expanduser()
     if not path.is_file():
         raise InvalidInput(where, [f"{value!r}: no such file (relative to {recipe_path.parent})"])
-    return path
+    data = load_dataset(path)
+    if not data:
+        raise InvalidInput(where, [f"{value!r} holds no examples"])
+    return data
 
 
 def load_recipe(manager: PluginManager, path: Path) -> LoadedRecipe:
@@ -175,18 +193,22 @@ def load_recipe(manager: PluginManager, path: Path) -> LoadedRecipe:
         try:
             record = manager.get(OptimizationStrategy, step.strategy)
             for gate in step.gates:
-                for backend in filter(None, (gate.backend, gate.baseline_backend)):
-                    manager.get(ServingBackend, backend)
+                if gate.backend is not None:
+                    backend = manager.get(ServingBackend, gate.backend)
+                    structure_options(backend, gate.options, where=f"{where}.gates.options")
+                if gate.baseline_backend is not None:
+                    manager.get(ServingBackend, gate.baseline_backend)
             if step.id is not None:
                 check_artifact_id(step.id)
         except GptstoreError as exc:
             raise InvalidInput(where, [str(exc)]) from None
         structure_options(record, step.options, where=f"{where}.options")
-        datasets.append(
-            load_dataset(_data_path(path, step.data, f"{where}.data")) if step.data else None
-        )
+        datasets.append(_data(path, step.data, f"{where}.data") if step.data else None)
+    ids = [step.id for step in recipe.steps if step.id]
+    if len(set(ids)) < len(ids):
+        raise InvalidInput(str(path), ["two steps name the same id; each step makes its own"])
     eval_data = (
-        load_dataset(_data_path(path, recipe.eval_data, f"{path}: eval_data"))
+        _data(path, recipe.eval_data, f"{path}: eval_data")
         if recipe.eval_data
         else default_heldout()
     )
@@ -239,12 +261,13 @@ def measured_value(
     data: Dataset,
     progress: Callable[[float, str], None] | None = None,
 ) -> tuple[Artifact, float]:
-    """``figure`` of ``artifact`` on ``backend``: the one its manifest holds when it was
-    measured on the same data (perplexity) or on this host (speed, memory), else measured
-    now with ``gptstore eval`` and recorded."""
+    """``figure`` of ``artifact`` (as the store holds it now) on ``backend``: the one its
+    manifest holds when it was measured with default options on the same data (perplexity) or
+    on this host (speed, memory), else measured now with ``gptstore eval`` and recorded."""
+    artifact = store.get(artifact.id)
     source = f"{data.origin}@{data.digest}"
     host = host_description()
-    for m in artifact.manifest.measured:
+    for m in artifact.manifest.measured if not options else ():
         same = m.data == source if figure == "perplexity" else m.host == host
         if m.name == figure and m.backend == backend and same:
             return artifact, m.value
@@ -272,9 +295,26 @@ class _Run:
         self.input = input_artifact
         self.progress = progress
 
+    def _measured(
+        self, artifact: Artifact, gate: RecipeGate, backend: str, options: dict[str, Any]
+    ) -> float:
+        _artifact, value = measured_value(
+            self.manager,
+            self.store,
+            artifact,
+            gate.metric,
+            backend,
+            options,
+            self.loaded.eval_data,
+            self.progress,
+        )
+        return value
+
     def check(self, gate: RecipeGate, artifact: Artifact, parent: Artifact) -> GateCheck:
         """Measure or read the gate's figure and its baseline; the check, passed or not."""
-        name = self.loaded.recipe.name
+        strategy = artifact.manifest.step.strategy if artifact.manifest.step else "the step"
+        before: float | None = None
+        baseline_of: str | None = None
         if gate.backend is None:
             after = artifact.manifest.metrics_after.get(gate.metric)
             if after is None:
@@ -282,44 +322,33 @@ class _Run:
                 raise InvalidInput(
                     f"gate on {gate.metric}",
                     [
-                        f"step {artifact.manifest.step.strategy if artifact.manifest.step else ''}"
-                        f" recorded no figure {gate.metric!r} (it recorded: {recorded}); set "
-                        "backend to measure one"
+                        f"{strategy} recorded no figure {gate.metric!r} (it recorded: "
+                        f"{recorded}); set backend to measure one"
                     ],
                 )
-            before = artifact.manifest.metrics_before.get(gate.metric) if gate.relative else None
-            baseline_of = parent.id if gate.relative else None
+            if gate.relative:
+                before = artifact.manifest.metrics_before.get(gate.metric)
+                baseline_of = parent.id
+                if before is None:
+                    raise InvalidInput(
+                        f"gate on {gate.metric}",
+                        [
+                            f"{strategy} recorded no {gate.metric!r} before the step to compare "
+                            "with; make the gate absolute, or set backend to measure both"
+                        ],
+                    )
         else:
-            data = self.loaded.eval_data
-            artifact, after = measured_value(
-                self.manager,
-                self.store,
-                artifact,
-                gate.metric,
-                gate.backend,
-                gate.options,
-                data,
-                self.progress,
-            )
-            before, baseline_of = None, None
+            after = self._measured(artifact, gate, gate.backend, gate.options)
             if gate.relative:
                 base = self.input if gate.baseline == "input" else parent
                 backend = gate.baseline_backend or gate.backend
                 options = gate.options if backend == gate.backend else {}
-                base, before = measured_value(
-                    self.manager,
-                    self.store,
-                    base,
-                    gate.metric,
-                    backend,
-                    options,
-                    data,
-                    self.progress,
-                )
-                if base.id == self.input.id:
-                    self.input = base
+                before = self._measured(base, gate, backend, options)
                 baseline_of = f"{base.id} on {backend}" if backend != gate.backend else base.id
-        bound = gate.bound(baseline_of)
+        if before == 0:
+            raise InvalidInput(
+                f"gate on {gate.name}", [f"the baseline of {baseline_of} is 0: no relative change"]
+            )
         try:
             Gate(
                 metric=gate.name,
@@ -333,24 +362,38 @@ class _Run:
         return GateCheck(
             metric=gate.name,
             value=after,
-            bound=bound,
+            bound=gate.bound(baseline_of),
             passed=passed,
             baseline=before,
             baseline_of=baseline_of,
-            recipe=name,
+            recipe=self.loaded.recipe.name,
         )
-
-
-def _describe(check: GateCheck) -> str:
-    against = ""
-    if check.baseline is not None:
-        against = f" ({check.value / check.baseline - 1:+.1%} against {check.baseline:.4g})"
-    return f"{check.metric} {check.value:.4g}{against}, {'within' if check.passed else 'outside'} "
 
 
 def describe_check(check: GateCheck) -> str:
     """``perplexity@torch 24.1 (+16.4% against 20.7), within at most +35% against smollm2``."""
-    return _describe(check) + check.bound
+    against = ""
+    if check.baseline:
+        against = f" ({check.value / check.baseline - 1:+.1%} against {check.baseline:.4g})"
+    verdict = "within" if check.passed else "outside"
+    return f"{check.metric} {check.value:.4g}{against}, {verdict} {check.bound}"
+
+
+def report_name(recipe: str, started: datetime) -> str:
+    """The file a run's report goes to: the start time and a slug of the recipe's name."""
+    slug = re.sub(r"[^a-z0-9]+", "-", recipe.lower()).strip("-")[:80] or "recipe"
+    return f"{started.strftime('%Y%m%dT%H%M%S%fZ')}-{slug}.json"
+
+
+def _step_ids(loaded: LoadedRecipe, final_id: str | None) -> list[str | None]:
+    """Each step's artifact id (``final_id`` names the last), checked before any step runs."""
+    ids = [step.id for step in loaded.recipe.steps]
+    if final_id is not None:
+        ids[-1] = check_artifact_id(final_id)
+    named = [i for i in ids if i]
+    if len(set(named)) < len(named):
+        raise InvalidInput("--id", [f"{final_id} is also the id of another step of the recipe"])
+    return ids
 
 
 def run_recipe(
@@ -367,9 +410,13 @@ def run_recipe(
     """Run ``loaded`` from ``artifact_id``. Returns the run when every gate passed; raises
     :class:`RecipeStopped` (with the run) when a gate or a step failed. With ``report_dir``,
     the run's report is written there as JSON either way. ``final_id`` names the last step's
-    artifact (over the recipe's own ``id``)."""
+    artifact (over the recipe's own ``id``).
+
+    A step's artifact is kept only once every gate passed: a failed gate, an error while
+    measuring, or an interruption removes the artifact the step made (never one it reused)."""
     recipe = loaded.recipe
     say = progress or (lambda _fraction, _message: None)
+    ids = _step_ids(loaded, final_id)
     started = datetime.now(UTC)
     run = _Run(manager, store, loaded, store.get(artifact_id), say)
     current = run.input
@@ -384,16 +431,17 @@ def run_recipe(
             def step_progress(fraction: float, message: str, label: str = label) -> None:
                 say(fraction, f"{label}: {message}")
 
-            step_id = final_id if final_id and index == count - 1 else step.id
+            run.progress = step_progress
             record = manager.get(OptimizationStrategy, step.strategy)
             structured = structure_options(record, step.options, where="options")
             plain = unstructure(structured) if structured else {}
-            digest = data.digest if data else None
             existing = (
-                store.find(check_artifact_id(step_id))
-                if step_id
-                else made_like(store, current.id, record.name, plain, digest)
+                store.find(ids[index])  # type: ignore[arg-type]
+                if ids[index]
+                else made_like(store, current.id, record.name, plain, data_key(data))
             )
+            made: Artifact | None = None
+            checks: list[GateCheck] = []
             try:
                 artifact = optimize(
                     manager,
@@ -404,34 +452,37 @@ def run_recipe(
                     data=data,
                     progress=step_progress,
                     cancel=cancel,
-                    new_id=existing.id if existing is not None else step_id,
+                    new_id=existing.id if existing is not None else ids[index],
                 )
-            except GptstoreError as exc:
+                made = None if existing is not None else artifact
+                for gate in step.gates:
+                    checks.append(run.check(gate, store.get(artifact.id), current))
+            except BaseException as exc:
+                if made is not None:
+                    store.remove(made)  # half-checked: nothing of this step stays
+                if not isinstance(exc, GptstoreError):
+                    raise
                 stop = f"step {index + 1} ({step.strategy}) failed: {exc}"
-                status: Literal["gate failed", "failed"] = (
-                    "gate failed" if isinstance(exc, GateFailed) else "failed"
-                )
                 outcomes.append(
                     StepOutcome(
                         index=index,
                         strategy=step.strategy,
-                        status=status,
+                        status="gate failed" if isinstance(exc, GateFailed) else "failed",
+                        gates=tuple(checks),
                         seconds=time.perf_counter() - clock,
                         error=str(exc),
                     )
                 )
                 break
-            reused = existing is not None
-            checks = [run.check(gate, artifact, current) for gate in step.gates]
             artifact = store.get(artifact.id)  # measurements may have been recorded
             failed = [c for c in checks if not c.passed]
             if failed:
-                if not reused:
+                if made is not None:
                     store.remove(artifact)
                 stop = f"step {index + 1} ({step.strategy}) failed its gate: " + "; ".join(
                     describe_check(c) for c in failed
                 )
-                if reused:
+                if made is None:
                     stop += f" ({artifact.id} existed before this run and is kept)"
             elif checks:
                 artifact = store.record(artifact, gates=checks)
@@ -439,8 +490,8 @@ def run_recipe(
                 StepOutcome(
                     index=index,
                     strategy=step.strategy,
-                    status="gate failed" if failed else ("reused" if reused else "made"),
-                    artifact=None if failed and not reused else artifact.id,
+                    status="gate failed" if failed else ("made" if made else "reused"),
+                    artifact=None if failed and made else artifact.id,
                     gates=tuple(checks),
                     seconds=time.perf_counter() - clock,
                 )
@@ -459,11 +510,13 @@ def run_recipe(
             finished_at=datetime.now(UTC),
         )
         if report_dir is not None:
-            stamp = started.strftime("%Y%m%dT%H%M%S%fZ")
-            path = report_dir / f"{stamp}-{check_artifact_id(_slug(recipe.name))}.json"
-            report_dir.mkdir(parents=True, exist_ok=True)
-            result = evolve(result, report=str(path))
-            write_json_atomic(path, unstructure(result))
+            path = report_dir / report_name(recipe.name, started)
+            try:
+                report_dir.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(path, unstructure(evolve(result, report=str(path))))
+                result = evolve(result, report=str(path))
+            except OSError as exc:  # the run's outcome matters more than its report
+                say(1.0, f"could not write the report {path}: {exc}")
     if stop is not None:
         kept = [o.artifact for o in outcomes if o.artifact and o.status != "gate failed"]
         raise RecipeStopped(
@@ -472,11 +525,3 @@ def run_recipe(
             result,
         )
     return result
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.")[:100] or "recipe"
-
-
-def report_json(run: RecipeRun) -> str:
-    return json.dumps(unstructure(run), indent=2, default=str)

@@ -15,24 +15,38 @@ from gptstore.manager import PluginManager, structure_options
 from gptstore.records import OptimizationStrategy
 from gptstore.types import Artifact, Dataset, OptimizationContext, RecipeStep
 
+#: What ``RecipeStep.data`` records when a step was given no data (the strategy's default).
+NO_DATA = "none"
+
+
+def data_key(data: Dataset | None) -> str:
+    """What a step's data is recorded as: its digest, or :data:`NO_DATA`."""
+    return (data.digest if data else None) or NO_DATA
+
+
+def made_same_way(
+    artifact: Artifact, parent: str, strategy: str, options: dict[str, Any], data: str
+) -> bool:
+    """Whether ``artifact`` was made from ``parent`` by ``strategy`` with these (unstructured)
+    options and data (:func:`data_key`). A manifest from before gptstore recorded the data
+    never matches."""
+    step = artifact.manifest.step
+    return (
+        artifact.manifest.parent == parent
+        and step is not None
+        and step.strategy == strategy
+        and step.options == options
+        and step.data == data
+    )
+
 
 def made_like(
-    store: ArtifactStore,
-    parent: str,
-    strategy: str,
-    options: dict[str, Any],
-    data_digest: str | None,
+    store: ArtifactStore, parent: str, strategy: str, options: dict[str, Any], data: str
 ) -> Artifact | None:
-    """An artifact already made from ``parent`` by ``strategy`` with these (unstructured)
-    options and data, oldest first; None when there is none."""
+    """The oldest artifact made from ``parent`` as :func:`made_same_way` says; None when the
+    store holds none."""
     for child in store.children().get(parent, []):
-        step = child.manifest.step
-        if (
-            step is not None
-            and step.strategy == strategy
-            and step.options == options
-            and step.data == data_digest
-        ):
+        if made_same_way(child, parent, strategy, options, data):
             return child
     return None
 
@@ -56,20 +70,14 @@ def optimize(
     structured = structure_options(record, options, where="$.options")
     plain = unstructure(structured) if structured else {}
     parent = store.get(artifact_id)
-    data_digest = data.digest if data else None
+    made_with = data_key(data)
     if new_id is not None:
         existing = store.find(check_artifact_id(new_id))
         if existing is not None:
-            step = existing.manifest.step
-            if (
-                existing.manifest.parent != parent.id
-                or step is None
-                or step.strategy != record.name
-                or step.options != plain
-                or step.data != data_digest
-            ):
+            if not made_same_way(existing, parent.id, record.name, plain, made_with):
                 raise GptstoreError(
-                    f"artifact {new_id} exists and was made otherwise; choose another id"
+                    f"artifact {new_id} exists and was made otherwise (another parent, strategy, "
+                    "options or data); choose another id"
                 )
             return existing
     staging = store.staging_dir()
@@ -90,7 +98,7 @@ def optimize(
                 "parent; use gptstore.artifacts.derive_manifest"
             )
         step = result.manifest.step or RecipeStep(record.name, plain)
-        manifest = evolve(result.manifest, step=evolve(step, data=data_digest))
+        manifest = evolve(result.manifest, step=evolve(step, data=made_with))
         if new_id:
             manifest = evolve(manifest, id=new_id)
         return store.commit(staging, manifest)
