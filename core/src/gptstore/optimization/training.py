@@ -1,24 +1,31 @@
 """What strategies that train with peft share: the data packed into token blocks (the user's,
 else the built-in corpus's training part), a seeded held-out split, perplexity on blocks, a plain
 AdamW loop with warmup and cosine decay that reports progress (loss and ETA) and honours
-cancellation, and the figures a training step records. ``gptstore-lora`` and
-``gptstore-prompt-tuning`` use them through :mod:`gptstore.plugin`.
+cancellation, and the figures a training step records; :func:`train_adapter` does all of it
+around a strategy's own method (LoRA, prompt tuning...), which only wraps the model.
+``gptstore-lora`` and ``gptstore-prompt-tuning`` use them through :mod:`gptstore.plugin`.
 
 torch is imported when these run (the strategies' dependency, not the core's).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from attrs import field, frozen
+
+from gptstore.artifacts import derive_manifest
+from gptstore.converter import at_least, in_range, unstructure
 from gptstore.errors import InvalidInput
-from gptstore.optimization.data import default_dataset, split
-from gptstore.optimization.models import chat_renderer, packed_ids
-from gptstore.types import OptimizationContext
+from gptstore.optimization.data import DEFAULT_CORPUS, default_dataset, split
+from gptstore.optimization.models import chat_renderer, load_causal_lm, packed_ids
+from gptstore.types import Artifact, OptimizationContext
 
 #: The loss of every step, written next to the weights a training step saves.
 LOG_FILE = "training_log.json"
@@ -176,3 +183,104 @@ def training_metrics(
     if heldout_perplexity is not None:
         metrics["heldout_perplexity"] = heldout_perplexity
     return metrics
+
+
+@frozen(kw_only=True)
+class TrainingOptions:
+    """The options every peft training strategy takes; a strategy's own options subclass this
+    and add its method's and a ``learning_rate``.
+
+    :param max_steps: optimizer steps (unless ``epochs`` is set: that many passes over the
+        training blocks).
+    :param eval_fraction: share of the blocks held out to measure perplexity before and after.
+    :param threads: torch's intra-op threads (default: all cores).
+    """
+
+    max_steps: int = field(default=100, validator=in_range(1, 10**7))
+    epochs: float | None = field(default=None, validator=in_range(0, 1e4, open_low=True))
+    batch_size: int = field(default=4, validator=in_range(1, 4096))
+    seq_len: int = field(default=256, validator=in_range(8, 1 << 20))
+    warmup_steps: int = field(default=10, validator=at_least(0))
+    seed: int = 0
+    eval_fraction: float = field(default=0.1, validator=in_range(0, 0.9))
+    threads: int | None = field(default=None, validator=at_least(1))
+
+
+def train_adapter(
+    artifact: Artifact,
+    context: OptimizationContext,
+    options: TrainingOptions,
+    *,
+    strategy: str,
+    learning_rate: float,
+    wrap: Callable[[Any, Any], Any],
+    check: Callable[[Any, Any], None] | None = None,
+    merge: bool = False,
+) -> Artifact:
+    """Train a peft method on ``artifact`` and save the result into ``context.output_dir``.
+
+    Loads the model (safetensors, no remote code), runs ``check(model, tokenizer)`` (refuse
+    options the model cannot take), packs the data into blocks and holds some out, measures
+    their perplexity, lets ``wrap(model, tokenizer)`` return the peft model (the method), trains
+    it with :func:`train_steps`, measures again, and saves the adapter (kind ``adapter``) or,
+    with ``merge``, the merged model (kind ``hf``), with the tokenizer, the loss log, the
+    parent's README and a manifest of the figures :func:`training_metrics` lists."""
+    import torch
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)
+    started = time.perf_counter()
+    context.progress(0.0, "loading the model")
+    model, tokenizer = load_causal_lm(artifact, strategy)
+    if check is not None:
+        check(model, tokenizer)
+    blocks = token_blocks(tokenizer, training_texts(context, tokenizer), options.seq_len)
+    heldout, train = heldout_split(blocks, options.eval_fraction, options.seed)
+    held = len(heldout)
+    context.check_cancelled()
+    context.progress(0.02, "measuring held-out perplexity before training")
+    before = block_perplexity(model, heldout, options.batch_size) if held else None
+    model = wrap(model, tokenizer)
+    context.check_cancelled()
+    losses = train_steps(
+        model,
+        train,
+        steps=step_count(options.max_steps, options.epochs, len(train), options.batch_size),
+        batch_size=options.batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=options.warmup_steps,
+        seed=options.seed,
+        context=context,
+    )
+    context.progress(0.92, "measuring held-out perplexity after training")
+    after = block_perplexity(model, heldout, options.batch_size) if held else None
+    metrics_after = training_metrics(
+        model,
+        losses,
+        started=started,
+        train_blocks=len(train),
+        heldout_blocks=held,
+        heldout_perplexity=after,
+    )
+    out = context.output_dir
+    if merge:
+        context.progress(0.95, "merging the adapter into the weights")
+        model.merge_and_unload().save_pretrained(out, safe_serialization=True)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / LOG_FILE).write_text(json.dumps({"loss": losses, "steps": len(losses)}, indent=1))
+    copy_readme(artifact.path, out)
+    context.progress(1.0, "done")
+    manifest = derive_manifest(
+        artifact,
+        out,
+        strategy=strategy,
+        options=unstructure(options),
+        kind="hf" if merge else "adapter",
+        data_digest=context.data.digest or f"default:{DEFAULT_CORPUS}",
+        metrics_before={"heldout_perplexity": before} if before is not None else {},
+        metrics_after=metrics_after,
+    )
+    return Artifact(out, manifest)
