@@ -360,3 +360,12 @@ class TestPruneLayersContract(OptimizerContract):
     @pytest.fixture
     def parent(self, tmp_path, gqa_model):
         return _store(tmp_path, gqa_model).get("base")
+
+
+def test_pip_install_adds_the_strategies():
+    from gptstore.testing import run_cli
+
+    listed = json.loads(run_cli("plugins", "--json").stdout)
+    [prune] = [p for p in listed if p["distribution"] == "gptstore-prune"]
+    assert prune["status"] == "loaded"
+    assert prune["provides"] == ["optimization strategy: prune-mlp, prune-heads, prune-layers"]
