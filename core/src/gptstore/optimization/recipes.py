@@ -181,12 +181,7 @@ def load_recipe(manager: PluginManager, path: Path) -> LoadedRecipe:
         raise InvalidInput(str(path), [f"not valid TOML: {exc}"]) from None
     recipe = structure(raw, Recipe, what=str(path))
     if not recipe.name:
-        recipe = Recipe(
-            name=path.stem,
-            description=recipe.description,
-            eval_data=recipe.eval_data,
-            steps=recipe.steps,
-        )
+        recipe = evolve(recipe, name=path.stem)
     datasets: list[Dataset | None] = []
     for index, step in enumerate(recipe.steps):
         where = f"{path}: steps[{index}]"
