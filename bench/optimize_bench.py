@@ -130,36 +130,23 @@ class Bench:
         }
 
 
-def lora_row(bench: Bench, steps: int, dora: bool = False) -> dict[str, Any]:
-    options = {**LORA, "max_steps": steps, **({"use_dora": True} if dora else {})}
-    adapter, seconds = bench.step("smollm2", "lora", options)
-    after = adapter.manifest.metrics_after
+def training_row(bench: Bench, strategy: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A training strategy on SmolLM2: its trainable share, wall time, its own held-out block
+    perplexity, and domain and generic perplexity before and after."""
+    adapter, seconds = bench.step("smollm2", strategy, options)
+    manifest = adapter.manifest
     base = bench.both("smollm2")
     tuned = bench.both(adapter.id)
     return {
         "artifact": adapter.id,
-        "steps": steps,
-        "trainable_share": after["trainable_share"],
-        "wall_s": after["wall_time_s"],
+        "steps": options["max_steps"],
+        "trainable_share": manifest.metrics_after["trainable_share"],
+        "wall_s": manifest.metrics_after["wall_time_s"],
         "made_now_s": seconds,
-        "base": base,
-        "after": tuned,
-        "drop": {w: 1 - tuned[w] / base[w] for w in base},
-    }
-
-
-def prompt_row(bench: Bench, steps: int) -> dict[str, Any]:
-    options = {"num_virtual_tokens": 20, "max_steps": steps, "warmup_steps": 6}
-    adapter, seconds = bench.step("smollm2", "prompt-tuning", options)
-    after = adapter.manifest.metrics_after
-    base = bench.both("smollm2")
-    tuned = bench.both(adapter.id)
-    return {
-        "artifact": adapter.id,
-        "steps": steps,
-        "trainable_share": after["trainable_share"],
-        "wall_s": after["wall_time_s"],
-        "made_now_s": seconds,
+        "heldout_blocks": [
+            manifest.metrics_before.get("heldout_perplexity"),
+            manifest.metrics_after.get("heldout_perplexity"),
+        ],
         "base": base,
         "after": tuned,
         "drop": {w: 1 - tuned[w] / base[w] for w in base},
@@ -254,8 +241,9 @@ def markdown(results: dict[str, Any]) -> str:
 
     if any(name in results for name in ("lora", "dora", "prompt")):
         lines += [
-            "| method | trainable | steps | wall | domain ppl | drop | generic ppl | drop |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | trainable | steps | wall | held-out blocks | domain ppl | drop "
+            "| generic ppl | drop |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name in ("lora", "dora", "prompt"):
             if name in results:
@@ -266,6 +254,7 @@ def markdown(results: dict[str, Any]) -> str:
                     f"{r['trainable_share']:.2%}",
                     str(r["steps"]),
                     f"{r['wall_s'] / 60:.1f} min",
+                    _pair(*r["heldout_blocks"]) if r.get("heldout_blocks") else "-",
                     _pair(base["domain"], after["domain"]),
                     f"{drop['domain']:.1%}",
                     _pair(base["generic"], after["generic"]),
@@ -351,9 +340,13 @@ def main() -> None:
         print(f"{row}:", flush=True)
         started = time.perf_counter()
         if row in ("lora", "dora"):
-            results[row] = lora_row(bench, args.lora_steps, dora=row == "dora")
+            dora = {"use_dora": True} if row == "dora" else {}
+            results[row] = training_row(
+                bench, "lora", {**LORA, "max_steps": args.lora_steps, **dora}
+            )
         elif row == "prompt":
-            results[row] = prompt_row(bench, args.lora_steps)
+            prompt = {"num_virtual_tokens": 20, "max_steps": args.lora_steps, "warmup_steps": 6}
+            results[row] = training_row(bench, "prompt-tuning", prompt)
         elif row == "small":
             results[row] = small_row(bench, args.rounds, args.new_tokens)
         elif row == "speed":
