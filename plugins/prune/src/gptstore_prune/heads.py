@@ -30,9 +30,9 @@ from gptstore_prune.pruning import (
     PruneOptions,
     PruneStrategy,
     decoder_layers,
+    input_norms,
     one_of,
     rounded_share,
-    run_blocks,
     sliced_linear,
 )
 
@@ -128,33 +128,22 @@ def group_importance(
 
     geometry = Geometry(model)
     layers, kv, width = geometry.layers, geometry.kv_heads, geometry.group * geometry.head_dim
-    sums = [torch.zeros(kv) for _ in layers]
     weights = [
         layer.self_attn.o_proj.weight.detach().float().reshape(-1, kv, width) for layer in layers
     ]
 
-    def hook(index: int) -> Any:
-        def record(_module: Any, inputs: tuple[Any, ...]) -> None:
-            x = inputs[0].detach().float().reshape(-1, kv, width)  # [tokens, group, its heads]
-            if importance == "output":  # each group's addition to the residual stream
-                x = torch.einsum("tkd,hkd->tkh", x, weights[index])
-            sums[index] += x.pow(2).sum(dim=(0, 2))
+    def squares(index: int, x: Any) -> Any:
+        x = x.reshape(-1, kv, width)  # [tokens, group, its heads]
+        if importance == "output":  # each group's addition to the residual stream
+            x = torch.einsum("tkd,hkd->tkh", x, weights[index])
+        return x.pow(2).sum(dim=(0, 2))
 
-        return record
-
-    handles = [
-        layer.self_attn.o_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)
-    ]
-    try:
-        run_blocks(model, blocks, context)
-    finally:
-        for handle in handles:
-            handle.remove()
+    norms = input_norms(
+        model, [layer.self_attn.o_proj for layer in layers], blocks, context, squares
+    )
     if importance == "output":
-        return [total.sqrt() for total in sums]
-    return [
-        total.sqrt() * weight.norm(dim=(0, 2)) for total, weight in zip(sums, weights, strict=True)
-    ]
+        return norms
+    return [norm * weight.norm(dim=(0, 2)) for norm, weight in zip(norms, weights, strict=True)]
 
 
 def prune_groups(model: Any, keep: list[list[int]]) -> None:

@@ -22,7 +22,7 @@ from gptstore_prune.pruning import (
     PruneOptions,
     PruneStrategy,
     decoder_layers,
-    run_blocks,
+    input_norms,
     sliced_linear,
 )
 
@@ -45,28 +45,18 @@ def _layers(model: Any) -> list[Any]:
 
 def channel_importance(model: Any, blocks: Any, context: OptimizationContext) -> list[Any]:
     """Per layer, each MLP channel's activation norm times its down-projection column norm."""
-    import torch
 
     layers = _layers(model)
-    sums = [torch.zeros(layer.mlp.down_proj.in_features) for layer in layers]
-
-    def hook(index: int) -> Any:
-        def record(_module: Any, inputs: tuple[Any, ...]) -> None:
-            sums[index] += inputs[0].detach().float().pow(2).sum(dim=(0, 1))
-
-        return record
-
-    handles = [
-        layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)
-    ]
-    try:
-        run_blocks(model, blocks, context)
-    finally:
-        for handle in handles:
-            handle.remove()
+    norms = input_norms(
+        model,
+        [layer.mlp.down_proj for layer in layers],
+        blocks,
+        context,
+        lambda _index, x: x.pow(2).sum(dim=(0, 1)),
+    )
     return [
-        total.sqrt() * layer.mlp.down_proj.weight.detach().float().norm(dim=0)
-        for total, layer in zip(sums, layers, strict=True)
+        norm * layer.mlp.down_proj.weight.detach().float().norm(dim=0)
+        for norm, layer in zip(norms, layers, strict=True)
     ]
 
 

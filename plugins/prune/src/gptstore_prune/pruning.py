@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from attrs import field, frozen
@@ -101,6 +101,33 @@ def run_blocks(model: Any, blocks: Any, context: OptimizationContext) -> None:
         for block in blocks:
             context.check_cancelled()
             model(input_ids=block[None])
+
+
+def input_norms(
+    model: Any,
+    modules: Sequence[Any],
+    blocks: Any,
+    context: OptimizationContext,
+    squares: Callable[[int, Any], Any],
+) -> list[Any]:
+    """Per module, the L2 norm over the calibration blocks of what it takes in:
+    ``squares(index, x)`` sums the squares of the input ``x`` of ``modules[index]`` (in float32)
+    into the shape the caller scores (per channel, per head group)."""
+    totals: list[Any] = [0.0] * len(modules)
+
+    def hook(index: int) -> Any:
+        def record(_module: Any, inputs: tuple[Any, ...]) -> None:
+            totals[index] = totals[index] + squares(index, inputs[0].detach().float())
+
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(i)) for i, module in enumerate(modules)]
+    try:
+        run_blocks(model, blocks, context)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [total.sqrt() for total in totals]
 
 
 def decoder_layers(model: Any, strategy: str, modules: Mapping[str, Sequence[str]]) -> list[Any]:
