@@ -6,7 +6,7 @@ import pytest
 
 from gptstore.errors import InvalidInput
 from gptstore.records import ServingBackend
-from gptstore.testing.contracts import BackendContract
+from gptstore.testing.contracts import BackendContract, ContinuousBatchingContract
 from gptstore.types import Artifact, ChatMessage, GenerationRequest, Manifest
 from gptstore_torch import plugin
 from gptstore_torch.runner import TorchBackend, TorchOptions
@@ -348,3 +348,27 @@ def test_eval_measures_on_this_host_and_records_it(tmp_path, tiny_model):
     manifest = store.get("tiny").manifest
     assert len(manifest.measured) == 4  # the second run replaced the first
     assert manifest.files == hash_files(store.get("tiny").path)  # the files are untouched
+
+
+class TestTorchContinuousBatching(ContinuousBatchingContract):
+    @pytest.fixture
+    def runner(self, runner):  # the module's loaded runner
+        return runner
+
+
+class TestPromptTuningContinuousBatching(ContinuousBatchingContract):
+    """A prompt-tuning adapter's virtual tokens stay at the front of every row's cache as rows
+    join (padding goes after them) and leave (trimmed padding is cut after them)."""
+
+    @pytest.fixture
+    def runner(self, prompt_tuned):
+        return prompt_tuned
+
+
+@pytest.fixture(scope="module")
+def prompt_tuned(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("prompt-tuning")
+    _base, adapter = _committed_adapter(folder, tiny_model, _prompt_tuning(tiny_model), scale=3.0)
+    runner = TorchBackend().load(adapter)
+    yield runner
+    runner.close()

@@ -11,7 +11,11 @@ from gptstore.errors import GptstoreError
 from gptstore.optimization.gates import GateFailed
 from gptstore.optimization.run import optimize
 from gptstore.records import ServingBackend
-from gptstore.testing.contracts import BackendContract, OptimizerContract
+from gptstore.testing.contracts import (
+    BackendContract,
+    ContinuousBatchingContract,
+    OptimizerContract,
+)
 from gptstore.types import GenerationRequest, Manifest
 from gptstore_onnx.quantize import OnnxQuantize, QuantizeOptions
 from gptstore_onnx.runner import OrtBackend, OrtOptions
@@ -278,3 +282,24 @@ class TestOnnxQuantizeContract(OptimizerContract):
     @pytest.fixture
     def parent(self, exported):
         return exported[3]
+
+
+class TestOnnxContinuousBatching(ContinuousBatchingContract):
+    @pytest.fixture
+    def runner(self, exported):
+        _manager, _store, _base, onnx, _ = exported
+        runner = OrtBackend(OrtOptions()).load(onnx)
+        yield runner
+        runner.close()
+
+
+class TestOnnxIOBindingContinuousBatching(ContinuousBatchingContract):
+    """With IOBinding the cache is OrtValues between steps; joins and leaves go through the
+    host."""
+
+    @pytest.fixture
+    def runner(self, exported):
+        _manager, _store, _base, onnx, _ = exported
+        runner = OrtBackend(OrtOptions(io_binding=True)).load(onnx)
+        yield runner
+        runner.close()

@@ -14,6 +14,7 @@ then those of peft's own generate and forward for each prompt, batched or not.""
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,12 +162,72 @@ class TorchRunner(DecodingRunner):
     def _forward_all(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
         return self._model(ids, mask, positions, past, last=False)
 
+    @property
+    def continuous(self) -> bool:
+        # A sliding-window layer's cache is not one row of positions per token: not joined.
+        sliding = "sliding_attention" in (getattr(self.model.config, "layer_types", None) or ())
+        return super().continuous and not sliding
+
+    def _cache_select(self, state: Any, rows: Sequence[int], drop: int) -> Any:
+        import torch
+        from transformers import DynamicCache
+
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        keep = self.virtual_tokens  # a prompt-tuning adapter's virtual tokens stay in front
+
+        def cut(x: Any) -> Any:
+            x = x.index_select(0, index)
+            if not drop:
+                return x
+            return torch.cat([x[:, :, :keep], x[:, :, keep + drop :]], dim=2)
+
+        return DynamicCache([(cut(k), cut(v)) for k, v in _cache_layers(state)])
+
+    def _cache_join(self, first: Any, first_pad: int, second: Any, second_pad: int) -> Any:
+        import torch
+        from transformers import DynamicCache
+
+        keep = self.virtual_tokens
+
+        def pad(x: Any, count: int) -> Any:
+            if not count:
+                return x
+            zeros = x.new_zeros((*x.shape[:2], count, x.shape[3]))
+            return torch.cat([x[:, :, :keep], zeros, x[:, :, keep:]], dim=2)
+
+        return DynamicCache(
+            [
+                (
+                    torch.cat([pad(k1, first_pad), pad(k2, second_pad)]),
+                    torch.cat([pad(v1, first_pad), pad(v2, second_pad)]),
+                )
+                for (k1, v1), (k2, v2) in zip(
+                    _cache_layers(first), _cache_layers(second), strict=True
+                )
+            ]
+        )
+
+    def kv_bytes_per_token(self) -> int | None:
+        config = self.model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        itemsize = self.dtype.itemsize if hasattr(self.dtype, "itemsize") else 4
+        return int(2 * config.num_hidden_layers * heads * size * itemsize)
+
     def _describe(self) -> str:
         return f"torch {self.device.type} {str(self.dtype).removeprefix('torch.')}"
 
     def _release(self) -> None:
         del self.model
         gc.collect()
+
+
+def _cache_layers(cache: Any) -> list[tuple[Any, Any]]:
+    """A DynamicCache's (keys, values) per layer, each [batch, heads, positions, size]."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return [(k, v) for k, v in cache]  # older transformers: a sequence of (keys, values)
 
 
 #: The prompt-learning adapters whose virtual tokens are embeddings put before the input (peft's

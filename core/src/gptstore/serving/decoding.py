@@ -100,6 +100,10 @@ class Decoder:
         )
         return prompt
 
+    def token_ids(self, prompt: str) -> list[int]:
+        """A prompt's token ids, as :meth:`encode` gives them in a batch (without padding)."""
+        return [int(t) for t in self.tokenizer(prompt)["input_ids"]]
+
     def encode(self, prompts: Sequence[str]) -> tuple[Any, Any, list[int]]:
         """Left-padded int64 ids and attention mask, and each prompt's token count."""
         import numpy as np
@@ -134,7 +138,7 @@ class Decoder:
                     continue
                 token = pick(logits[index], row.request, row.rng)
                 chosen.append(token)
-                self._advance(row, token, logits[index])
+                self.advance(row, token, logits[index])
             yield rows
             if all(row.finish is not None for row in rows):
                 return
@@ -142,7 +146,9 @@ class Decoder:
             mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
             positions = positions[:, -1:] + 1
 
-    def _advance(self, row: Row, token: int, logits: Any) -> None:
+    def advance(self, row: Row, token: int, logits: Any) -> None:
+        """Add ``token`` (picked from ``logits``) to ``row``: its log-probabilities, its text, and
+        whether it is done (end of sequence, a stop sequence, max_tokens)."""
         request = row.request
         if request.logprobs is not None:
             logprobs = log_softmax(logits)
@@ -214,21 +220,26 @@ class Decoder:
             if row.finish is not None:
                 yield StreamChunk(row.text[len(sent) :], row.finish, last)
                 return
-            # Hold back an incomplete character and anything that may start a stop sequence.
-            safe = row.text.rstrip("\ufffd")
-            hold = max(
-                (
-                    n
-                    for s in request.stop
-                    for n in range(min(len(s) - 1, len(safe)), 0, -1)
-                    if safe.endswith(s[:n])
-                ),
-                default=0,
-            )
-            safe = safe[: len(safe) - hold]
+            safe = visible_text(row)
             if len(safe) > len(sent):
                 yield StreamChunk(safe[len(sent) :], None, last)
                 sent = safe
+
+
+def visible_text(row: Row) -> str:
+    """What of an unfinished row's text a stream may show: not an incomplete character at the
+    end, nor the start of a stop sequence that the next tokens may complete (and remove)."""
+    safe = row.text.rstrip("\ufffd")
+    hold = max(
+        (
+            n
+            for s in row.request.stop
+            for n in range(min(len(s) - 1, len(safe)), 0, -1)
+            if safe.endswith(s[:n])
+        ),
+        default=0,
+    )
+    return safe[: len(safe) - hold]
 
 
 class DecodingRunner:
@@ -258,6 +269,48 @@ class DecodingRunner:
 
     def _describe(self) -> str:
         raise NotImplementedError
+
+    def _cache_select(self, state: Any, rows: Sequence[int], drop: int) -> Any:
+        """Continuous batching: the cache of ``rows`` only (indexes into the batch, in that
+        order), without its first ``drop`` positions (padding that every kept row has)."""
+        raise NotImplementedError
+
+    def _cache_join(self, first: Any, first_pad: int, second: Any, second_pad: int) -> Any:
+        """Continuous batching: one cache holding the rows of ``first`` then those of
+        ``second``, each left-padded by its ``*_pad`` positions (which the mask hides)."""
+        raise NotImplementedError
+
+    def kv_bytes_per_token(self) -> int | None:
+        """Bytes of KV cache one token of one row takes (None: unknown); the continuous
+        batcher keeps its running batch under the deployment's KV budget with it."""
+        return None
+
+    @property
+    def continuous(self) -> bool:
+        """Whether this runner's cache can take rows joining and leaving a running batch
+        (it implements ``_cache_select`` and ``_cache_join``)."""
+        cls = type(self)
+        return (
+            cls._cache_select is not DecodingRunner._cache_select
+            and cls._cache_join is not DecodingRunner._cache_join
+        )
+
+    def forward_step(self, ids: Any, mask: Any, positions: Any, state: Any) -> tuple[Any, Any]:
+        """One decode step (the last position's logits and the new cache), for a batcher that
+        runs the loop itself; refuses once the runner is closed."""
+        with self._lock:
+            self._check_open()
+            return self._step(ids, mask, positions, state)
+
+    def cache_select(self, state: Any, rows: Sequence[int], drop: int) -> Any:
+        with self._lock:
+            self._check_open()
+            return self._cache_select(state, rows, drop)
+
+    def cache_join(self, first: Any, first_pad: int, second: Any, second_pad: int) -> Any:
+        with self._lock:
+            self._check_open()
+            return self._cache_join(first, first_pad, second, second_pad)
 
     def _release(self) -> None:
         raise NotImplementedError

@@ -218,3 +218,147 @@ class BackendContract:
             return  # a model without a chat template says so
         assert isinstance(prompt, str)
         assert "Hi" in prompt
+
+
+class ContinuousBatchingContract:
+    """A runner of the shared decode loop whose cache supports continuous batching (its
+    ``_cache_select`` and ``_cache_join``): rows that join a running batch, leave it, or are
+    bounded by ``max_batch`` or the KV budget decode what they decode alone. Fixture:
+    ``runner`` (a :class:`~gptstore.serving.decoding.DecodingRunner`)."""
+
+    prompts = ("Hello world", "The quick brown fox jumps over the", "a", "Once upon a time")
+
+    @staticmethod
+    def _alone(runner: Any, request: GenerationRequest) -> Generation:
+        [answer] = runner.generate([request])
+        return answer  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _batcher(runner: Any, **options: Any) -> Any:
+        from gptstore.serving.continuous import ContinuousBatcher
+
+        settings = {"max_batch": 8, "max_queue": 64, **options}
+        return ContinuousBatcher(runner, "contract", **settings)
+
+    def _longest(self, runner: Any, max_tokens: int) -> GenerationRequest:
+        requests = [GenerationRequest(prompt=p, max_tokens=max_tokens) for p in self.prompts]
+        answers = runner.generate(requests)
+        best = max(range(len(requests)), key=lambda i: answers[i].completion_tokens)
+        if answers[best].completion_tokens < 6:
+            pytest.skip("no prompt decodes 6 tokens before its end of sequence")
+        return requests[best]
+
+    def test_it_supports_continuous_batching(self, runner: Any) -> None:
+        assert runner.continuous
+        per_token = runner.kv_bytes_per_token()
+        assert per_token is None or per_token > 0
+
+    def test_rows_joining_a_running_batch_decode_as_alone(self, runner: Any) -> None:
+        import asyncio
+
+        first = self._longest(runner, 24)
+        later = [
+            GenerationRequest(prompt=self.prompts[0], max_tokens=12),
+            GenerationRequest(prompt=self.prompts[1], max_tokens=16, temperature=0.8, seed=7),
+            GenerationRequest(prompt=self.prompts[2], max_tokens=8, logprobs=2),
+            GenerationRequest(prompt=self.prompts[3], max_tokens=10, stop=("e",)),
+        ]
+        batcher = self._batcher(runner)
+
+        async def scenario() -> tuple[str, list[Generation]]:
+            streamed, joined = [], None
+            async for _index, chunk in batcher.stream([first]):
+                streamed.append(chunk.text)
+                if joined is None:  # the first row runs: the others join it
+                    joined = asyncio.ensure_future(
+                        asyncio.gather(*(batcher.generate([r]) for r in later))
+                    )
+            assert joined is not None
+            return "".join(streamed), [g for [g] in await joined]
+
+        try:
+            text, answers = asyncio.run(scenario())
+        finally:
+            batcher.close()
+        assert text == self._alone(runner, first).text
+        for request, answer in zip(later, answers, strict=True):
+            alone = self._alone(runner, request)
+            assert (answer.text, answer.finish_reason) == (alone.text, alone.finish_reason)
+            assert answer.completion_tokens == alone.completion_tokens
+            if request.logprobs is not None:
+                assert answer.logprobs is not None
+                assert alone.logprobs is not None
+                assert [t.token for t in answer.logprobs] == [t.token for t in alone.logprobs]
+                for got, want in zip(answer.logprobs, alone.logprobs, strict=True):
+                    assert math.isclose(got.logprob, want.logprob, abs_tol=1e-3)
+        assert batcher.stats.largest >= 2  # they did run together
+
+    def test_max_batch_bounds_the_running_rows(self, runner: Any) -> None:
+        import asyncio
+
+        requests = [
+            GenerationRequest(prompt=p, max_tokens=n)
+            for p, n in zip(self.prompts, (3, 9, 5, 7), strict=True)
+        ]
+        batcher = self._batcher(runner, max_batch=2)
+
+        async def scenario() -> list[Generation]:
+            answers = await asyncio.gather(*(batcher.generate([r]) for r in requests))
+            return [g for [g] in answers]
+
+        try:
+            answers = asyncio.run(scenario())
+        finally:
+            batcher.close()
+        assert [a.text for a in answers] == [self._alone(runner, r).text for r in requests]
+        assert batcher.stats.largest == 2
+
+    def test_a_stream_whose_client_left_leaves_the_batch(self, runner: Any) -> None:
+        import asyncio
+
+        batcher = self._batcher(runner)
+        gone = self._longest(runner, 64)
+
+        async def scenario() -> Generation:
+            chunks = batcher.stream([gone])
+            await chunks.__anext__()
+            await chunks.aclose()  # the client disconnects after its first chunk
+            [answer] = await batcher.generate([GenerationRequest(prompt="a", max_tokens=8)])
+            return answer
+
+        try:
+            answer = asyncio.run(scenario())
+        finally:
+            batcher.close()
+        assert answer.text == self._alone(runner, GenerationRequest(prompt="a", max_tokens=8)).text
+        stats = batcher.stats
+        # One row per step, but for at most a step or two while the disconnect was noticed.
+        assert stats.rows - stats.batches <= 2
+
+    def test_the_kv_budget_bounds_the_batch_and_refuses_what_never_fits(self, runner: Any) -> None:
+        import asyncio
+
+        per_token = runner.kv_bytes_per_token()
+        if per_token is None:
+            pytest.skip("the runner does not say how much cache a token takes")
+        requests = [GenerationRequest(prompt=self.prompts[1], max_tokens=6) for _ in range(4)]
+        reserved = runner.count_tokens(self.prompts[1]) + 6
+        batcher = self._batcher(runner, kv_budget=2 * reserved * per_token)
+
+        async def scenario() -> list[Generation]:
+            answers = await asyncio.gather(*(batcher.generate([r]) for r in requests))
+            return [g for [g] in answers]
+
+        async def too_large() -> None:
+            await batcher.generate(
+                [GenerationRequest(prompt=self.prompts[1], max_tokens=3 * reserved)]
+            )
+
+        try:
+            answers = asyncio.run(scenario())
+            with pytest.raises(GptstoreError, match="KV cache"):
+                asyncio.run(too_large())
+        finally:
+            batcher.close()
+        assert batcher.stats.largest == 2
+        assert {a.text for a in answers} == {self._alone(runner, requests[0]).text}

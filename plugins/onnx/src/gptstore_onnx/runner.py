@@ -161,9 +161,43 @@ class OrtRunner(DecodingRunner):
     def _forward_all(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
         return self.forward(ids, mask, positions, past)
 
+    def _cache_select(self, state: Any, rows: Sequence[int], drop: int) -> Any:
+        import numpy as np
+
+        index = np.asarray(rows, dtype=np.int64)
+        return [np.ascontiguousarray(x[index, :, drop:]) for x in _host(state)]
+
+    def _cache_join(self, first: Any, first_pad: int, second: Any, second_pad: int) -> Any:
+        import numpy as np
+
+        return [
+            np.concatenate([_left_pad(a, first_pad), _left_pad(b, second_pad)])
+            for a, b in zip(_host(first), _host(second), strict=True)
+        ]
+
+    def kv_bytes_per_token(self) -> int | None:
+        if self.kv_shape is None:
+            return None
+        heads, size = self.kv_shape
+        return len(self.past_names) * heads * size * (2 if self.kv_dtype == "float16" else 4)
+
     def _describe(self) -> str:
         binding = " (IOBinding)" if self.io_binding else ""
         return "onnxruntime " + ", ".join(self.session.get_providers()) + binding
 
     def _release(self) -> None:
         del self.session
+
+
+def _host(state: Sequence[Any]) -> list[Any]:
+    """The cache as numpy arrays [batch, heads, positions, size] (an IOBinding's OrtValues are
+    copied to the host: rows join and leave far less often than tokens are decoded)."""
+    import numpy as np
+
+    return [x if isinstance(x, np.ndarray) else x.numpy() for x in state]
+
+
+def _left_pad(x: Any, count: int) -> Any:
+    import numpy as np
+
+    return np.pad(x, ((0, 0), (0, 0), (count, 0), (0, 0))) if count else x
