@@ -86,7 +86,7 @@ def test_the_example_server_config_is_accepted():
     path = REPO / "docs" / "examples" / "serve.toml"
     checked = server_config(Store(REPO / ".no-such-home"), path)
     settings, specs = checked.settings, checked.deployments
-    assert settings.roles["sk-demo"] == "user"
+    assert settings.role_of(b"sk-demo") == "user"
     assert (specs["smollm2"].artifact, specs["smollm2"].backend) == ("smollm2-onnx", "onnx")
 
 

@@ -1,5 +1,6 @@
 """API keys: routes say ``opt={"role": "user" | "admin" | None}``; keys come from
-``Authorization: Bearer KEY``."""
+``Authorization: Bearer KEY`` and are recognised by their sha256 alone
+(:meth:`~gptstore.server.settings.ServerSettings.role_of`)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ async def require_role(
         return
     settings: ServerSettings = connection.app.state.settings
     header = next((v for k, v in connection.scope["headers"] if k == b"authorization"), b"")
-    key = header[7:].strip().decode("latin-1") if header[:7].lower() == b"bearer " else ""
+    key = header[7:].strip() if header[:7].lower() == b"bearer " else b""
     if not key:
         if needed == "user" and settings.anonymous_inference:
             return
         raise NotAuthorizedException("missing API key: send 'Authorization: Bearer <key>'")
-    role = settings.roles.get(key)
+    role = settings.role_of(key)  # one sha256, compared in constant time with every key's
     if role is None:
         raise NotAuthorizedException("invalid API key")
     if needed == "admin" and role != "admin":

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from functools import cached_property
+import hashlib
+import hmac
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,7 +13,7 @@ from attrs import field, frozen
 
 from gptstore.artifacts import ArtifactStore
 from gptstore.config import Store, read_toml
-from gptstore.converter import structure
+from gptstore.converter import FieldProblem, structure
 from gptstore.errors import GptstoreError, InvalidInput
 from gptstore.manager import PluginManager
 from gptstore.serving.deployments import DeploymentSpec, Plan, check_name, plan
@@ -20,34 +22,123 @@ from gptstore.serving.deployments import DeploymentSpec, Plan, check_name, plan
 SERVER_CONFIG_ENV = "GPTSTORE_SERVER_CONFIG"
 
 
-def _check_key(_instance: Any, _attribute: Any, key: str) -> None:
+#: How a hashed key is written: ``key = "sha256:<64 hex digits>"``.
+HASH_PREFIX = "sha256:"
+_HEX = frozenset("0123456789abcdef")
+
+
+def key_problem(key: str) -> str:
+    """Why ``key`` cannot be an API key ("" when it can): keys travel in
+    ``Authorization: Bearer KEY``, so they are printable ASCII without spaces."""
     if not key or not key.isascii() or not key.isprintable() or " " in key:
-        raise ValueError(
+        return (
             "an API key must be non-empty printable ASCII without spaces (it travels in "
             "'Authorization: Bearer KEY')"
+        )
+    return ""
+
+
+def hash_key(key: str) -> str:
+    """``sha256:<hex>`` of ``key``: what config.toml may hold instead of the key itself."""
+    return HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _digest(value: str, field_name: str, source: str) -> tuple[str, bytes]:
+    """The sha256 digest a configured key stands for, and the value as kept: a
+    ``sha256:<hex>`` value is a digest already (its hex is kept lowercase), a plain key is
+    hashed here. ``source`` says where the value came from, for messages (never the value
+    itself: it may be a secret)."""
+    if value[: len(HASH_PREFIX)].lower() == HASH_PREFIX:
+        hex_digest = value[len(HASH_PREFIX) :].lower()
+        if len(hex_digest) != 64 or not set(hex_digest) <= _HEX:
+            raise FieldProblem(
+                field_name,
+                f"{source} starts with {HASH_PREFIX!r} but is not followed by 64 hex digits; "
+                "write sha256:<hex of the sha256 of the key>, as `gptstore key hash` prints it",
+            )
+        return HASH_PREFIX + hex_digest, bytes.fromhex(hex_digest)
+    problem = key_problem(value)
+    if problem:
+        raise FieldProblem(field_name, problem if field_name == "key" else f"{source}: {problem}")
+    return value, hashlib.sha256(value.encode()).digest()
+
+
+def _check_env(_instance: Any, attribute: Any, name: str | None) -> None:
+    if name is not None and (not name or "=" in name or "\x00" in name):
+        raise FieldProblem(
+            attribute.name, "env must name an environment variable, e.g. GPTSTORE_API_KEY"
         )
 
 
 @frozen
 class ApiKey:
-    """A key and what it may do: ``admin`` changes state, ``user`` only runs inference."""
+    """A key and what it may do: ``admin`` changes state, ``user`` only runs inference.
 
-    key: str = field(validator=_check_key)
+    The key is given by exactly one of ``key`` (the key itself, or ``sha256:<hex>``: its hash,
+    so that config.toml holds no secret) and ``env`` (the name of an environment variable that
+    holds either; read when the config is checked, before the server listens). A presented key
+    is recognised by its sha256 ``digest`` alone."""
+
+    key: str | None = field(default=None, repr=False)
+    env: str | None = field(default=None, validator=_check_env)
     role: Literal["admin", "user"] = "user"
+    #: sha256 of the key: what a presented key's sha256 is compared with.
+    digest: bytes = field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        key, env = self.key, self.env
+        if key is not None and env is None:
+            key, digest = _digest(key, "key", "the key")
+            object.__setattr__(self, "key", key)  # a hash's hex in lowercase
+        elif env is not None and key is None:
+            value = os.environ.get(env, "")
+            if not value:
+                raise FieldProblem(
+                    "env",
+                    f"environment variable {env} is not set or is empty; set it to the key "
+                    "(or to its sha256:<hex>) in the environment the server starts in",
+                )
+            _value, digest = _digest(value, "env", f"environment variable {env}")
+        else:
+            raise ValueError(
+                'give an API key as either key = "KEY" (or "sha256:<hex>": its hash, which '
+                '`gptstore key hash` prints) or env = "VARIABLE" (an environment variable '
+                "that holds it)" + (", not both" if key is not None else "")
+            )
+        object.__setattr__(self, "digest", digest)
+
+
+def _check_unique(_instance: Any, attribute: Any, keys: tuple[ApiKey, ...]) -> None:
+    first: dict[bytes, int] = {}
+    for index, key in enumerate(keys):
+        if key.digest in first:
+            raise FieldProblem(
+                attribute.name,
+                f"api_keys[{first[key.digest]}] and api_keys[{index}] are the same key; "
+                "give each key once, with its role",
+            )
+        first[key.digest] = index
 
 
 @frozen(kw_only=True)
 class ServerSettings:
     """``[server]``: API keys, whether inference needs a key, and the largest request body."""
 
-    api_keys: tuple[ApiKey, ...] = ()
+    api_keys: tuple[ApiKey, ...] = field(default=(), validator=_check_unique)
     anonymous_inference: bool = False
     max_body_bytes: int = 1_048_576
 
-    @cached_property
-    def roles(self) -> dict[str, str]:
-        """Each key's role (read by the API-key guard on every request)."""
-        return {k.key: k.role for k in self.api_keys}
+    def role_of(self, key: bytes) -> str | None:
+        """The role of a presented key (as sent, ASCII bytes), None when it is no configured
+        key. One sha256, then a constant-time comparison with every configured digest: no
+        early exit, so the time taken says nothing about which keys exist. (Read by the
+        API-key guard on every request.)"""
+        digest = hashlib.sha256(key).digest()
+        role = None
+        for configured in self.api_keys:
+            if hmac.compare_digest(configured.digest, digest):
+                role = configured.role
+        return role
 
 
 @frozen
