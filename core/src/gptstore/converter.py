@@ -109,6 +109,42 @@ def _structure_str_sequence(value: Any, type_: Any) -> Any:
     return typing.get_origin(type_)(items)
 
 
+def _is_sequence(type_: Any) -> bool:
+    """``list[X]`` or ``tuple[X, ...]``."""
+    origin = typing.get_origin(type_)
+    args = typing.get_args(type_)
+    return (origin is list and len(args) == 1) or (
+        origin is tuple and len(args) == 2 and args[1] is Ellipsis
+    )
+
+
+def _sequence_hook(converter: cattrs.Converter) -> Any:
+    def factory(type_: Any) -> Any:
+        origin, item_type = typing.get_origin(type_), typing.get_args(type_)[0]
+
+        def structure(value: Any, _type: Any) -> Any:
+            # cattrs would take any iterable: "" or {} as an empty list, a dict as its keys.
+            if not isinstance(value, list | tuple):
+                raise TypeError(f"expected a list, got {type(value).__name__}")
+            items, errors = [], []
+            for index, item in enumerate(value):
+                try:
+                    items.append(converter.structure(item, item_type))
+                except Exception as exc:  # collected with its place, as cattrs does
+                    note = cattrs.errors.IterableValidationNote(
+                        f"Structuring {type_} @ index {index}", index, item_type
+                    )
+                    exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+                    errors.append(exc)
+            if errors:
+                raise cattrs.IterableValidationError(f"While structuring {type_!r}", errors, type_)
+            return origin(items)
+
+        return structure
+
+    return factory
+
+
 def _integral(value: Any, _type: Any) -> int:
     # JSON has one number type: clients (and JavaScript) may send 4.0 for 4.
     if isinstance(value, float) and value.is_integer():
@@ -131,6 +167,8 @@ def make_converter(*, integral_floats: bool = False) -> cattrs.Converter:
     )
     converter.register_unstructure_hook(datetime, lambda v: v.isoformat())
     converter.register_structure_hook(Path, lambda v, _t: Path(v))
+    # A list must be a list: cattrs would structure any iterable into one.
+    converter.register_structure_hook_factory(_is_sequence, _sequence_hook(converter))
     # cattrs would split "a/b" into ("a", "/", "b"): a list of strings must be a list.
     converter.register_structure_hook_func(_is_str_sequence, _structure_str_sequence)
     converter.register_unstructure_hook(Path, str)
