@@ -233,10 +233,12 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, cl
     assert len(set(alone)) > 1  # answers that differ, so a mix-up would show
     assert [r.choices[0].text for r in together] == alone
     _, after = raw(server, "GET", "/store/deployments/tiny")
+    # Continuous batching counts decode steps as batches and each row's steps as rows: a row
+    # takes one step per token it decodes, and rows that shared steps make fewer steps.
     rows = after["batches"]["rows"] - before["batches"]["rows"]
-    batches = after["batches"]["batches"] - before["batches"]["batches"]
-    assert rows == 8
-    assert batches < 8  # requests that arrived while the model was busy shared a batch
+    steps = after["batches"]["batches"] - before["batches"]["batches"]
+    assert rows >= sum(r.usage.completion_tokens for r in together)
+    assert steps < rows / 2  # requests that arrived while the model was busy joined the batch
     assert after["batches"]["largest"] >= 2
 
 

@@ -69,6 +69,9 @@ def test_schemathesis_finds_no_violation(server, tmp_path):
             "--max-examples",
             "40",
             "--generation-deterministic",
+            # Creating a deployment starts its replica processes (up to max_replicas).
+            "--request-timeout",
+            "60",
             "--header",
             f"Authorization: Bearer {ADMIN}",
         ],

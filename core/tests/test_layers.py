@@ -23,6 +23,7 @@ LAYERS = (
     ("gptstore.sync", "gptstore.builtins.store"),
     ("gptstore.serving",),
     ("gptstore.optimization",),
+    ("gptstore.deploy",),
     ("gptstore.plugin",),
     ("gptstore.server", "gptstore.cli", "gptstore.config_edit"),
     ("gptstore.testing",),

@@ -93,8 +93,9 @@ def server(tmp_path_factory):
         tmp_path_factory.mktemp("server"),
         {
             "echo": {"artifact": "echo", "backend": "echo", "options": {"context_length": 50}},
-            "held": {"artifact": "echo", "backend": "held", "max_batch": 1},
-            "lying": {"artifact": "echo", "backend": "lying"},
+            # Backends registered as objects of this module: served in the server's process.
+            "held": {"artifact": "echo", "backend": "held", "max_batch": 1, "isolation": "none"},
+            "lying": {"artifact": "echo", "backend": "lying", "isolation": "none"},
         },
     )
     with running_server(create_app(home, manager=manager)) as base:
@@ -284,7 +285,7 @@ def test_405_says_allow_options_lists_every_method_and_head_works(server):
     assert answer["error"]["type"] == "invalid_request_error"
     for path, methods in (
         ("/store/deployments", {"GET", "POST", "OPTIONS"}),
-        ("/store/deployments/echo", {"GET", "DELETE", "OPTIONS"}),
+        ("/store/deployments/echo", {"GET", "PUT", "DELETE", "OPTIONS"}),
         ("/health", {"GET", "HEAD", "OPTIONS"}),
     ):
         status, headers, _ = call(server, "OPTIONS", path, key=None)
@@ -380,9 +381,9 @@ def test_a_bad_deployment_stops_the_app_before_it_listens(tmp_path, deployment, 
 def test_a_deployment_that_fails_to_load_unloads_the_others_and_names_the_cause(tmp_path):
     from gptstore.artifacts import ArtifactStore
     from gptstore.config import Store
+    from gptstore.deploy import Deployments
     from gptstore.server.app import load_deployments
     from gptstore.server.settings import server_config
-    from gptstore.serving.deployments import Deployments
 
     class Broken:
         @hookimpl
@@ -398,8 +399,8 @@ def test_a_deployment_that_fails_to_load_unloads_the_others_and_names_the_cause(
     home = _home(
         tmp_path,
         {
-            "good": {"artifact": "echo", "backend": "echo"},
-            "bad": {"artifact": "echo", "backend": "fails"},
+            "good": {"artifact": "echo", "backend": "echo", "isolation": "none"},
+            "bad": {"artifact": "echo", "backend": "fails", "isolation": "none"},
         },
     )
     deployments = Deployments(manager, ArtifactStore(home / "artifacts"))

@@ -88,6 +88,11 @@ class Store:
     def artifacts_dir(self) -> Path:
         return self.home / "artifacts"
 
+    @property
+    def deployments_dir(self) -> Path:
+        """Deployments created or changed through the HTTP API, one JSON record each."""
+        return self.home / "deployments"
+
     def read_raw_config(self) -> dict[str, Any]:
         if not self.config_path.is_file():
             return {}

@@ -71,3 +71,8 @@ class Cancelled(GptstoreError):
 class Unavailable(GptstoreError):
     """Something that cannot serve now but may later: a deployment being deleted, a closed model
     (HTTP 503)."""
+
+
+class SwapFailed(GptstoreError):
+    """A new version of a deployment failed to load, to answer its probes or to pass its gate;
+    the version that was live still serves (HTTP 422)."""

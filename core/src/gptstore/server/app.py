@@ -8,6 +8,7 @@ listens (a deployment that cannot load stops it, naming the cause) and unloads t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -17,13 +18,17 @@ from typing import Any
 
 from litestar import Litestar, Request, Response
 from litestar.datastructures import State
+from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
 from litestar.routes import HTTPRoute
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gptstore import __version__
 from gptstore.artifacts import ArtifactStore
 from gptstore.config import Store
-from gptstore.errors import GptstoreError, InvalidInput
+from gptstore.deploy import Deployments
+from gptstore.deploy.records import DeploymentRecords
+from gptstore.errors import GptstoreError, InvalidInput, Unavailable
 from gptstore.manager import PluginManager, make_plugin_manager
 from gptstore.server.auth import require_role
 from gptstore.server.errors import EXCEPTION_HANDLERS
@@ -36,7 +41,7 @@ from gptstore.server.settings import (
     server_config,
 )
 from gptstore.server.store_api import StoreController
-from gptstore.serving.deployments import Deployments, Plan
+from gptstore.serving.deployments import Plan
 
 log = logging.getLogger("gptstore.server")
 
@@ -63,7 +68,10 @@ def load_deployments(
     """Load every configured deployment (``plans``: as :func:`plan_deployments` checked them);
     on a failure, unload what was loaded and raise an InvalidInput naming the deployment, the
     file and the cause."""
+    records = deployments.records.load() if deployments.records is not None else {}
     for name, spec in config.deployments.items():
+        if name in records:
+            continue  # changed through the API since: its record says what it serves now
         try:
             deployments.create(
                 name, spec, where=f"$.deployments.{name}", checked=(plans or {}).get(name)
@@ -77,6 +85,54 @@ def load_deployments(
                 f"[deployments.{name}] in {config.files['deployments']}",
                 [f"failed to load: {cause}"],
             ) from None
+    for name, record in records.items():
+        try:
+            deployments.restore(name, record)
+        except Exception as exc:
+            deployments.close()
+            cause = str(exc) if isinstance(exc, GptstoreError) else f"{type(exc).__name__}: {exc}"
+            raise InvalidInput(
+                f"deployment {name!r} recorded in {deployments.records.folder}",  # type: ignore[union-attr]
+                [
+                    f"failed to load: {cause}; delete it through the API, or remove its record "
+                    "file, to start without it"
+                ],
+            ) from None
+        log.info("deployment %s: version %s, as recorded", name, record.get("version"))
+
+
+class Drain:
+    """Requests in flight, and whether the server drains (SIGTERM): a draining server answers
+    503 to every new request but ``/health``, ``/ready`` and ``/metrics`` (``/ready`` says 503 at
+    once), while the requests and streams in flight complete; ``gptstore serve`` exits when none
+    is left (or its drain timeout has passed)."""
+
+    #: Paths a draining server still answers as usual.
+    OPEN = frozenset({"/health", "/ready", "/metrics"})
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.inflight = 0  # HTTP requests whose response has not been sent whole
+
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        async def counted(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != ScopeType.HTTP or scope["path"] in self.OPEN:
+                await app(scope, receive, send)
+                return
+            self.inflight += 1
+            try:
+                await app(scope, receive, send)
+            finally:
+                self.inflight -= 1
+
+        return counted
+
+
+async def _before_request(request: Request[Any, Any, Any]) -> Response[None] | None:
+    drain: Drain = request.app.state.drain
+    if drain.draining and request.url.path not in Drain.OPEN:
+        raise Unavailable("the server is shutting down; retry on another instance")
+    return await _options(request)
 
 
 async def _options(request: Request[Any, Any, Any]) -> Response[None] | None:
@@ -110,12 +166,19 @@ def create_app(
     plugins = manager or make_plugin_manager()
     artifacts = ArtifactStore(store.artifacts_dir)
     plans = plan_deployments(checked, plugins, artifacts)
+    drain = Drain()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         import anyio
 
-        deployments = Deployments(plugins, artifacts)
+        deployments = Deployments(
+            plugins,
+            artifacts,
+            loop=asyncio.get_running_loop(),
+            max_replicas=checked.settings.max_replicas,
+            records=DeploymentRecords(store.deployments_dir),
+        )
         try:
             await anyio.to_thread.run_sync(load_deployments, checked, deployments, plans)
         except GptstoreError as exc:
@@ -132,8 +195,11 @@ def create_app(
         route_handlers=[*HEALTH_ROUTES, OpenAIController, StoreController],
         lifespan=[lifespan],
         guards=[require_role],
-        before_request=_options,
-        state=State({"settings": checked.settings, "store": store, "manager": plugins}),
+        before_request=_before_request,
+        middleware=[drain.middleware],
+        state=State(
+            {"settings": checked.settings, "store": store, "manager": plugins, "drain": drain}
+        ),
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=checked.settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="gptstore", version=__version__),

@@ -16,6 +16,7 @@ from gptstore.errors import (
     InvalidInput,
     NotFound,
     PluginError,
+    SwapFailed,
     Unavailable,
     UnknownName,
 )
@@ -32,6 +33,7 @@ ERROR_TYPES = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    422: "swap_failed_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
@@ -70,6 +72,8 @@ def gptstore_error(_request: Request[Any, Any, Any], exc: Exception) -> Response
         return error_response(404, str(exc), "not_found")
     if isinstance(exc, Conflict):
         return error_response(409, str(exc), "conflict")
+    if isinstance(exc, SwapFailed):
+        return error_response(422, str(exc), "swap_failed")
     if isinstance(exc, PluginError):  # a plugin broke its contract: the server's fault
         log.error("%s", exc)
         return error_response(500, str(exc), "plugin_error")

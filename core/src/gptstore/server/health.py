@@ -1,14 +1,15 @@
-"""``/health`` (the process answers) and ``/ready`` (the configured deployments are loaded), for
-GET and HEAD. ``gptstore serve`` loads them before it listens, so ``/ready`` answers 200 from the
-first request on; it lists the deployments the store API is loading meanwhile."""
+"""``/health`` (the process answers) and ``/ready`` (the configured deployments are loaded, and the
+server is not draining after SIGTERM), for GET and HEAD. ``gptstore serve`` loads the
+deployments before it listens, so ``/ready`` answers 200 from the first request on until a
+drain; it lists the deployments the store API is loading meanwhile."""
 
 from __future__ import annotations
 
 from litestar import Response, get, head
 from litestar.datastructures import State
 
+from gptstore.deploy import Deployments
 from gptstore.server.schema import Readiness, Status, errors
-from gptstore.serving.deployments import Deployments
 
 
 @get("/health", sync_to_thread=False, responses=errors())
@@ -23,9 +24,10 @@ def health_head() -> None:
 
 def _readiness(state: State) -> tuple[bool, Readiness]:
     deployments: Deployments | None = getattr(state, "deployments", None)
-    ready = deployments is not None
+    draining = bool(getattr(getattr(state, "drain", None), "draining", False))
+    ready = deployments is not None and not draining
     loading = deployments.loading() if deployments is not None else []
-    return ready, {"ready": ready, "loading": loading}
+    return ready, {"ready": ready, "loading": loading, "draining": draining}
 
 
 @get("/ready", sync_to_thread=False, responses=errors(503))

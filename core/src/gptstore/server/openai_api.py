@@ -23,11 +23,14 @@ from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.response import Stream
 
 from gptstore.converter import FieldProblem, at_least, in_range
+from gptstore.deploy import Deployments, Served
 from gptstore.errors import InvalidInput
 from gptstore.protocols import StreamChunk
 from gptstore.server.body import read_body
 from gptstore.server.errors import ClientGone
 from gptstore.server.schema import (
+    CHAT_CHUNK,
+    COMPLETION_CHUNK,
     INFERENCE_ERRORS,
     ChatCompletion,
     ChatLogprobs,
@@ -38,7 +41,6 @@ from gptstore.server.schema import (
     errors,
     streaming_json_body,
 )
-from gptstore.serving.deployments import Deployment, Deployments
 from gptstore.types import ChatMessage, Generation, GenerationRequest, TokenLogprob
 
 T = TypeVar("T")
@@ -316,13 +318,13 @@ class OpenAIController(Controller):
     @post(
         "/completions",
         status_code=200,
-        operation_class=streaming_json_body(CompletionBody),
+        operation_class=streaming_json_body(CompletionBody, COMPLETION_CHUNK),
         responses=INFERENCE_ERRORS,
     )
     async def completions(self, state: State, request: Request[Any, Any, Any]) -> Completion:
         body = await read_body(request, CompletionBody)
         _no_streamed_logprobs(body.stream, body.logprobs is not None)
-        deployment: Deployment = state.deployments.get(body.model)
+        deployment: Served = state.deployments.get(body.model)
         max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS["completions"]
         requests = [
             GenerationRequest(
@@ -392,7 +394,7 @@ class OpenAIController(Controller):
     @post(
         "/chat/completions",
         status_code=200,
-        operation_class=streaming_json_body(ChatBody),
+        operation_class=streaming_json_body(ChatBody, CHAT_CHUNK),
         responses=INFERENCE_ERRORS,
     )
     async def chat_completions(
@@ -400,8 +402,8 @@ class OpenAIController(Controller):
     ) -> ChatCompletion:
         body = await read_body(request, ChatBody)
         _no_streamed_logprobs(body.stream, body.logprobs)
-        deployment: Deployment = state.deployments.get(body.model)
-        prompt = deployment.chat_prompt(_messages(body.messages))
+        deployment: Served = state.deployments.get(body.model)
+        prompt = await deployment.chat_prompt(_messages(body.messages))
         max_tokens = next(
             (n for n in (body.max_completion_tokens, body.max_tokens) if n is not None),
             DEFAULT_MAX_TOKENS["chat"],
@@ -475,7 +477,7 @@ class OpenAIController(Controller):
 
 async def _stream(
     request: Request[Any, Any, Any],
-    deployment: Deployment,
+    deployment: Served,
     requests: list[GenerationRequest],
     event: Any,
     opening: Any = None,

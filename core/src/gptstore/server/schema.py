@@ -11,7 +11,7 @@ from __future__ import annotations
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Literal, TypedDict
 
 import attrs
 from litestar.openapi.datastructures import ResponseSpec
@@ -125,6 +125,7 @@ class ModelList(TypedDict):
 class Readiness(TypedDict):
     ready: bool
     loading: list[str]
+    draining: bool
 
 
 class Status(TypedDict):
@@ -156,13 +157,20 @@ class SearchResults(TypedDict):
     results: list[Card]
 
 
-class Candidate(TypedDict):
+class _CandidateFields(TypedDict):
     rank: int | None
     uid: str
     score: float | None
     breakdown: list[dict[str, Any]]
     failures: list[str]
-    card: NotRequired[dict[str, Any]]
+
+
+class Candidate(_CandidateFields, total=False):
+    """A ranked candidate comes with its ``card``; an excluded one without. (``total=False``, not
+    ``NotRequired``: with ``from __future__ import annotations``, Python 3.11's TypedDict does not
+    see NotRequired in a string annotation and lists ``card`` as required.)"""
+
+    card: dict[str, Any]
 
 
 class SelectionResult(TypedDict):
@@ -194,11 +202,15 @@ ERROR_DESCRIPTIONS = {
     403: "A user key on an endpoint that needs an admin key",
     404: "No such model, deployment, artifact or card",
     405: "The path does not have this method; Allow lists those it has",
-    409: "The name is taken",
+    409: "The name is taken, another change of the deployment is under way, or the server runs "
+    "its max_replicas",
     413: "The body is larger than the server's max_body_bytes",
+    422: "The new version failed to load, to answer its probes or to pass its gate (code "
+    "swap_failed); the live version still serves",
     429: "The deployment's queue is full; retry after Retry-After seconds",
     500: "A server bug, or a plugin that broke its contract (code plugin_error)",
-    503: "The deployment is loading or being deleted; retry after Retry-After seconds",
+    503: "The deployment is loading or being deleted, has no ready replica, or the server is "
+    "draining; retry after Retry-After seconds",
 }
 
 
@@ -314,9 +326,82 @@ def json_body(cls: type, *, extra: dict[str, Schema | Reference] | None = None) 
     return WithBody
 
 
-def streaming_json_body(cls: type) -> type[Operation]:
+def _chunk(kind: str, choice: dict[str, Schema]) -> Schema:
+    """One streamed chunk in OpenAI's format: ``object`` is ``kind``, each choice has ``choice``'s
+    fields besides ``index``, ``logprobs`` (null: log-probabilities are not streamed) and
+    ``finish_reason``."""
+    fields: dict[str, Schema | Reference] = {
+        "index": Schema(type=OpenAPIType.INTEGER),
+        **choice,
+        "logprobs": Schema(type=OpenAPIType.NULL),
+        "finish_reason": Schema(enum=["stop", "length", None]),
+    }
+    return Schema(
+        type=OpenAPIType.OBJECT,
+        properties={
+            "id": Schema(type=OpenAPIType.STRING),
+            "object": Schema(const=kind),
+            "created": Schema(type=OpenAPIType.INTEGER),
+            "model": Schema(type=OpenAPIType.STRING),
+            "choices": Schema(
+                type=OpenAPIType.ARRAY,
+                items=Schema(type=OpenAPIType.OBJECT, properties=fields, required=list(fields)),
+            ),
+        },
+        required=["id", "object", "created", "model", "choices"],
+    )
+
+
+#: A chunk of ``POST /v1/completions`` with ``stream: true``.
+COMPLETION_CHUNK = _chunk("text_completion", {"text": Schema(type=OpenAPIType.STRING)})
+#: A chunk of ``POST /v1/chat/completions`` with ``stream: true``: the first of each choice has
+#: the role, the last only its finish_reason.
+CHAT_CHUNK = _chunk(
+    "chat.completion.chunk",
+    {
+        "delta": Schema(
+            type=OpenAPIType.OBJECT,
+            properties={
+                "role": Schema(const="assistant"),
+                "content": Schema(type=OpenAPIType.STRING),
+            },
+            additional_properties=False,
+        )
+    },
+)
+
+
+def sse_events(data: Schema) -> Schema:
+    """The schema of each server-sent event of a stream whose events carry ``data`` as JSON and
+    end with ``data: [DONE]``. (Before OpenAPI 3.2's ``itemSchema``, the ``schema`` of a
+    ``text/event-stream`` describes one event: an object with ``data``, ``event``, ``id`` and
+    ``retry``, as schema-driven tools such as schemathesis read it.)"""
+    return Schema(
+        type=OpenAPIType.OBJECT,
+        properties={
+            "data": Schema(
+                any_of=[
+                    Schema(const="[DONE]"),
+                    Schema(
+                        type=OpenAPIType.STRING,
+                        content_media_type="application/json",
+                        content_schema=data,
+                    ),
+                ]
+            ),
+            "event": Schema(type=OpenAPIType.STRING),
+            "id": Schema(type=OpenAPIType.STRING),
+            "retry": Schema(type=OpenAPIType.INTEGER),
+        },
+        required=["data"],
+        description="With stream: true, each server-sent event: `data: {chunk}` in OpenAI's "
+        "chunk format, the last one `data: [DONE]`",
+    )
+
+
+def streaming_json_body(cls: type, chunk: Schema) -> type[Operation]:
     """:func:`json_body`, and a 200 that is either JSON or, with ``stream: true``, server-sent
-    events."""
+    events whose data are ``chunk`` objects."""
     base = json_body(cls)
 
     @dataclass
@@ -325,12 +410,6 @@ def streaming_json_body(cls: type) -> type[Operation]:
             super().__post_init__()
             ok = (self.responses or {}).get("200")
             if isinstance(ok, OpenAPIResponse) and ok.content is not None:
-                ok.content["text/event-stream"] = OpenAPIMediaType(
-                    schema=Schema(
-                        type=OpenAPIType.STRING,
-                        description="With stream: true: `data: {chunk}` events in OpenAI's "
-                        "chunk format, ending with `data: [DONE]`",
-                    )
-                )
+                ok.content["text/event-stream"] = OpenAPIMediaType(schema=sse_events(chunk))
 
     return WithStream

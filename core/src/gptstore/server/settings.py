@@ -13,7 +13,7 @@ from attrs import field, frozen
 
 from gptstore.artifacts import ArtifactStore
 from gptstore.config import Store, read_toml
-from gptstore.converter import FieldProblem, structure
+from gptstore.converter import FieldProblem, in_range, structure
 from gptstore.errors import GptstoreError, InvalidInput
 from gptstore.manager import PluginManager
 from gptstore.serving.deployments import DeploymentSpec, Plan, check_name, plan
@@ -122,11 +122,18 @@ def _check_unique(_instance: Any, attribute: Any, keys: tuple[ApiKey, ...]) -> N
 
 @frozen(kw_only=True)
 class ServerSettings:
-    """``[server]``: API keys, whether inference needs a key, and the largest request body."""
+    """``[server]``: API keys, whether inference needs a key, the largest request body, and the
+    most replicas (model copies) the server runs over all its deployments, swaps included."""
 
     api_keys: tuple[ApiKey, ...] = field(default=(), validator=_check_unique)
     anonymous_inference: bool = False
     max_body_bytes: int = 1_048_576
+    max_replicas: int = field(default=16, validator=in_range(1, 1024))
+
+    def key_id(self, key: bytes) -> str:
+        """How version histories name the key that made a change: the first 12 hex digits of
+        its sha256 (enough to tell keys apart, useless to recover one)."""
+        return "key sha256:" + hashlib.sha256(key).hexdigest()[:12]
 
     def role_of(self, key: bytes) -> str | None:
         """The role of a presented key (as sent, ASCII bytes), None when it is no configured

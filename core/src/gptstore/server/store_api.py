@@ -8,9 +8,11 @@ from types import MappingProxyType
 from typing import Annotated, Any, cast
 
 import anyio
+import attrs
 from attrs import Factory, field, frozen
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.datastructures import State
+from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.params import FromPath, FromQuery, Parameter
 
@@ -18,6 +20,8 @@ from gptstore.artifacts import ARTIFACT_ID_PATTERN, ArtifactStore, check_artifac
 from gptstore.catalog import Catalog, Entry
 from gptstore.config import Store
 from gptstore.converter import in_range, json_converter, structure, unstructure
+from gptstore.deploy import Deployments
+from gptstore.deploy.router import SwapGate
 from gptstore.selection import make_scorer, select_models, selection_json
 from gptstore.server.body import read_body
 from gptstore.server.schema import (
@@ -30,12 +34,36 @@ from gptstore.server.schema import (
     errors,
     json_body,
 )
-from gptstore.serving.deployments import NAME_PATTERN, Deployments, DeploymentSpec, DeploymentStatus
+from gptstore.server.settings import ServerSettings
+from gptstore.serving.deployments import NAME_PATTERN, DeploymentSpec, DeploymentStatus
 from gptstore.types import Requirement
 
 #: Artifact ids as the store accepts them (no "..", no "/": an id never names a path outside).
 ARTIFACT_ID = Annotated[str, Parameter(pattern=ARTIFACT_ID_PATTERN)]
 DEPLOYMENT_NAME = Annotated[str, Parameter(pattern=NAME_PATTERN)]
+
+
+@frozen(kw_only=True)
+class DeploymentChange(DeploymentSpec):
+    """The body of ``PUT /store/deployments/{name}``: the new version's spec, and how traffic
+    moves to it: at once, or ``canary`` percent of calls until it is promoted or rolled back;
+    ``gate`` compares its perplexity with the live version's before any traffic moves."""
+
+    canary: float | None = field(default=None, validator=in_range(0, 100, open_low=True))
+    gate: SwapGate | None = None
+
+    def spec(self) -> DeploymentSpec:
+        return DeploymentSpec(
+            **{f.name: getattr(self, f.name) for f in attrs.fields(DeploymentSpec)}
+        )
+
+
+def _key_id(state: State, request: Request[Any, Any, Any]) -> str:
+    """Who makes a change, as version histories record it (a key's digest, never the key)."""
+    header = request.headers.get("authorization", "")
+    key = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    settings: ServerSettings = state.settings
+    return settings.key_id(key.encode("latin-1")) if key else "anonymous"
 
 
 @frozen(kw_only=True)
@@ -159,7 +187,68 @@ class StoreController(Controller):
         name = structure(body.pop("name", None), str, what="request", path="$.name")
         spec = structure(body, DeploymentSpec, what="request", using=json_converter)
         deployments: Deployments = state.deployments
-        return await anyio.to_thread.run_sync(lambda: deployments.create(name, spec).status())
+        by = _key_id(state, request)
+        return await anyio.to_thread.run_sync(
+            lambda: deployments.create(name, spec, persist=True, by=by).status()
+        )
+
+    @put(
+        "/deployments/{name:str}",
+        opt={"role": "admin"},
+        operation_class=json_body(DeploymentChange),
+        responses={
+            **errors(400, 401, 403, 404, 409, 413, 422),
+            201: ResponseSpec(
+                data_container=DeploymentStatus,
+                description="There was no such deployment: its version 1 is created",
+                generate_examples=False,
+            ),
+        },
+    )
+    async def change(
+        self, state: State, request: Request[Any, Any, Any], name: DEPLOYMENT_NAME
+    ) -> Response[DeploymentStatus]:
+        """Deploy a new version of ``name`` (or create it: 201): start its replicas, probe them,
+        gate them when asked, then move traffic (at once, or a canary share) and stop the old
+        version once its calls in flight are done. 422 when the new version fails: the live one
+        still serves. Answers when the swap is done (or its canary runs)."""
+        change = await read_body(request, DeploymentChange)
+        deployments: Deployments = state.deployments
+        by = _key_id(state, request)
+        deployment, created = await anyio.to_thread.run_sync(
+            lambda: deployments.swap(
+                name, change.spec(), canary=change.canary, gate=change.gate, by=by
+            )
+        )
+        return Response(deployment.status(), status_code=201 if created else 200)
+
+    @post(
+        "/deployments/{name:str}/rollback",
+        status_code=200,
+        opt={"role": "admin"},
+        responses=errors(400, 401, 403, 404, 409, 422),
+    )
+    async def rollback(
+        self, state: State, request: Request[Any, Any, Any], name: DEPLOYMENT_NAME
+    ) -> DeploymentStatus:
+        """Drop the canary, or return to the version live before this one."""
+        deployments: Deployments = state.deployments
+        by = _key_id(state, request)
+        return await anyio.to_thread.run_sync(lambda: deployments.rollback(name, by=by).status())
+
+    @post(
+        "/deployments/{name:str}/promote",
+        status_code=200,
+        opt={"role": "admin"},
+        responses=errors(400, 401, 403, 404, 409),
+    )
+    async def promote(
+        self, state: State, request: Request[Any, Any, Any], name: DEPLOYMENT_NAME
+    ) -> DeploymentStatus:
+        """Make the canary the live version."""
+        deployments: Deployments = state.deployments
+        by = _key_id(state, request)
+        return await anyio.to_thread.run_sync(lambda: deployments.promote(name, by=by).status())
 
     @delete(
         "/deployments/{name:str}",

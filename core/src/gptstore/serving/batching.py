@@ -107,7 +107,8 @@ class Batcher:
         self.stats = BatchStats()
         self._closed = False
         self._lock = threading.Lock()  # orders submissions against close()
-        self._queue: queue.Queue[_Job | _StreamJob | None] = queue.Queue(maxsize=max_queue)
+        self._accepted = 0  # requests accepted and not answered yet (see _enqueue)
+        self._queue: queue.Queue[_Job | _StreamJob | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -124,8 +125,11 @@ class Batcher:
         def done(result: list[Generation] | Exception) -> None:
             _call_soon(loop, _settle, future, result)
 
-        self.submit(requests, done, wanted=lambda: not future.done())
-        return await future
+        self._enqueue(_Job(tuple(requests), done, lambda: not future.done()))
+        try:
+            return await future
+        finally:
+            self._release()
 
     async def stream(
         self, requests: Sequence[GenerationRequest]
@@ -150,6 +154,7 @@ class Batcher:
                 yield item
         finally:
             gone.set()
+            self._release()
 
     def submit(
         self,
@@ -159,18 +164,44 @@ class Batcher:
         wanted: Callable[[], bool] = lambda: True,
     ) -> None:
         """Queue ``requests``; ``done`` is called once, from the worker thread, with the
-        generations or the error. Raises :class:`Overloaded` when the queue is full and
-        :class:`Unavailable` once :meth:`close` has begun."""
-        self._enqueue(_Job(tuple(requests), done, wanted))
+        generations or the error (not at all when ``wanted()`` says the caller has gone).
+        Raises :class:`Overloaded` when full and :class:`Unavailable` once :meth:`close` has
+        begun."""
+        settled = threading.Event()
+
+        def release() -> None:
+            if not settled.is_set():
+                settled.set()
+                self._release()
+
+        def answer(result: list[Generation] | Exception) -> None:
+            release()
+            done(result)
+
+        def still_wanted() -> bool:
+            if wanted():
+                return True
+            release()
+            return False
+
+        self._enqueue(_Job(tuple(requests), answer, still_wanted))
 
     def _enqueue(self, job: _Job | _StreamJob) -> None:
+        """Accept ``job`` when fewer than ``max_batch + max_queue`` requests are accepted and not
+        answered (``max_batch`` may run, ``max_queue`` wait), counted here rather than by the
+        worker, so a burst is refused exactly however the worker thread is scheduled."""
         with self._lock:
             if self._closed:
                 raise Unavailable(f"deployment {self.name!r} is being deleted")
-            try:
-                self._queue.put_nowait(job)
-            except queue.Full:
-                raise Overloaded(self.name, self.max_queue) from None
+            if self._accepted >= self.max_batch + self.max_queue:
+                raise Overloaded(self.name, self.max_queue)
+            self._accepted += 1
+            self._queue.put_nowait(job)
+
+    def _release(self) -> None:
+        """One accepted request is answered, or its client has gone."""
+        with self._lock:
+            self._accepted -= 1
 
     def close(self) -> None:
         """Refuse new requests, answer the ones already queued, then stop the worker."""

@@ -1,35 +1,36 @@
-"""Deployments: artifacts loaded on serving backends, by name, each behind its batcher.
+"""A deployment in one process: an artifact loaded on a serving backend, behind its batcher.
 
-A :class:`Deployment` is what the HTTP layer talks to: ``generate``, ``stream``, ``chat_prompt``
-and ``status``. It checks every request against what its runner declares (context length,
-log-probabilities) before the request is queued, so those rules hold for any backend.
-:class:`Deployments` creates, lists and deletes them, and knows which are loading or failed.
+A :class:`Deployment` answers ``generate``, ``stream``, ``chat_prompt`` and ``status``. It checks
+every request against what its runner declares (context length, log-probabilities) before the
+request is queued, so those rules hold for any backend. It runs inside each replica process, or
+in the server's own process for ``isolation = "none"``; :mod:`gptstore.deploy` manages them.
 """
 
 from __future__ import annotations
 
+import os
 import re
-import threading
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 from attrs import Factory, field, frozen
 
 from gptstore.artifacts import ARTIFACT_ID_PATTERN, ArtifactStore
-from gptstore.converter import in_range
-from gptstore.errors import Conflict, InvalidInput, NotFound, PluginError, Unavailable
+from gptstore.converter import in_range, unstructure
+from gptstore.errors import InvalidInput, PluginError
 from gptstore.manager import PluginManager, structure_options
 from gptstore.protocols import Runner, StreamChunk
 from gptstore.records import ServingBackend
 from gptstore.serving.batching import Batcher
-from gptstore.serving.decoding import check_context, check_request
+from gptstore.serving.continuous import ContinuousBatcher
+from gptstore.serving.decoding import DecodingRunner, check_context, check_request
 from gptstore.types import Artifact, ChatMessage, Generation, GenerationRequest, RunnerInfo
 
 #: Deployment names: 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _NAME = re.compile(NAME_PATTERN)
-MAX_BATCH, MAX_QUEUE = 256, 100_000
+MAX_BATCH, MAX_QUEUE, MAX_REPLICAS = 256, 100_000, 64
 
 
 @frozen(kw_only=True)
@@ -38,7 +39,14 @@ class DeploymentSpec:
     ``POST /store/deployments`` (with its ``name``).
 
     Requests are decoded in batches of up to ``max_batch`` rows; at most ``max_queue`` requests
-    wait, and more are refused with 429 and Retry-After.
+    wait, and more are refused with 429 and Retry-After. ``batching``: ``continuous`` (requests
+    join the running batch at its next step and leave it when done; for runners of the shared
+    decode loop whose backend supports it) or ``static`` (a batch runs until its longest row is
+    done). ``kv_cache_mb``: the most KV cache the running batch may hold (continuous only).
+
+    ``replicas`` worker processes each load the model (``isolation = "process"``, the default:
+    a replica that crashes takes nothing else down and is restarted); ``isolation = "none"``
+    runs one replica inside the server's process (no process hop, no crash isolation).
     """
 
     artifact: str = field(metadata={"json_schema": {"pattern": ARTIFACT_ID_PATTERN}})
@@ -46,6 +54,10 @@ class DeploymentSpec:
     options: dict[str, Any] = Factory(dict)
     max_batch: int = field(default=8, validator=in_range(1, MAX_BATCH))
     max_queue: int = field(default=64, validator=in_range(1, MAX_QUEUE))
+    replicas: int = field(default=1, validator=in_range(1, MAX_REPLICAS))
+    isolation: Literal["process", "none"] = "process"
+    batching: Literal["continuous", "static"] = "continuous"
+    kv_cache_mb: int | None = field(default=None, validator=in_range(1, 1 << 24))
 
 
 def check_name(name: str) -> str:
@@ -88,6 +100,23 @@ def load_runner(plan: Plan) -> Runner:
     return runner
 
 
+def batcher(runner: Runner, name: str, spec: DeploymentSpec, backend: str) -> Batcher:
+    """The deployment's batcher: continuous when asked and the runner can, else static."""
+    if spec.batching == "continuous" and isinstance(runner, DecodingRunner) and runner.continuous:
+        budget = spec.kv_cache_mb * 2**20 if spec.kv_cache_mb else None
+        return ContinuousBatcher(
+            runner,
+            name,
+            max_batch=spec.max_batch,
+            max_queue=spec.max_queue,
+            backend=backend,
+            kv_budget=budget,
+        )
+    return Batcher(
+        runner, name, max_batch=spec.max_batch, max_queue=spec.max_queue, backend=backend
+    )
+
+
 class Health(TypedDict):
     ok: bool
     message: str
@@ -98,6 +127,37 @@ class BatchCounts(TypedDict):
     rows: int
     largest: int
     streams: int
+
+
+class ReplicaStatus(TypedDict):
+    replica: str
+    state: str
+    pid: int | None
+    outstanding: int
+    served: int
+    restarts: int
+    lost: int
+    error: str | None
+
+
+class VersionInfo(TypedDict):
+    """One version in a deployment's history: what it served, when, made by which key, and how
+    it ended (live, canary, replaced, rolled back, failed: why)."""
+
+    version: int
+    artifact: str
+    backend: str
+    options: dict[str, Any]
+    replicas: int
+    at: str
+    by: str
+    outcome: str
+    spec: dict[str, Any]
+
+
+class CanaryInfo(TypedDict):
+    version: int
+    percent: float
 
 
 class DeploymentStatus(TypedDict):
@@ -114,6 +174,11 @@ class DeploymentStatus(TypedDict):
     batches: BatchCounts
     created_at: str
     health: Health
+    replicas: list[ReplicaStatus]
+    version: int
+    canary: CanaryInfo | None
+    swap: dict[str, Any]
+    versions: list[VersionInfo]
 
 
 class Deployment:
@@ -131,10 +196,9 @@ class Deployment:
             raise PluginError(
                 f"backend {self.backend}: its runner's info() failed: {exc}"
             ) from None
-        self.batcher = Batcher(
-            runner, name, max_batch=spec.max_batch, max_queue=spec.max_queue, backend=self.backend
-        )
+        self.batcher = batcher(runner, name, spec, self.backend)
         self.created_at = datetime.now(UTC)
+        self.served = 0
 
     def check(self, requests: Sequence[GenerationRequest]) -> None:
         """Refuse, before queueing, what the runner says it cannot do."""
@@ -155,14 +219,16 @@ class Deployment:
                     counted[request.prompt] = self.runner.count_tokens(request.prompt)
                 check_context(counted[request.prompt], request.max_tokens, self.info.context_length)
 
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+    async def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
         """The messages rendered with the model's chat template."""
         return self.runner.chat_prompt(messages)
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """The generations of ``requests``, batched with whatever else is waiting."""
         self.check(requests)
-        return await self.batcher.generate(requests)
+        generations = await self.batcher.generate(requests)
+        self.served += 1
+        return generations
 
     def stream(
         self, requests: Sequence[GenerationRequest]
@@ -195,113 +261,37 @@ class Deployment:
             },
             "created_at": self.created_at.isoformat(),
             "health": {"ok": ok, "message": message},
+            "replicas": [
+                {
+                    "replica": f"{self.name}/0",
+                    "state": "ready" if ok else "dead",
+                    "pid": os.getpid(),
+                    "outstanding": 0,
+                    "served": self.served,
+                    "restarts": 0,
+                    "lost": 0,
+                    "error": None if ok else message,
+                }
+            ],
+            "version": 1,
+            "canary": None,
+            "swap": {"state": "idle"},
+            "versions": [
+                {
+                    "version": 1,
+                    "artifact": self.artifact.id,
+                    "backend": self.backend,
+                    "options": self.spec.options,
+                    "replicas": 1,
+                    "at": self.created_at.isoformat(),
+                    "by": "config",
+                    "outcome": "live",
+                    "spec": unstructure(self.spec),
+                }
+            ],
         }
 
     def close(self) -> None:
         """Answer what is queued, then unload the model."""
         self.batcher.close()
         self.runner.close()
-
-
-class Deployments:
-    """The deployments of one server process (thread-safe), and which are loading."""
-
-    def __init__(self, manager: PluginManager, artifacts: ArtifactStore) -> None:
-        self.manager = manager
-        self.artifacts = artifacts
-        self._items: dict[str, Deployment] = {}
-        #: Names taken by a deployment that is not serving: "loading" or "being deleted".
-        self._pending: dict[str, str] = {}
-        self._closed = False
-        self._lock = threading.Lock()
-
-    def plan(self, name: str, spec: DeploymentSpec, *, where: str = "$") -> Plan:
-        """Check ``spec`` as deployment ``name`` (its problems named under ``where``)."""
-        check_name(name)
-        return plan(
-            self.manager,
-            self.artifacts,
-            spec.artifact,
-            spec.backend,
-            spec.options,
-            where=f"{where}.options",
-        )
-
-    def create(
-        self, name: str, spec: DeploymentSpec, *, where: str = "$", checked: Plan | None = None
-    ) -> Deployment:
-        """Load ``spec`` as deployment ``name`` (``checked``: its plan, when already made);
-        Conflict when the name is taken, Unavailable once :meth:`close` has begun."""
-        checked = checked or self.plan(name, spec, where=where)
-        with self._lock:
-            self._check_open()
-            if name in self._items or name in self._pending:
-                raise Conflict(f"deployment {name!r} already exists; delete it first")
-            self._pending[name] = "loading"
-        try:
-            runner = load_runner(checked)
-            try:
-                deployment = Deployment(name, spec, checked, runner)
-            except BaseException:
-                runner.close()
-                raise
-            with self._lock:
-                closed = self._closed
-                if not closed:
-                    self._items[name] = deployment
-            if closed:  # the server shut down while this one loaded
-                deployment.close()
-                self._check_open()
-        finally:
-            with self._lock:
-                self._pending.pop(name, None)
-        return deployment
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise Unavailable("the server is shutting down")
-
-    def loading(self) -> list[str]:
-        with self._lock:
-            return sorted(n for n, state in self._pending.items() if state == "loading")
-
-    def get(self, name: str) -> Deployment:
-        with self._lock:
-            deployment = self._items.get(name)
-            state = self._pending.get(name)
-            names = sorted(self._items)
-        if deployment is None:
-            if state is not None:
-                raise Unavailable(f"deployment {name!r} is {state}; retry shortly")
-            raise NotFound(f"no deployment {name!r}; deployed: {', '.join(names) or 'none'}")
-        return deployment
-
-    def list(self) -> list[Deployment]:
-        with self._lock:
-            return sorted(self._items.values(), key=lambda d: d.name)
-
-    def delete(self, name: str) -> None:
-        """Refuse new requests, answer the queued ones, unload. The name stays taken until the
-        model is unloaded, so a new deployment of that name never loads beside the old one."""
-        with self._lock:
-            deployment = self._items.get(name)
-            if deployment is None:
-                if name in self._pending:
-                    raise Unavailable(
-                        f"deployment {name!r} is {self._pending[name]}; retry shortly"
-                    )
-                raise NotFound(f"no deployment {name!r}")
-            self._pending[name] = "being deleted"  # taken while it drains
-            del self._items[name]
-        try:
-            deployment.close()
-        finally:
-            with self._lock:
-                self._pending.pop(name, None)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            items, self._items = list(self._items.values()), {}
-        for deployment in items:
-            deployment.close()

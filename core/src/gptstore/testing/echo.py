@@ -11,14 +11,18 @@ lineage like any other.
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 from attrs import field, frozen
 
 from gptstore import hookimpl
 from gptstore.artifacts import ArtifactStore, hash_files
-from gptstore.converter import at_least
+from gptstore.converter import at_least, in_range
+from gptstore.errors import RefusedModel
 from gptstore.protocols import StreamChunk
 from gptstore.records import ServingBackend
 from gptstore.types import (
@@ -36,10 +40,17 @@ from gptstore.types import (
 @frozen(kw_only=True)
 class EchoOptions:
     """:param context_length: tokens (words) of prompt plus completion it takes (None: no limit).
-    :param uppercase: answer in capitals (so a test can tell two deployments apart)."""
+    :param uppercase: answer in capitals (so a test can tell two deployments apart).
+    :param word_delay: seconds each answered word takes, so that requests stay in flight for a
+        known time (load and reliability tests).
+    :param load: ``error`` refuses to load (a RefusedModel); ``crash`` ends the loading process
+        at once with status 70, as a native fault in a backend would; ``broken`` loads, and
+        then fails every request (a model that cannot generate)."""
 
     context_length: int | None = field(default=None, validator=at_least(1))
     uppercase: bool = False
+    word_delay: float = field(default=0.0, validator=in_range(0, 10))
+    load: Literal["ok", "error", "crash", "broken"] = "ok"
 
 
 class EchoRunner:
@@ -54,6 +65,10 @@ class EchoRunner:
         return [w.upper() for w in words] if self.options.uppercase else words
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        if self.options.load == "broken":
+            raise RuntimeError("this echo model was told to fail every request")
+        if self.options.word_delay:
+            time.sleep(self.options.word_delay * max(len(self._words(r)) for r in requests))
         return [
             Generation(
                 text=" ".join(self._words(r)),
@@ -67,6 +82,7 @@ class EchoRunner:
     def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
         words = self._words(request)
         for i, word in enumerate(words):
+            time.sleep(self.options.word_delay)
             yield StreamChunk(word if i == 0 else f" {word}")
         yield StreamChunk("", finish_reason="length")
 
@@ -96,6 +112,10 @@ class EchoBackend:
         self.options = options or EchoOptions()
 
     def load(self, artifact: Artifact) -> EchoRunner:
+        if self.options.load == "error":
+            raise RefusedModel(f"{artifact.id}: the echo backend was told to refuse it")
+        if self.options.load == "crash":
+            os._exit(70)
         return EchoRunner(self.options)
 
 

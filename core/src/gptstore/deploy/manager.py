@@ -1,0 +1,373 @@
+"""The deployment manager: named deployments, each served in-process or by replica processes.
+
+:class:`Deployments` creates, lists and deletes them, and knows which are loading or being
+deleted. A deployment with ``isolation = "none"`` is a
+:class:`~gptstore.serving.deployments.Deployment` in the server's process; one with ``isolation =
+"process"`` (the default) is a :class:`~gptstore.deploy.router.ReplicatedDeployment`, whose
+replicas are worker processes (:mod:`gptstore.deploy.replica`). The HTTP layer talks to both
+the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from attrs import asdict
+
+from gptstore.artifacts import ArtifactStore
+from gptstore.converter import structure, unstructure
+from gptstore.deploy.records import DeploymentRecords
+from gptstore.deploy.router import ReplicatedDeployment, SwapGate, VersionRecord
+from gptstore.errors import Conflict, InvalidInput, NotFound, Unavailable
+from gptstore.manager import PluginManager
+from gptstore.records import ServingBackend
+from gptstore.serving.deployments import (
+    Deployment,
+    DeploymentSpec,
+    Plan,
+    check_name,
+    load_runner,
+    plan,
+)
+
+#: The most replicas (model copies, in-process ones included) a server runs by default, over all
+#: its deployments: a bound on what one admin request can make the host load.
+MAX_REPLICAS = 16
+
+#: A deployment as the HTTP layer sees it: in the server's process, or behind replicas.
+Served = Deployment | ReplicatedDeployment
+
+
+class Deployments:
+    """The deployments of one server process (thread-safe), and which are loading."""
+
+    def __init__(
+        self,
+        manager: PluginManager,
+        artifacts: ArtifactStore,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        max_replicas: int = MAX_REPLICAS,
+        records: DeploymentRecords | None = None,
+    ) -> None:
+        self.manager = manager
+        self.artifacts = artifacts
+        #: Where deployments created or changed through the API are kept (None: nowhere).
+        self.records = records
+        #: The server's event loop: replicated deployments live on it (None: in-process only).
+        self.loop = loop
+        self._items: dict[str, Served] = {}
+        #: Replicas (model copies) per deployment, loading ones included, for ``max_replicas``.
+        self._replicas: dict[str, int] = {}
+        self.max_replicas = max_replicas
+        #: Names taken by a deployment that is not serving: "loading" or "being deleted".
+        self._pending: dict[str, str] = {}
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def plan(self, name: str, spec: DeploymentSpec, *, where: str = "$") -> Plan:
+        """Check ``spec`` as deployment ``name`` (its problems named under ``where``)."""
+        check_name(name)
+        return plan(
+            self.manager,
+            self.artifacts,
+            spec.artifact,
+            spec.backend,
+            spec.options,
+            where=f"{where}.options",
+        )
+
+    def create(
+        self,
+        name: str,
+        spec: DeploymentSpec,
+        *,
+        where: str = "$",
+        checked: Plan | None = None,
+        persist: bool = False,
+        by: str = "config",
+        history: Sequence[VersionRecord] = (),
+        version: int | None = None,
+    ) -> Served:
+        """Load ``spec`` as deployment ``name`` (``checked``: its plan, when already made);
+        Conflict when the name is taken, Unavailable once :meth:`close` has begun.
+        ``persist``: keep it in the store's records (a deployment made through the API);
+        ``history``: the versions it had before, and ``version`` the live one's number
+        (restored from its record)."""
+        checked = checked or self.plan(name, spec, where=where)
+        with self._lock:
+            self._check_open()
+            if name in self._items or name in self._pending:
+                raise Conflict(f"deployment {name!r} already exists; delete it first")
+            running = sum(self._replicas.values())
+            if running + spec.replicas > self.max_replicas:
+                raise Conflict(
+                    f"deployment {name!r} asks for {spec.replicas} replica(s), and the server "
+                    f"already runs {running} of its {self.max_replicas} (max_replicas); delete a "
+                    "deployment or ask for fewer"
+                )
+            self._pending[name] = "loading"
+            self._replicas[name] = spec.replicas
+        try:
+            deployment = self._load(name, spec, checked, by=by, history=history, version=version)
+            if persist and isinstance(deployment, ReplicatedDeployment):
+                deployment.on_change = self._persist
+                self._persist(deployment)
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._items[name] = deployment
+            if closed:  # the server shut down while this one loaded
+                deployment.close()
+                self._check_open()
+        except BaseException:
+            with self._lock:
+                self._replicas.pop(name, None)
+            raise
+        finally:
+            with self._lock:
+                self._pending.pop(name, None)
+        return deployment
+
+    def _load(
+        self,
+        name: str,
+        spec: DeploymentSpec,
+        checked: Plan,
+        *,
+        by: str = "config",
+        history: Sequence[VersionRecord] = (),
+        version: int | None = None,
+    ) -> Served:
+        if spec.isolation == "process":
+            if self.loop is None:
+                raise Unavailable("replica processes need the server's event loop")
+            replicated = ReplicatedDeployment(
+                name,
+                spec,
+                checked,
+                self.load_message(name, spec, checked),
+                self.loop,
+                history=history,
+                by=by,
+                version=version,
+            )
+            asyncio.run_coroutine_threadsafe(replicated.start(), self.loop).result()
+            return replicated
+        runner = load_runner(checked)
+        try:
+            return Deployment(name, spec, checked, runner)
+        except BaseException:
+            runner.close()
+            raise
+
+    def load_message(self, name: str, spec: DeploymentSpec, checked: Plan) -> dict[str, Any]:
+        """What a replica process needs to load ``spec``: the plugin of its backend, imported
+        by module in the replica, and the store's artifacts."""
+        info = self.manager.providers(ServingBackend)[checked.backend.name]
+        plugin = None
+        if not info.builtin:
+            if not info.module:
+                raise InvalidInput(
+                    f"deployment {name!r}",
+                    [
+                        f"backend {checked.backend.name!r} comes from plugin {info.name!r}, "
+                        "registered in this process as an object, which a replica process "
+                        'cannot import; register a module, or set isolation = "none"'
+                    ],
+                )
+            plugin = {"name": info.name, "module": info.module}
+        return {
+            "op": "load",
+            "name": name,
+            "artifacts": str(self.artifacts.root),
+            "plugin": plugin,
+            "spec": unstructure(spec),
+        }
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("the server is shutting down")
+
+    def loading(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, state in self._pending.items() if state == "loading")
+
+    def get(self, name: str) -> Served:
+        with self._lock:
+            deployment = self._items.get(name)
+            state = self._pending.get(name)
+            names = sorted(self._items)
+        if deployment is None:
+            if state is not None:
+                raise Unavailable(f"deployment {name!r} is {state}; retry shortly")
+            raise NotFound(f"no deployment {name!r}; deployed: {', '.join(names) or 'none'}")
+        return deployment
+
+    def list(self) -> list[Served]:
+        with self._lock:
+            return sorted(self._items.values(), key=lambda d: d.name)
+
+    def delete(self, name: str) -> None:
+        """Refuse new requests, answer the queued ones, unload. The name stays taken until the
+        model is unloaded, so a new deployment of that name never loads beside the old one."""
+        with self._lock:
+            deployment = self._items.get(name)
+            if deployment is None:
+                if name in self._pending:
+                    raise Unavailable(
+                        f"deployment {name!r} is {self._pending[name]}; retry shortly"
+                    )
+                raise NotFound(f"no deployment {name!r}")
+            self._pending[name] = "being deleted"  # taken while it drains
+            del self._items[name]
+        try:
+            deployment.close()
+            if self.records is not None:
+                self.records.remove(name)
+        finally:
+            with self._lock:
+                self._pending.pop(name, None)
+                self._replicas.pop(name, None)
+
+    # -- versions ----------------------------------------------------------------------------
+
+    def _replicated(self, name: str) -> ReplicatedDeployment:
+        deployment = self.get(name)
+        if not isinstance(deployment, ReplicatedDeployment):
+            raise Conflict(
+                f'deployment {name!r} runs in the server\'s process (isolation = "none"); '
+                'versions, swaps and rollbacks need isolation = "process"'
+            )
+        return deployment
+
+    def swap(
+        self,
+        name: str,
+        spec: DeploymentSpec,
+        *,
+        canary: float | None = None,
+        gate: SwapGate | None = None,
+        by: str = "config",
+        where: str = "$",
+    ) -> tuple[Served, bool]:
+        """Deploy ``spec`` as the next version of ``name`` (see
+        :meth:`ReplicatedDeployment.swap`), or as its first when there is no such deployment;
+        (the deployment, whether it was created). Either way it is kept in the store's records.
+        """
+        checked = self.plan(name, spec, where=where)
+        with self._lock:
+            exists = name in self._items
+        if not exists:
+            if canary is not None:
+                raise InvalidInput(
+                    "request",
+                    [
+                        f"deployment {name!r} does not exist: there is nothing to canary "
+                        "against @ $.canary"
+                    ],
+                )
+            return self.create(name, spec, checked=checked, persist=True, by=by), True
+        deployment = self._replicated(name)
+        if spec.isolation != "process":
+            raise InvalidInput(
+                "request",
+                ['a new version runs in replica processes: isolation = "process" @ $.isolation'],
+            )
+        load = self.load_message(name, spec, checked)
+        with self._lock:
+            running = sum(self._replicas.values())
+            if running + spec.replicas > self.max_replicas:
+                raise Conflict(
+                    f"the new version of {name!r} needs {spec.replicas} replica(s) beside the "
+                    f"{running} the server runs, more than its {self.max_replicas} "
+                    "(max_replicas); ask for fewer or delete a deployment"
+                )
+            self._replicas[name] = self._replicas.get(name, 0) + spec.replicas
+        deployment.on_change = self._persist
+        try:
+            deployment.run(deployment.swap(spec, checked, load, canary=canary, gate=gate, by=by))
+        finally:
+            with self._lock:
+                self._replicas[name] = len(deployment.replicas)
+        return deployment, False
+
+    def promote(self, name: str, *, by: str = "config") -> Served:
+        """Make the canary of ``name`` its live version."""
+        deployment = self._replicated(name)
+        try:
+            deployment.run(deployment.promote(by=by))
+        finally:
+            with self._lock:
+                self._replicas[name] = len(deployment.replicas)
+        return deployment
+
+    def rollback(self, name: str, *, by: str = "config") -> Served:
+        """Drop the canary of ``name``, or go back to the version live before this one."""
+        deployment = self._replicated(name)
+
+        def plan_of(spec: DeploymentSpec) -> tuple[Plan, dict[str, Any]]:
+            checked = self.plan(name, spec)
+            return checked, self.load_message(name, spec, checked)
+
+        deployment.on_change = self._persist
+        try:
+            deployment.run(deployment.rollback(plan_of, by=by))
+        finally:
+            with self._lock:
+                self._replicas[name] = len(deployment.replicas)
+        return deployment
+
+    def _persist(self, deployment: ReplicatedDeployment) -> None:
+        if self.records is None:
+            return
+        self.records.save(
+            deployment.name,
+            {
+                "name": deployment.name,
+                "version": deployment.version,
+                "spec": unstructure(deployment.spec),
+                "history": [asdict(h) for h in deployment.history],
+            },
+        )
+
+    def restore(self, name: str, record: dict[str, Any], *, where: str = "$") -> Served:
+        """The deployment a record describes, at its live version, with its history (a canary
+        it had is dropped: it was not promoted before the server stopped)."""
+        spec = structure(
+            record.get("spec"), DeploymentSpec, what=f"deployment record {name!r}", path="$.spec"
+        )
+        history = structure(
+            record.get("history", []),
+            list[VersionRecord],
+            what=f"deployment record {name!r}",
+            path="$.history",
+        )
+        version = int(record.get("version", 0))
+        kept = []
+        for entry in history:
+            if entry.version == version:
+                continue  # the live version: recorded again as it loads
+            if entry.outcome == "canary":
+                entry.outcome = "rolled back (the server restarted)"
+            kept.append(entry)
+        live = next((h for h in history if h.version == version), None)
+        return self.create(
+            name,
+            spec,
+            where=where,
+            persist=True,
+            by=live.by if live is not None else "config",
+            history=kept,
+            version=version or None,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            items, self._items = list(self._items.values()), {}
+        for deployment in items:
+            deployment.close()

@@ -1,0 +1,210 @@
+"""Replica processes behind the router, on a real server: routing, a replica killed under load,
+restarts, exact outstanding counts, loads that fail or crash, no orphans."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import tomli_w
+
+import gptstore.testing.echo
+from gptstore.errors import InvalidInput
+from gptstore.manager import make_plugin_manager
+from gptstore.server import create_app
+from gptstore.testing import running_server
+from gptstore.testing.echo import echo_artifact
+
+ADMIN = "admin-key"
+
+
+def _home(tmp_path, deployments):
+    home = tmp_path / "home"
+    echo_artifact(home / "artifacts")
+    (home / "config.toml").write_text(
+        tomli_w.dumps(
+            {"server": {"api_keys": [{"key": ADMIN, "role": "admin"}]}, "deployments": deployments}
+        )
+    )
+    return home
+
+
+def _manager():
+    manager = make_plugin_manager(entrypoints=False)
+    manager.register_plugin(gptstore.testing.echo, "echo")
+    return manager
+
+
+def call(base, method, path, body=None, timeout=60):
+    url = urllib.parse.urlsplit(base)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    headers = {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"}
+    connection.request(method, path, json.dumps(body) if body is not None else None, headers)
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    try:
+        parsed = json.loads(data) if data else None
+    except ValueError:
+        parsed = data.decode()
+    return response.status, parsed
+
+
+def complete(base, prompt="one two three four five", model="echo", **extra):
+    return call(
+        base,
+        "POST",
+        "/v1/completions",
+        {"model": model, "prompt": prompt, "max_tokens": 5, **extra},
+    )
+
+
+def status(base, name="echo"):
+    code, body = call(base, "GET", f"/store/deployments/{name}")
+    assert code == 200, body
+    return body
+
+
+def wait_until(check, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.fixture
+def served(tmp_path):
+    home = _home(
+        tmp_path,
+        {
+            "echo": {
+                "artifact": "echo",
+                "backend": "echo",
+                "replicas": 2,
+                "options": {"word_delay": 0.01},
+            }
+        },
+    )
+    with running_server(create_app(home, manager=_manager())) as base:
+        yield base
+
+
+def test_requests_are_spread_over_replica_processes(served):
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: complete(served), range(40)))
+    assert all(code == 200 for code, _ in answers)
+    assert {body["choices"][0]["text"] for _, body in answers} == {"one two three four five"}
+    replicas = status(served)["replicas"]
+    assert [r["state"] for r in replicas] == ["ready", "ready"]
+    pids = {r["pid"] for r in replicas}
+    assert len(pids) == 2
+    assert os.getpid() not in pids
+    assert sum(r["served"] for r in replicas) == 40
+    assert all(r["served"] > 0 for r in replicas)  # both took a share
+    assert all(r["outstanding"] == 0 for r in replicas)
+
+
+def test_a_replica_killed_under_load_fails_no_request_and_comes_back(served):
+    victim = status(served)["replicas"][0]
+    done = []
+
+    def client(index):
+        results = []
+        for _ in range(15):
+            results.append(complete(served, prompt=f"w{index} a b c d")[0])
+            done.append(1)
+        return results
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client, i) for i in range(8)]
+        wait_until(lambda: len(done) >= 30)
+        os.kill(victim["pid"], signal.SIGKILL)
+        codes = [code for future in futures for code in future.result()]
+    assert codes == [200] * 120  # the calls on the killed replica were retried on the other
+
+    def back():
+        replica = status(served)["replicas"][0]
+        return replica["state"] == "ready" and replica["pid"] != victim["pid"]
+
+    wait_until(back)
+    replica = status(served)["replicas"][0]
+    assert replica["restarts"] == 1
+    assert all(r["outstanding"] == 0 for r in status(served)["replicas"])
+    assert complete(served)[0] == 200
+
+
+def test_outstanding_counts_stay_exact_through_errors_and_disconnects(served):
+    # 400s raised inside a replica, and streams whose clients leave after the first chunk.
+    for _ in range(5):
+        code, body = complete(served, max_tokens=-1)
+        assert code == 400, body
+    url = urllib.parse.urlsplit(served)
+    for _ in range(5):
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        body = {"model": "echo", "prompt": "a " * 200, "max_tokens": 200, "stream": True}
+        connection.request(
+            "POST",
+            "/v1/completions",
+            json.dumps(body),
+            {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"},
+        )
+        response = connection.getresponse()
+        assert response.status == 200
+        response.fp.readline()  # the first event, then the client goes away
+        connection.close()
+    wait_until(lambda: all(r["outstanding"] == 0 for r in status(served)["replicas"]))
+
+
+def test_replicas_stop_with_the_server(tmp_path):
+    home = _home(tmp_path, {"echo": {"artifact": "echo", "backend": "echo", "replicas": 2}})
+    with running_server(create_app(home, manager=_manager())) as base:
+        pids = [r["pid"] for r in status(base)["replicas"]]
+        assert complete(base)[0] == 200
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.parametrize(
+    ("load", "says"),
+    [
+        ("error", "the echo backend was told to refuse it"),
+        ("crash", "its process exited with status 70 while loading"),
+    ],
+)
+def test_a_replica_that_fails_to_load_stops_the_server_start_with_its_cause(tmp_path, load, says):
+    import asyncio
+    import threading
+
+    from gptstore.config import Store
+    from gptstore.deploy import Deployments
+    from gptstore.server.app import load_deployments
+    from gptstore.server.settings import server_config
+
+    home = _home(
+        tmp_path,
+        {"bad": {"artifact": "echo", "backend": "echo", "replicas": 2, "options": {"load": load}}},
+    )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        from gptstore.artifacts import ArtifactStore
+
+        deployments = Deployments(_manager(), ArtifactStore(home / "artifacts"), loop=loop)
+        with pytest.raises(InvalidInput) as caught:
+            load_deployments(server_config(Store(home)), deployments)
+        assert says in str(caught.value)
+        assert "[deployments.bad]" in str(caught.value)
+        assert deployments.list() == []
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()

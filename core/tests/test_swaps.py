@@ -1,0 +1,204 @@
+"""Versions of a deployment on a real server: live swaps under load, failed swaps that leave the
+live version serving, canaries, rollback, and records that survive a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from gptstore.server import create_app
+from gptstore.testing import running_server
+
+from .test_replicas import ADMIN, _home, _manager, call, complete, status
+
+PROMPT = "one two three four five"
+OLD, NEW = PROMPT, PROMPT.upper()  # the new version answers in capitals
+
+
+def echo(**options):
+    return {"artifact": "echo", "backend": "echo", "replicas": 2, "options": options}
+
+
+def put(base, spec, name="echo"):
+    return call(base, "PUT", f"/store/deployments/{name}", spec, timeout=120)
+
+
+@pytest.fixture
+def served(tmp_path):
+    home = _home(tmp_path, {"echo": echo(word_delay=0.002)})
+    with running_server(create_app(home, manager=_manager())) as base:
+        yield base, home
+
+
+def load(base, stop, answers, stream=False):
+    """Requests until ``stop`` is set; each answer's status and text into ``answers``."""
+    while not stop.is_set():
+        code, body = complete(base, stream=stream) if stream else complete(base)
+        if stream:
+            text = "".join(
+                json.loads(line[6:])["choices"][0]["text"]
+                for line in (body if isinstance(body, str) else "").splitlines()
+                if line.startswith("data: {")
+            )
+        else:
+            text = body["choices"][0]["text"] if code == 200 else body
+        answers.append((code, text))
+
+
+def test_a_live_swap_under_load_fails_no_request(served):
+    base, _home = served
+    before = {r["pid"] for r in status(base)["replicas"]}
+    stop, answers = threading.Event(), []
+    with ThreadPoolExecutor(8) as pool:
+        clients = [pool.submit(load, base, stop, answers, i % 2 == 1) for i in range(8)]
+        while len(answers) < 100:
+            threading.Event().wait(0.01)
+        code, body = put(base, echo(word_delay=0.002, uppercase=True))
+        seen = len(answers)
+        while len(answers) < seen + 100:
+            threading.Event().wait(0.01)
+        stop.set()
+        for client in clients:
+            client.result()
+    assert code == 200, body
+    assert body["version"] == 2
+    assert [(v["version"], v["outcome"]) for v in body["versions"]] == [
+        (1, "replaced"),
+        (2, "live"),
+    ]
+    assert body["versions"][1]["by"].startswith("key sha256:")
+    failed = [a for a in answers if a[0] != 200]
+    assert failed == []
+    assert {text for _, text in answers} == {OLD, NEW}  # every answer from one version or the other
+    assert answers[-1][1] == NEW
+    for pid in before:  # the old version's replicas stopped once their calls were done
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"load": "crash"}, "exited with status 70 while loading"),
+        ({"load": "error"}, "told to refuse it"),
+        ({"load": "broken"}, "failed a probe"),
+    ],
+)
+def test_a_failed_swap_leaves_the_live_version_serving(served, options, says):
+    base, _home = served
+    stop, answers = threading.Event(), []
+    with ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(load, base, stop, answers) for _ in range(4)]
+        code, body = put(base, echo(**options))
+        stop.set()
+        for client in clients:
+            client.result()
+    assert code == 422, body
+    assert says in body["error"]["message"]
+    assert "version 1 still serves" in body["error"]["message"]
+    assert [a for a in answers if a != (200, OLD)] == []
+    state = status(base)
+    assert state["version"] == 1
+    assert state["swap"]["state"] == "failed"
+    assert state["versions"][-1]["outcome"].startswith("failed: ")
+    assert [r["state"] for r in state["replicas"]] == ["ready", "ready"]  # v2's are gone
+
+
+def test_a_canary_takes_its_share_until_promoted_or_rolled_back(served):
+    base, _home = served
+    code, body = put(base, {**echo(uppercase=True), "canary": 50})
+    assert code == 200, body
+    assert body["canary"] == {"version": 2, "percent": 50}
+    assert body["version"] == 1
+    texts = [complete(base)[1]["choices"][0]["text"] for _ in range(60)]
+    assert OLD in texts
+    assert NEW in texts
+    code, body = put(base, echo())
+    assert code == 409  # one change at a time: the canary first
+    code, body = call(base, "POST", "/store/deployments/echo/rollback")
+    assert code == 200, body
+    assert body["canary"] is None
+    assert {complete(base)[1]["choices"][0]["text"] for _ in range(10)} == {OLD}
+    code, body = put(base, {**echo(uppercase=True), "canary": 10})
+    assert (code, body["canary"]["version"]) == (200, 3)
+    code, body = call(base, "POST", "/store/deployments/echo/promote")
+    assert (code, body["version"], body["canary"]) == (200, 3, None)
+    assert {complete(base)[1]["choices"][0]["text"] for _ in range(10)} == {NEW}
+    outcomes = [(v["version"], v["outcome"]) for v in status(base)["versions"]]
+    assert outcomes == [(1, "replaced"), (2, "rolled back"), (3, "live")]
+
+
+def test_rollback_returns_to_the_previous_version(served):
+    base, _home = served
+    assert put(base, echo(uppercase=True))[0] == 200
+    assert complete(base)[1]["choices"][0]["text"] == NEW
+    code, body = call(base, "POST", "/store/deployments/echo/rollback")
+    assert code == 200, body
+    assert body["version"] == 3
+    assert body["versions"][-1]["outcome"] == "live (rolled back to version 1)"
+    assert complete(base)[1]["choices"][0]["text"] == OLD
+
+
+def test_deployments_made_through_the_api_survive_a_restart(tmp_path):
+    home = _home(tmp_path, {})
+    with running_server(create_app(home, manager=_manager())) as base:
+        code, body = put(base, echo(), name="made")
+        assert (code, body["version"]) == (201, 1), body
+        assert put(base, echo(uppercase=True), name="made")[0] == 200
+    record = json.loads((home / "deployments" / "made.json").read_text())
+    assert record["version"] == 2
+    with running_server(create_app(home, manager=_manager())) as base:
+        state = status(base, "made")
+        assert state["version"] == 2
+        assert [v["outcome"] for v in state["versions"]] == ["replaced", "live"]
+        assert complete(base, model="made")[1]["choices"][0]["text"] == NEW
+        assert call(base, "DELETE", "/store/deployments/made")[0] == 204
+    assert not (home / "deployments" / "made.json").exists()
+    with running_server(create_app(home, manager=_manager())) as base:
+        assert call(base, "GET", "/store/deployments/made")[0] == 404
+
+
+def test_a_swap_cannot_exceed_max_replicas(tmp_path):
+    home = _home(tmp_path, {"echo": echo()})
+    config = home / "config.toml"
+    config.write_text(config.read_text().replace("[server]", "[server]\nmax_replicas = 3", 1))
+    with running_server(create_app(home, manager=_manager())) as base:
+        code, body = put(base, echo())
+        assert code == 409
+        assert "max_replicas" in body["error"]["message"]
+        assert status(base)["version"] == 1
+        assert call(base, "PUT", "/store/deployments/echo", {**echo(), "replicas": 1})[0] == 200
+
+
+def test_gptstore_deploy_swaps_canaries_and_rolls_back_a_running_server(served):
+    from gptstore.testing import run_cli
+
+    base, _home = served
+    env = {"GPTSTORE_API_KEY": ADMIN, "GPTSTORE_SERVER": base}
+    done = run_cli("deploy", "echo", "echo", "--option", "uppercase=true", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "echo: version 2 live" in done.stdout
+    assert "v1  echo on echo  replaced" in done.stdout
+    assert status(base)["versions"][-1]["spec"]["replicas"] == 2  # kept from the live version
+    assert complete(base)[1]["choices"][0]["text"] == NEW
+
+    done = run_cli("deploy", "echo", "echo", "--canary", "25", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "version 3 canary at 25%" in done.stdout
+    done = run_cli("deploy", "echo", "--rollback", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "v3  echo on echo  rolled back" in done.stdout
+
+    failed = run_cli("deploy", "echo", "echo", "--option", 'load="crash"', env=env)
+    assert failed.returncode == 1
+    assert "422" in failed.stderr
+    assert "version 2 still serves" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+    nobody = run_cli("deploy", "echo", "echo", "--server", "http://127.0.0.1:9", env=env)
+    assert nobody.returncode == 1
+    assert "cannot reach the server" in nobody.stderr
