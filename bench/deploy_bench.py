@@ -281,6 +281,7 @@ def bench_swap(home: Path, args: argparse.Namespace) -> dict[str, Any]:
             return begun, time.perf_counter(), status
 
         during, (begun, ended, status) = steady_load(base, "live", args.swap_seconds, 4, swap)
+        post(base, "/store/deployments/live", {}, method="DELETE")  # and its record
     if status != 200:
         raise RuntimeError(f"the swap answered {status}")
     window = [latency for start, latency in during if start + latency >= begun and start <= ended]
@@ -353,13 +354,14 @@ def main() -> None:
 
     home = RESULTS / "serving-home"
     prepare(home)
-    results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "args": vars(args),
-    }
+    # Sections not run this time keep their last figures (each says when it ran).
+    path = RESULTS / "deploy.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    results["args"] = vars(args)
     if not args.skip_batching:
         print("continuous vs static batching (SmolLM2 int8 on onnx, one replica each):")
-        results["batching"] = batching = bench_batching(home, args)
+        results["batching"] = batching = {**bench_batching(home, args), "at": time.ctime()}
         ratios = batching["ratios"]
         print(
             f"  continuous / static: tokens/s {ratios['tokens_per_s']:.2f}x, TTFT p50 "
@@ -367,7 +369,7 @@ def main() -> None:
         )
     if not args.skip_swap:
         print("p99 latency during a live swap (fp32 -> int8, 4 clients):")
-        results["swap"] = swap = bench_swap(home, args)
+        results["swap"] = swap = {**bench_swap(home, args), "at": time.ctime()}
         print(
             f"  steady p99 {swap['steady_p99_s']:.2f} s, during the swap "
             f"({swap['swap_seconds']:.1f} s, {swap['requests_during_swap']} requests) "
@@ -375,13 +377,13 @@ def main() -> None:
         )
     if not args.skip_routing:
         print("routing overhead (echo, sequential requests):")
-        results["routing"] = routing = bench_routing(home, args)
+        results["routing"] = routing = {**bench_routing(home, args), "at": time.ctime()}
         print(
             f"  in-process p50 {routing['inprocess_p50_ms']:.2f} ms, 4 replicas "
             f"{routing['replicas_p50_ms']:.2f} ms: +{routing['added_p50_ms']:.2f} ms"
         )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "deploy.json").write_text(json.dumps(results, indent=1))
+    path.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import tomli_w
+from prometheus_client.parser import text_string_to_metric_families
 
 import gptstore.testing.echo
 from gptstore.errors import InvalidInput
@@ -110,6 +111,27 @@ def test_requests_are_spread_over_replica_processes(served):
     assert sum(r["served"] for r in replicas) == 40
     assert all(r["served"] > 0 for r in replicas)  # both took a share
     assert all(r["outstanding"] == 0 for r in replicas)
+    code, ready = call(served, "GET", "/ready")
+    assert (code, ready["deployments"]) == (200, {"echo": {"version": 1, "replicas": {"ready": 2}}})
+    code, text = call(served, "GET", "/metrics")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def sample(name, **labels):
+        return samples[
+            (name, tuple(sorted({"deployment": "echo", "version": "1", **labels}.items())))
+        ]
+
+    assert sample("gptstore:requests_total", status="200") == 40
+    assert sample("gptstore:prompt_tokens_total") == 40 * 5
+    assert sample("gptstore:generation_tokens_total") == 40 * 5
+    assert sample("gptstore:e2e_request_latency_seconds_count") == 40
+    assert sample("gptstore:replicas", state="ready") == 2
+    assert sample("gptstore:replicas", state="dead") == 0
+    assert sample("gptstore:num_requests_running") == 0
 
 
 def test_a_replica_killed_under_load_fails_no_request_and_comes_back(served):

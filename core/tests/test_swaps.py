@@ -27,6 +27,23 @@ def put(base, spec, name="echo"):
     return call(base, "PUT", f"/store/deployments/{name}", spec, timeout=120)
 
 
+def metric_samples(base):
+    """/metrics as {(name, version or outcome, status): value} for the echo deployment."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code, text = call(base, "GET", "/metrics")
+    assert code == 200
+    return {
+        (
+            sample.name,
+            *(sample.labels[k] for k in ("version", "outcome", "status") if k in sample.labels),
+        ): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("deployment") == "echo"
+    }
+
+
 @pytest.fixture
 def served(tmp_path):
     home = _home(tmp_path, {"echo": echo(word_delay=0.002)})
@@ -75,6 +92,15 @@ def test_a_live_swap_under_load_fails_no_request(served):
     assert failed == []
     assert {text for _, text in answers} == {OLD, NEW}  # every answer from one version or the other
     assert answers[-1][1] == NEW
+    counted = metric_samples(base)
+    answered = {
+        version: counted.get(("gptstore:requests_total", version, "200"), 0)
+        for version in ("1", "2")
+    }
+    assert answered["1"] + answered["2"] == len(answers)  # each request counted once, by version
+    assert answered["1"] > 0
+    assert answered["2"] > 0
+    assert counted[("gptstore:swaps_total", "swapped")] == 1
     for pid in before:  # the old version's replicas stopped once their calls were done
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -106,6 +132,7 @@ def test_a_failed_swap_leaves_the_live_version_serving(served, options, says):
     assert state["swap"]["state"] == "failed"
     assert state["versions"][-1]["outcome"].startswith("failed: ")
     assert [r["state"] for r in state["replicas"]] == ["ready", "ready"]  # v2's are gone
+    assert metric_samples(base)[("gptstore:swaps_total", "failed")] == 1
 
 
 def test_a_canary_takes_its_share_until_promoted_or_rolled_back(served):

@@ -11,6 +11,7 @@ the same way.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from attrs import asdict
 
 from gptstore.artifacts import ArtifactStore
 from gptstore.converter import structure, unstructure
+from gptstore.deploy.metrics import DeploymentSnapshot, Metrics
 from gptstore.deploy.records import DeploymentRecords
 from gptstore.deploy.router import ReplicatedDeployment, SwapGate, VersionRecord
 from gptstore.errors import Conflict, InvalidInput, NotFound, Unavailable
@@ -52,9 +54,12 @@ class Deployments:
         loop: asyncio.AbstractEventLoop | None = None,
         max_replicas: int = MAX_REPLICAS,
         records: DeploymentRecords | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.manager = manager
         self.artifacts = artifacts
+        #: Where replicated deployments count their calls and swaps (None: nowhere).
+        self.metrics = metrics
         #: Where deployments created or changed through the API are kept (None: nowhere).
         self.records = records
         #: The server's event loop: replicated deployments live on it (None: in-process only).
@@ -155,6 +160,7 @@ class Deployments:
                 by=by,
                 version=version,
             )
+            replicated.metrics = self.metrics
             asyncio.run_coroutine_threadsafe(replicated.start(), self.loop).result()
             return replicated
         runner = load_runner(checked)
@@ -320,6 +326,26 @@ class Deployments:
             with self._lock:
                 self._replicas[name] = len(deployment.replicas)
         return deployment
+
+    def snapshots(self) -> builtins.list[DeploymentSnapshot]:
+        """Every deployment version as the metrics show it (read on the event loop)."""
+        shots: builtins.list[DeploymentSnapshot] = []
+        for deployment in self.list():
+            if isinstance(deployment, ReplicatedDeployment):
+                shots.extend(deployment.snapshots())
+                continue
+            held, most = deployment.batcher.accepted, deployment.spec.max_batch
+            ok = deployment.status()["health"]["ok"]
+            shots.append(
+                DeploymentSnapshot(
+                    deployment.name,
+                    1,
+                    {"ready" if ok else "dead": 1},
+                    max(held - most, 0),
+                    min(held, most),
+                )
+            )
+        return shots
 
     def _persist(self, deployment: ReplicatedDeployment) -> None:
         if self.records is None:

@@ -113,7 +113,15 @@ class Server:
                             {"id": call, "op": "chunk", "index": index, "chunk": unstructure(chunk)}
                         )
                         await self.writer.drain()
-                self.send({"id": call, "op": "done", "stats": deployment.status()["batches"]})
+                prompt_tokens = sum(deployment.runner.count_tokens(r.prompt) for r in requests)
+                self.send(
+                    {
+                        "id": call,
+                        "op": "done",
+                        "stats": deployment.status()["batches"],
+                        "prompt_tokens": prompt_tokens,
+                    }
+                )
         elif op == "chat_prompt":
             messages = structure(
                 message["messages"], list[ChatMessage], what="messages", path="$.messages"

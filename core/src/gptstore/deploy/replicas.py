@@ -45,6 +45,7 @@ class Replica:
 
     def __init__(self, label: str, load: dict[str, Any]) -> None:
         self.label = label
+        self.version = 1  # of the deployment: set by its ReplicaSet
         self.load_message = load
         self.state: ReplicaState = "starting"
         self.outstanding = 0

@@ -29,6 +29,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 from attrs import asdict, define, field, frozen
 
 from gptstore.converter import in_range, structure, unstructure
+from gptstore.deploy.metrics import DeploymentSnapshot, Metrics, status_of
 from gptstore.deploy.replicas import Replica, ReplicaLost
 from gptstore.errors import (
     Conflict,
@@ -114,6 +116,7 @@ class ReplicaSet:
         self.plan = plan
         self.replicas = [Replica(f"{label}/v{version}/{i}", load) for i in range(spec.replicas)]
         for replica in self.replicas:
+            replica.version = version
             replica.on_death = self._restart_later
         self.info = RunnerInfo(context_length=None, logprobs=False)
         self._closing = False
@@ -207,6 +210,8 @@ class ReplicatedDeployment:
         #: What a swap in progress is doing, or how the last one ended.
         self.swap_state: dict[str, Any] = {"state": "idle"}
         self.on_change: Callable[[ReplicatedDeployment], None] | None = None
+        #: Where its calls and swaps are counted (set by the manager; None: nowhere).
+        self.metrics: Metrics | None = None
         self._swap_lock = asyncio.Lock()
         self._closing = False
 
@@ -256,20 +261,39 @@ class ReplicatedDeployment:
             f"deployment {self.name!r} has no ready replica ({states}); retry shortly"
         )
 
-    async def _ask(self, op: str, **payload: Any) -> dict[str, Any]:
+    async def _ask(self, op: str, **payload: Any) -> tuple[dict[str, Any], Replica]:
         tried: list[Replica] = []
         while True:
             replica = self._pick(tried)
             try:
-                return await replica.ask(op, **payload)
+                return await replica.ask(op, **payload), replica
             except ReplicaLost:
                 tried.append(replica)
                 if len(tried) > 1 or self._closing:
                     raise
 
+    def _observe(self, version: int, status: int, **figures: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.request(self.name, version, status, **figures)
+
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        answer = await self._ask("generate", requests=unstructure(list(requests)))
-        return structure(answer["generations"], list[Generation], what="replica answer", path="$")
+        started = time.perf_counter()
+        try:
+            answer, replica = await self._ask("generate", requests=unstructure(list(requests)))
+            generations = structure(
+                answer["generations"], list[Generation], what="replica answer", path="$"
+            )
+        except BaseException as exc:
+            self._observe(self.version, status_of(exc))
+            raise
+        self._observe(
+            replica.version,
+            200,
+            prompt_tokens=sum(g.prompt_tokens for g in generations),
+            generation_tokens=sum(g.completion_tokens for g in generations),
+            e2e=time.perf_counter() - started,
+        )
+        return generations
 
     def stream(
         self, requests: Sequence[GenerationRequest]
@@ -277,25 +301,54 @@ class ReplicatedDeployment:
         return self._stream(unstructure(list(requests)))
 
     async def _stream(self, payload: Any) -> AsyncGenerator[tuple[int, StreamChunk], None]:
+        """The chunks (see :meth:`stream`); recorded in the metrics as it ends: its chunks with
+        text count as its generated tokens (a chunk holds one token, or a few when a character
+        spans them), the time to the first of them as its time to first token."""
+        started = time.perf_counter()
+        first: float | None = None
+        chunks = prompt_tokens = 0
+        version = self.version
         tried: list[Replica] = []
-        while True:
-            replica = self._pick(tried)
-            sent = False
-            try:
-                async with contextlib.aclosing(replica.call("stream", requests=payload)) as answers:
-                    async for message in answers:
-                        if message["op"] == "chunk":
+        try:
+            while True:
+                replica = self._pick(tried)
+                version = replica.version
+                sent = False
+                try:
+                    async with contextlib.aclosing(
+                        replica.call("stream", requests=payload)
+                    ) as answers:
+                        async for message in answers:
+                            if message["op"] == "done":
+                                prompt_tokens = int(message.get("prompt_tokens", 0))
+                            if message["op"] != "chunk":
+                                continue
                             sent = True
                             chunk = structure(message["chunk"], StreamChunk, what="chunk", path="$")
+                            if chunk.text:
+                                chunks += 1
+                                if first is None:
+                                    first = time.perf_counter() - started
                             yield message["index"], chunk
-                return
-            except ReplicaLost:
-                tried.append(replica)
-                if sent or len(tried) > 1 or self._closing:
-                    raise
+                    break
+                except ReplicaLost:
+                    tried.append(replica)
+                    if sent or len(tried) > 1 or self._closing:
+                        raise
+        except BaseException as exc:
+            self._observe(version, status_of(exc), generation_tokens=chunks)
+            raise
+        self._observe(
+            version,
+            200,
+            prompt_tokens=prompt_tokens,
+            generation_tokens=chunks,
+            e2e=time.perf_counter() - started,
+            ttft=first,
+        )
 
     async def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        answer = await self._ask("chat_prompt", messages=unstructure(list(messages)))
+        answer, _replica = await self._ask("chat_prompt", messages=unstructure(list(messages)))
         return str(answer["prompt"])
 
     # -- versions ----------------------------------------------------------------------------
@@ -348,7 +401,7 @@ class ReplicatedDeployment:
                 why = str(exc) if isinstance(exc, GptstoreError) else f"{type(exc).__name__}: {exc}"
                 record.outcome = f"failed: {why}"
                 self.swap_state = {"state": "failed", "version": version, "error": why}
-                self._changed()
+                self._changed("failed")
                 raise SwapFailed(
                     f"version {version} of deployment {self.name!r} failed ({why}); version "
                     f"{self.live.version} still serves"
@@ -362,14 +415,14 @@ class ReplicatedDeployment:
                 self.canary, self.canary_share = new, canary / 100
                 record.outcome = "canary"
                 self.swap_state = {"state": "canary", "version": version, "percent": canary}
-                self._changed()
+                self._changed("canary")
                 return record
             old = self.live
             self.live = new  # from here on, every new call goes to the new version
             record.outcome = "live"
             self._mark(old.version, "replaced")
             self.swap_state = {"state": "done", "version": version}
-            self._changed()
+            self._changed("swapped")
         await old.aclose()
         return record
 
@@ -384,7 +437,7 @@ class ReplicatedDeployment:
             self._mark(old.version, "replaced")
             self._mark(new.version, "live")
             self.swap_state = {"state": "done", "version": new.version}
-            self._changed()
+            self._changed("promoted")
         await old.aclose()
         return self._find(new.version)
 
@@ -402,7 +455,7 @@ class ReplicatedDeployment:
                 self.canary, self.canary_share = None, 0.0
                 self._mark(canary.version, "rolled back")
                 self.swap_state = {"state": "rolled back", "version": canary.version}
-                self._changed()
+                self._changed("rolled_back")
             await canary.aclose()
             return self._find(self.live.version)
         previous = next(
@@ -419,7 +472,7 @@ class ReplicatedDeployment:
         plan, load = plan_of(spec)
         record = await self.swap(spec, plan, load, by=by)
         record.outcome = f"live (rolled back to version {previous.version})"
-        self._changed()
+        self._changed("rolled_back")
         return record
 
     def _mark(self, version: int, outcome: str) -> None:
@@ -430,7 +483,9 @@ class ReplicatedDeployment:
     def _find(self, version: int) -> VersionRecord:
         return next(r for r in self.history if r.version == version)
 
-    def _changed(self) -> None:
+    def _changed(self, outcome: str | None = None) -> None:
+        if outcome is not None and self.metrics is not None:
+            self.metrics.swap(self.name, outcome)
         if self.on_change is not None:
             try:
                 self.on_change(self)
@@ -482,6 +537,20 @@ class ReplicatedDeployment:
             )
 
     # -- status ----------------------------------------------------------------------------
+
+    def snapshots(self) -> list[DeploymentSnapshot]:
+        """Per version, for the metrics: its replicas' states, and its calls in flight split
+        as its replicas' batchers hold them (up to max_batch running each, the rest waiting)."""
+        shots = []
+        for replicas in [self.live, *([self.canary] if self.canary else [])]:
+            most = replicas.spec.max_batch
+            states = Counter[str](r.state for r in replicas.replicas)
+            running = sum(min(r.outstanding, most) for r in replicas.replicas)
+            waiting = sum(max(r.outstanding - most, 0) for r in replicas.replicas)
+            shots.append(
+                DeploymentSnapshot(self.name, replicas.version, dict(states), waiting, running)
+            )
+        return shots
 
     def status(self) -> DeploymentStatus:
         replicas = self.replicas

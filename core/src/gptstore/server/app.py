@@ -27,12 +27,14 @@ from gptstore import __version__
 from gptstore.artifacts import ArtifactStore
 from gptstore.config import Store
 from gptstore.deploy import Deployments
+from gptstore.deploy.metrics import DeploymentSnapshot, Metrics
 from gptstore.deploy.records import DeploymentRecords
 from gptstore.errors import GptstoreError, InvalidInput, Unavailable
 from gptstore.manager import PluginManager, make_plugin_manager
 from gptstore.server.auth import require_role
 from gptstore.server.errors import EXCEPTION_HANDLERS
 from gptstore.server.health import ROUTES as HEALTH_ROUTES
+from gptstore.server.metrics_api import ROUTES as METRICS_ROUTES
 from gptstore.server.openai_api import OpenAIController
 from gptstore.server.settings import (
     SERVER_CONFIG_ENV,
@@ -167,6 +169,7 @@ def create_app(
     artifacts = ArtifactStore(store.artifacts_dir)
     plans = plan_deployments(checked, plugins, artifacts)
     drain = Drain()
+    metrics = Metrics(lambda: _snapshots(app))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -178,6 +181,7 @@ def create_app(
             loop=asyncio.get_running_loop(),
             max_replicas=checked.settings.max_replicas,
             records=DeploymentRecords(store.deployments_dir),
+            metrics=metrics,
         )
         try:
             await anyio.to_thread.run_sync(load_deployments, checked, deployments, plans)
@@ -191,16 +195,29 @@ def create_app(
         finally:
             await anyio.to_thread.run_sync(deployments.close)
 
-    return Litestar(
-        route_handlers=[*HEALTH_ROUTES, OpenAIController, StoreController],
+    app = Litestar(
+        route_handlers=[*HEALTH_ROUTES, *METRICS_ROUTES, OpenAIController, StoreController],
         lifespan=[lifespan],
         guards=[require_role],
         before_request=_before_request,
         middleware=[drain.middleware],
         state=State(
-            {"settings": checked.settings, "store": store, "manager": plugins, "drain": drain}
+            {
+                "settings": checked.settings,
+                "store": store,
+                "manager": plugins,
+                "drain": drain,
+                "metrics": metrics,
+            }
         ),
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=checked.settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="gptstore", version=__version__),
     )
+    return app
+
+
+def _snapshots(app: Litestar) -> list[DeploymentSnapshot]:
+    """The deployments' states for a scrape of /metrics (none before they are loaded)."""
+    deployments: Deployments | None = getattr(app.state, "deployments", None)
+    return deployments.snapshots() if deployments is not None else []

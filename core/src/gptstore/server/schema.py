@@ -122,10 +122,16 @@ class ModelList(TypedDict):
     data: list[Model]
 
 
+class DeploymentReadiness(TypedDict):
+    version: int
+    replicas: dict[str, int]
+
+
 class Readiness(TypedDict):
     ready: bool
     loading: list[str]
     draining: bool
+    deployments: dict[str, DeploymentReadiness]
 
 
 class Status(TypedDict):

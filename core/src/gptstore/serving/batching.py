@@ -113,6 +113,11 @@ class Batcher:
         self._thread.start()
 
     @property
+    def accepted(self) -> int:
+        """Requests accepted and not answered yet (running or waiting)."""
+        return self._accepted
+
+    @property
     def alive(self) -> bool:
         """Whether the worker thread runs (it stops only after :meth:`close`)."""
         return self._thread.is_alive()
