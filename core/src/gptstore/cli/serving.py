@@ -211,24 +211,25 @@ def deploy(
             body["canary"] = canary
         if gate_ratio is not None:
             body["gate"] = {"max_perplexity_ratio": gate_ratio}
-        out.print(f"deploying {artifact} as the next version of {name} on {server} ...")
+        out.print(
+            f"deploying {artifact} as the next version of {name} on {server} ...", soft_wrap=True
+        )
         state = _call(server, key, "PUT", path, body)
     if as_json:
         emit_json(state)
         return
     canary_now = state.get("canary")
-    out.print(
-        f"{name}: version {state['version']} live"
-        + (
-            f", version {canary_now['version']} canary at {canary_now['percent']:g}%"
-            if canary_now
-            else ""
-        )
+    canary_text = (
+        f", version {canary_now['version']} canary at {canary_now['percent']:g}%"
+        if canary_now
+        else ""
     )
+    out.print(f"{name}: version {state['version']} live{canary_text}", soft_wrap=True)
     for version in state["versions"][-5:]:
         out.print(
             f"  v{version['version']}  {version['artifact']} on {version['backend']}  "
-            f"{version['outcome']}  ({version['at'][:19]}, {version['by']})"
+            f"{version['outcome']}  ({version['at'][:19]}, {version['by']})",
+            soft_wrap=True,
         )
 
 
