@@ -25,9 +25,7 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -58,38 +56,13 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 @contextmanager
-def serving(home: Path, config: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    from gptstore.testing import free_port, wait_ready
+def serving(home: Path, config: Path) -> Iterator[str]:
+    from gptstore.testing import serving_process
 
-    port = free_port()
-    with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gptstore.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--config",
-                str(config),
-            ],
-            env={**os.environ, "GPTSTORE_HOME": str(home), **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            try:
-                wait_ready(base, lambda: process.poll() is None, "/ready", 600)
-            except RuntimeError:
-                log.seek(0)
-                raise RuntimeError(log.read()[-5000:]) from None
-            yield base
-        finally:
-            process.terminate()
-            process.wait(timeout=120)
+    with serving_process(
+        "--config", str(config), env={"GPTSTORE_HOME": str(home)}, timeout=600
+    ) as base:
+        yield base
 
 
 def post(

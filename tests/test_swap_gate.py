@@ -51,9 +51,7 @@ def put(base, body):
         return error.code, json.loads(error.read())
 
 
-def test_the_perplexity_gate_passes_a_version_as_good_and_refuses_a_worse_one(
-    tmp_path, tiny_model
-):
+def test_the_perplexity_gate_passes_a_version_as_good_and_refuses_a_worse_one(tmp_path, tiny_model):
     from gptstore.manager import make_plugin_manager
 
     home = tmp_path / "home"

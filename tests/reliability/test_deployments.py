@@ -20,20 +20,16 @@ import http.client
 import json
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import urllib.parse
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import pytest
 import tomli_w
 
-from gptstore.testing import free_port, wait_ready
+from gptstore.testing import server_process
 from gptstore.testing.echo import echo_artifact
 
 ADMIN = "reliability-admin"
@@ -66,39 +62,11 @@ def make_home(tmp_path, fake_dist):
     return make
 
 
-@contextmanager
 def serve(home, site):
-    """`gptstore serve` on a free port: (base URL, process); killed at the end if still up."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "GPTSTORE_HOME": str(home),
-        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-    }
-    with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gptstore.cli", "serve", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            try:
-                wait_ready(base, lambda: process.poll() is None, "/ready", 120)
-            except RuntimeError:
-                log.seek(0)
-                raise RuntimeError(log.read()) from None
-            yield base, process
-        finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+    """`gptstore serve` with the store at ``home`` and the echo plugin on the path: (base URL,
+    process)."""
+    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    return server_process(env={"GPTSTORE_HOME": str(home), "PYTHONPATH": path}, timeout=120)
 
 
 def call(base, method, path, body=None, timeout=120):

@@ -7,16 +7,13 @@ import http.client
 import json
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import tomli_w
 
-from gptstore.testing import free_port, wait_ready
+from gptstore.testing import server_process
 from gptstore.testing.echo import echo_artifact
 
 ADMIN = "drain-admin"
@@ -55,58 +52,40 @@ def test_sigterm_lets_every_request_in_flight_complete_then_exits_0(tmp_path, fa
             }
         )
     )
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = {
-        **os.environ,
         "GPTSTORE_HOME": str(home),
         "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
     }
     prompt = " ".join(f"w{i}" for i in range(WORDS))
-    with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gptstore.cli", "serve", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        try:
-            wait_ready(base, lambda: process.poll() is None, "/ready", 120)
+    with server_process(env=env, timeout=120) as (base, process):
 
-            def one(index):
-                body = {"model": "echo", "prompt": prompt, "max_tokens": WORDS}
-                if index % 2:
-                    body["stream"] = True
-                return request(base, "POST", "/v1/completions", body)
+        def one(index):
+            body = {"model": "echo", "prompt": prompt, "max_tokens": WORDS}
+            if index % 2:
+                body["stream"] = True
+            return request(base, "POST", "/v1/completions", body)
 
-            with ThreadPoolExecutor(K) as pool:
-                futures = [pool.submit(one, i) for i in range(K)]
+        with ThreadPoolExecutor(K) as pool:
+            futures = [pool.submit(one, i) for i in range(K)]
 
-                def in_flight():
-                    _, text = request(base, "GET", "/store/deployments/echo")
-                    return sum(r["outstanding"] for r in json.loads(text)["replicas"])
+            def in_flight():
+                _, text = request(base, "GET", "/store/deployments/echo")
+                return sum(r["outstanding"] for r in json.loads(text)["replicas"])
 
-                deadline = time.monotonic() + 30
-                while in_flight() < K and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                assert in_flight() == K
-                process.send_signal(signal.SIGTERM)
-                time.sleep(0.2)
-                ready, _ = request(base, "GET", "/ready")
-                refused, refusal = request(base, "GET", "/v1/models")
-                answers = [future.result() for future in futures]
-            code = process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        log.seek(0)
-        output = log.read()
+            deadline = time.monotonic() + 30
+            while in_flight() < K and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert in_flight() == K
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            ready, _ = request(base, "GET", "/ready")
+            refused, refusal = request(base, "GET", "/v1/models")
+            answers = [future.result() for future in futures]
+        code = process.wait(timeout=60)
     assert ready == 503
     assert refused == 503, refusal
     assert "shutting down" in refusal
-    assert [status for status, _ in answers] == [200] * K, output[-3000:]
+    assert [status for status, _ in answers] == [200] * K
     for index, (_, text) in enumerate(answers):
         if index % 2:  # a stream: every word, then the end
             assert text.rstrip().endswith("data: [DONE]")
@@ -118,4 +97,4 @@ def test_sigterm_lets_every_request_in_flight_complete_then_exits_0(tmp_path, fa
             assert "".join(words) == prompt
         else:
             assert json.loads(text)["choices"][0]["text"] == prompt
-    assert code == 0, output[-3000:]
+    assert code == 0

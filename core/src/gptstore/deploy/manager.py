@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from attrs import asdict
@@ -293,22 +293,15 @@ class Deployments:
                     "(max_replicas); ask for fewer or delete a deployment"
                 )
             self._replicas[name] = self._replicas.get(name, 0) + spec.replicas
-        deployment.on_change = self._persist
-        try:
-            deployment.run(deployment.swap(spec, checked, load, canary=canary, gate=gate, by=by))
-        finally:
-            with self._lock:
-                self._replicas[name] = len(deployment.replicas)
+        self._change(
+            name, deployment, deployment.swap(spec, checked, load, canary=canary, gate=gate, by=by)
+        )
         return deployment, False
 
     def promote(self, name: str, *, by: str = "config") -> Served:
         """Make the canary of ``name`` its live version."""
         deployment = self._replicated(name)
-        try:
-            deployment.run(deployment.promote(by=by))
-        finally:
-            with self._lock:
-                self._replicas[name] = len(deployment.replicas)
+        self._change(name, deployment, deployment.promote(by=by))
         return deployment
 
     def rollback(self, name: str, *, by: str = "config") -> Served:
@@ -319,13 +312,18 @@ class Deployments:
             checked = self.plan(name, spec)
             return checked, self.load_message(name, spec, checked)
 
+        self._change(name, deployment, deployment.rollback(plan_of, by=by))
+        return deployment
+
+    def _change(self, name: str, deployment: ReplicatedDeployment, work: Awaitable[Any]) -> None:
+        """Run a change of versions on the deployment's event loop; its record follows every
+        step, and its replicas are counted again (for max_replicas) however it ends."""
         deployment.on_change = self._persist
         try:
-            deployment.run(deployment.rollback(plan_of, by=by))
+            deployment.run(work)
         finally:
             with self._lock:
                 self._replicas[name] = len(deployment.replicas)
-        return deployment
 
     def snapshots(self) -> builtins.list[DeploymentSnapshot]:
         """Every deployment version as the metrics show it (read on the event loop)."""

@@ -14,7 +14,8 @@ Fixtures for gptstore and its plugins' tests:
 and :func:`add_artifact`, which copies a model folder into a store as an artifact;
 :func:`run_cli`, which runs the ``gptstore`` command in a subprocess as a user would;
 :func:`running_server`, which serves an ASGI app with uvicorn on 127.0.0.1;
-:func:`serving_process`, which runs `gptstore serve` as its own process.
+:func:`serving_process`, which runs `gptstore serve` as its own process (:func:`server_process`
+yields the process too).
 """
 
 from __future__ import annotations
@@ -208,6 +209,16 @@ def serving_process(
     """Run ``gptstore serve ARGS`` as a separate process on a free port of 127.0.0.1; yields the
     base URL once /ready answers 200, and stops the process when the block ends. Its output goes
     to a log whose text is in the error when it fails to become ready."""
+    with server_process(*args, env=env, timeout=timeout) as (base, _process):
+        yield base
+
+
+@contextmanager
+def server_process(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """:func:`serving_process` that yields the process too, (base URL, process): for tests that
+    signal or kill it. Stopped (SIGTERM, then SIGKILL after 60 s) if still running at the end."""
     port = free_port()
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(
@@ -224,11 +235,12 @@ def serving_process(
             except RuntimeError as error:
                 log.seek(0)
                 raise RuntimeError(f"gptstore serve: {error}; its log:\n{log.read()}") from None
-            yield base
+            yield base, process
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
