@@ -230,3 +230,24 @@ def test_a_replica_that_fails_to_load_stops_the_server_start_with_its_cause(tmp_
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
+
+
+def test_in_process_deployments_are_counted_in_the_metrics_too(tmp_path):
+    home = _home(tmp_path, {"echo": {"artifact": "echo", "backend": "echo", "isolation": "none"}})
+    with running_server(create_app(home, manager=_manager())) as base:
+        for _ in range(3):
+            assert complete(base)[0] == 200
+        assert complete(base, stream=True)[0] == 200
+        assert complete(base, logprobs=1)[0] == 400  # refused by the deployment: echo has none
+        _, text = call(base, "GET", "/metrics")
+    samples = {
+        (s.name, s.labels.get("status")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.labels.get("deployment") == "echo" and s.labels.get("version") == "1"
+    }
+    assert samples[("gptstore:requests_total", "200")] == 4
+    assert samples[("gptstore:requests_total", "400")] == 1
+    assert samples[("gptstore:e2e_request_latency_seconds_count", None)] == 4
+    assert samples[("gptstore:time_to_first_token_seconds_count", None)] == 1
+    assert samples[("gptstore:generation_tokens_total", None)] == 4 * 5

@@ -294,6 +294,23 @@ def test_405_says_allow_options_lists_every_method_and_head_works(server):
     assert call(server, "HEAD", "/ready", key=None)[:1] == (200,)
 
 
+def test_error_messages_do_not_reveal_the_store_folder(server):
+    status, _, body = call(server, "GET", "/store/artifacts/missing")
+    assert status == 404
+    message = body["error"]["message"]
+    assert message == "no artifact 'missing' in $GPTSTORE_HOME/artifacts"
+    status, _, body = call(
+        server,
+        "POST",
+        "/store/deployments",
+        {"name": "x", "artifact": "gone", "backend": "echo"},
+        key=ADMIN,
+    )
+    assert status == 404
+    assert "$GPTSTORE_HOME/artifacts" in body["error"]["message"]
+    assert "/tmp" not in body["error"]["message"]
+
+
 def test_a_duplicate_deployment_is_a_409(server):
     status, _h, answer = call(
         server,

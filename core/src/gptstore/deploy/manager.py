@@ -20,7 +20,7 @@ from attrs import asdict
 
 from gptstore.artifacts import ArtifactStore
 from gptstore.converter import structure, unstructure
-from gptstore.deploy.metrics import DeploymentSnapshot, Metrics
+from gptstore.deploy.metrics import DeploymentSnapshot, Metrics, status_of
 from gptstore.deploy.records import DeploymentRecords
 from gptstore.deploy.router import ReplicatedDeployment, SwapGate, VersionRecord
 from gptstore.errors import Conflict, InvalidInput, NotFound, Unavailable
@@ -165,10 +165,20 @@ class Deployments:
             return replicated
         runner = load_runner(checked)
         try:
-            return Deployment(name, spec, checked, runner)
+            local = Deployment(name, spec, checked, runner)
         except BaseException:
             runner.close()
             raise
+        metrics = self.metrics
+        if metrics is not None:
+
+            def observe(error: BaseException | None, **figures: Any) -> None:
+                if error is not None:  # latencies of answered requests only
+                    figures = {"generation_tokens": figures.get("generation_tokens", 0)}
+                metrics.request(name, 1, 200 if error is None else status_of(error), **figures)
+
+            local.observe = observe
+        return local
 
     def load_message(self, name: str, spec: DeploymentSpec, checked: Plan) -> dict[str, Any]:
         """What a replica process needs to load ``spec``: the plugin of its backend, imported

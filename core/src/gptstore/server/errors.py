@@ -61,23 +61,32 @@ def error_response(
     )
 
 
-def gptstore_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+def _public(request: Request[Any, Any, Any], message: str) -> str:
+    """``message`` without the store's folder: the CLI names paths (they help there), but an
+    HTTP client has no business learning where the server keeps its files."""
+    store = getattr(request.app.state, "store", None)
+    home = str(getattr(store, "home", "") or "")
+    return message.replace(home, "$GPTSTORE_HOME") if home else message
+
+
+def gptstore_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    message = _public(request, str(exc))
     if isinstance(exc, Overloaded):
         return error_response(
-            429, str(exc), "overloaded", headers={"Retry-After": str(exc.retry_after)}
+            429, message, "overloaded", headers={"Retry-After": str(exc.retry_after)}
         )
     if isinstance(exc, Unavailable):
-        return error_response(503, str(exc), "unavailable", headers={"Retry-After": "1"})
+        return error_response(503, message, "unavailable", headers={"Retry-After": "1"})
     if isinstance(exc, NotFound | UnknownName):
-        return error_response(404, str(exc), "not_found")
+        return error_response(404, message, "not_found")
     if isinstance(exc, Conflict):
-        return error_response(409, str(exc), "conflict")
+        return error_response(409, message, "conflict")
     if isinstance(exc, SwapFailed):
-        return error_response(422, str(exc), "swap_failed")
+        return error_response(422, message, "swap_failed")
     if isinstance(exc, PluginError):  # a plugin broke its contract: the server's fault
         log.error("%s", exc)
-        return error_response(500, str(exc), "plugin_error")
-    return error_response(400, str(exc), exc.code if isinstance(exc, InvalidInput) else None)
+        return error_response(500, message, "plugin_error")
+    return error_response(400, message, exc.code if isinstance(exc, InvalidInput) else None)
 
 
 def http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

@@ -8,9 +8,11 @@ in the server's own process for ``isolation = "none"``; :mod:`gptstore.deploy` m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import AsyncGenerator, Mapping, Sequence
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, TypedDict
 
@@ -199,6 +201,10 @@ class Deployment:
         self.batcher = batcher(runner, name, spec, self.backend)
         self.created_at = datetime.now(UTC)
         self.served = 0
+        #: Called as each call ends, with its error (None: answered) and its figures
+        #: (``prompt_tokens``, ``generation_tokens``, ``e2e``, ``ttft``); set by the deployment
+        #: manager to count it in the metrics.
+        self.observe: Callable[..., None] | None = None
 
     def check(self, requests: Sequence[GenerationRequest]) -> None:
         """Refuse, before queueing, what the runner says it cannot do."""
@@ -225,9 +231,20 @@ class Deployment:
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """The generations of ``requests``, batched with whatever else is waiting."""
-        self.check(requests)
-        generations = await self.batcher.generate(requests)
+        started = time.perf_counter()
+        try:
+            self.check(requests)
+            generations = await self.batcher.generate(requests)
+        except BaseException as exc:
+            self._observe(exc)
+            raise
         self.served += 1
+        self._observe(
+            None,
+            prompt_tokens=sum(g.prompt_tokens for g in generations),
+            generation_tokens=sum(g.completion_tokens for g in generations),
+            e2e=time.perf_counter() - started,
+        )
         return generations
 
     def stream(
@@ -235,8 +252,42 @@ class Deployment:
     ) -> AsyncGenerator[tuple[int, StreamChunk], None]:
         """The chunks of each request in turn, with the request's index (see
         :meth:`Batcher.stream`)."""
-        self.check(requests)
-        return self.batcher.stream(requests)
+        try:
+            self.check(requests)
+        except BaseException as exc:
+            self._observe(exc)
+            raise
+        if self.observe is None:
+            return self.batcher.stream(requests)
+        return self._observed(requests)
+
+    async def _observed(
+        self, requests: Sequence[GenerationRequest]
+    ) -> AsyncGenerator[tuple[int, StreamChunk], None]:
+        """A stream whose end is observed: its chunks with text as its generated tokens, the
+        time to the first as its time to first token (as the router counts a replica's)."""
+        started, first, chunks = time.perf_counter(), None, 0
+        try:
+            async with contextlib.aclosing(self.batcher.stream(requests)) as items:
+                async for index, chunk in items:
+                    if chunk.text:
+                        chunks += 1
+                        first = first if first is not None else time.perf_counter() - started
+                    yield index, chunk
+        except BaseException as exc:
+            self._observe(exc, generation_tokens=chunks)
+            raise
+        self._observe(
+            None,
+            prompt_tokens=sum(self.runner.count_tokens(r.prompt) for r in requests),
+            generation_tokens=chunks,
+            e2e=time.perf_counter() - started,
+            ttft=first,
+        )
+
+    def _observe(self, error: BaseException | None, **figures: Any) -> None:
+        if self.observe is not None:
+            self.observe(error, **figures)
 
     def status(self) -> DeploymentStatus:
         """What the store API shows: the spec, the runner's health and the batch statistics."""
