@@ -44,6 +44,15 @@ def metric_samples(base):
     }
 
 
+def _capped(tmp_path, max_replicas):
+    """A home with deployment echo (2 replicas) on a server of ``max_replicas``."""
+    home = _home(tmp_path, {"echo": echo()})
+    config = home / "config.toml"
+    text = config.read_text().replace("[server]", f"[server]\nmax_replicas = {max_replicas}", 1)
+    config.write_text(text)
+    return home
+
+
 @pytest.fixture
 def served(tmp_path):
     home = _home(tmp_path, {"echo": echo(word_delay=0.002)})
@@ -190,9 +199,7 @@ def test_deployments_made_through_the_api_survive_a_restart(tmp_path):
 
 
 def test_a_swap_cannot_exceed_max_replicas(tmp_path):
-    home = _home(tmp_path, {"echo": echo()})
-    config = home / "config.toml"
-    config.write_text(config.read_text().replace("[server]", "[server]\nmax_replicas = 3", 1))
+    home = _capped(tmp_path, 3)
     with running_server(create_app(home, manager=_manager())) as base:
         code, body = put(base, echo())
         assert code == 409
@@ -229,3 +236,109 @@ def test_gptstore_deploy_swaps_canaries_and_rolls_back_a_running_server(served):
     nobody = run_cli("deploy", "echo", "echo", "--server", "http://127.0.0.1:9", env=env)
     assert nobody.returncode == 1
     assert "cannot reach the server" in nobody.stderr
+
+
+# -- changes that meet: a delete, a second change, a restart, a long history --------------------
+
+
+def _wait_for_swap_state(base, state, name="echo"):
+    from .test_replicas import wait_until
+
+    wait_until(lambda: status(base, name)["swap"]["state"] == state)
+
+
+def test_a_delete_during_a_swaps_load_ends_the_swap_and_the_deployment_stays_deleted(tmp_path):
+    home = _home(tmp_path, {})
+    with running_server(create_app(home, manager=_manager())) as base:
+        assert put(base, echo())[0] == 201
+        with ThreadPoolExecutor(1) as pool:
+            swapping = pool.submit(put, base, echo(load_delay=30, uppercase=True))
+            _wait_for_swap_state(base, "loading")
+            assert call(base, "DELETE", "/store/deployments/echo", timeout=20)[0] == 204
+            code, body = swapping.result(timeout=20)  # its replicas were stopped mid-load
+        assert code == 503, body
+        assert "deleted while its version 2 loaded" in body["error"]["message"]
+        assert call(base, "GET", "/store/deployments/echo")[0] == 404
+        assert call(base, "GET", "/store/deployments")[1] == []
+    assert not (home / "deployments" / "echo.json").exists()
+    with running_server(create_app(home, manager=_manager())) as base:
+        assert call(base, "GET", "/store/deployments/echo")[0] == 404
+
+
+def test_a_refused_second_change_does_not_free_the_first_ones_replicas(tmp_path):
+    home = _capped(tmp_path, 4)
+    with running_server(create_app(home, manager=_manager())) as base:
+        with ThreadPoolExecutor(1) as pool:
+            swapping = pool.submit(put, base, echo(load_delay=3, uppercase=True))
+            _wait_for_swap_state(base, "loading")  # 2 live + 2 loading: the server is full
+            for path in ("/store/deployments/echo/promote", "/store/deployments/echo/rollback"):
+                code, body = call(base, "POST", path)
+                assert code == 409, body
+                assert "changing versions (loading)" in body["error"]["message"]
+            code, body = put(base, echo())
+            assert code == 409, body
+            code, body = put(base, {**echo(), "replicas": 1}, name="other")
+            assert code == 409, body  # still full: the refused changes freed nothing
+            assert "max_replicas" in body["error"]["message"]
+            assert swapping.result(timeout=60)[0] == 200
+        code, body = put(base, {**echo(), "replicas": 1}, name="other")
+        assert code == 201, body  # v1's replicas stopped: 3 of 4 now
+
+
+def test_a_rollback_that_would_exceed_max_replicas_is_refused(tmp_path):
+    home = _capped(tmp_path, 3)
+    with running_server(create_app(home, manager=_manager())) as base:
+        assert put(base, {**echo(uppercase=True), "replicas": 1})[0] == 200  # 2 + 1 while it swaps
+        assert put(base, {**echo(), "replicas": 1}, name="other")[0] == 201  # 1 + 1 now
+        code, body = call(base, "POST", "/store/deployments/echo/rollback")
+        assert code == 409, body  # version 1 runs 2 replicas: 2 + 2 > 3
+        assert "max_replicas" in body["error"]["message"]
+        state = status(base)
+        assert (state["version"], len(state["replicas"])) == (2, 1)
+        assert call(base, "DELETE", "/store/deployments/other")[0] == 204
+        code, body = call(base, "POST", "/store/deployments/echo/rollback")
+        assert (code, body["version"]) == (200, 3), body
+
+
+def test_a_rollback_never_returns_to_a_rejected_canary(served):
+    base, _home = served
+    assert put(base, {**echo(uppercase=True), "canary": 50})[0] == 200
+    assert call(base, "POST", "/store/deployments/echo/rollback")[0] == 200  # v2 rejected
+    assert put(base, echo(context_length=100))[0] == 200  # v3 live, v1 replaced
+    code, body = call(base, "POST", "/store/deployments/echo/rollback")
+    assert code == 200, body
+    assert body["versions"][-1]["outcome"] == "live (rolled back to version 1)"
+    assert complete(base)[1]["choices"][0]["text"] == OLD
+    counted = metric_samples(base)
+    assert counted[("gptstore:swaps_total", "swapped")] == 1  # the rollback counted once
+    assert counted[("gptstore:swaps_total", "rolled_back")] == 2
+
+
+def test_a_delete_while_a_replica_restarts_stops_it_at_once(tmp_path):
+    from .test_replicas import wait_until
+
+    home = _home(tmp_path, {"echo": {**echo(load_delay=2), "replicas": 1}})
+    with running_server(create_app(home, manager=_manager())) as base:
+        pid = status(base)["replicas"][0]["pid"]
+        os.kill(pid, 9)
+        wait_until(lambda: status(base)["replicas"][0]["pid"] != pid)  # restarting, loading 2 s
+        restarting = status(base)["replicas"][0]
+        assert restarting["state"] == "starting"
+        assert call(base, "DELETE", "/store/deployments/echo", timeout=20)[0] == 204
+        with pytest.raises(ProcessLookupError):
+            os.kill(restarting["pid"], 0)  # killed and reaped, not left loading
+
+
+def test_a_long_history_keeps_the_live_version(served, monkeypatch):
+    import gptstore.deploy.router
+
+    monkeypatch.setattr(gptstore.deploy.router, "HISTORY", 3)
+    base, _home = served
+    for _ in range(4):
+        assert put(base, echo(load="error"))[0] == 422
+    state = status(base)
+    assert [v["version"] for v in state["versions"]] == [1, 4, 5]
+    assert state["versions"][0]["outcome"] == "live"
+    code, body = call(base, "POST", "/store/deployments/echo/promote")
+    assert code == 409, body
+    assert "no canary" in body["error"]["message"]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import threading
-from collections.abc import Awaitable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from attrs import asdict
@@ -65,8 +67,11 @@ class Deployments:
         #: The server's event loop: replicated deployments live on it (None: in-process only).
         self.loop = loop
         self._items: dict[str, Served] = {}
-        #: Replicas (model copies) per deployment, loading ones included, for ``max_replicas``.
-        self._replicas: dict[str, int] = {}
+        #: Deployments being deleted: their replicas count until they have stopped.
+        self._leaving: dict[str, Served] = {}
+        #: Replicas (model copies) loading, per deployment: reserved against ``max_replicas``
+        #: until they serve (then their deployment counts them) or have failed.
+        self._reserved = Counter[str]()
         self.max_replicas = max_replicas
         #: Names taken by a deployment that is not serving: "loading" or "being deleted".
         self._pending: dict[str, str] = {}
@@ -76,6 +81,15 @@ class Deployments:
     def plan(self, name: str, spec: DeploymentSpec, *, where: str = "$") -> Plan:
         """Check ``spec`` as deployment ``name`` (its problems named under ``where``)."""
         check_name(name)
+        if spec.isolation == "none" and spec.replicas != 1:
+            raise InvalidInput(
+                f"deployment {name!r}",
+                [
+                    f'isolation = "none" runs one copy of the model in the server\'s process, '
+                    f'not {spec.replicas}: set replicas = 1, or isolation = "process" '
+                    f"@ {where}.replicas"
+                ],
+            )
         return plan(
             self.manager,
             self.artifacts,
@@ -107,15 +121,8 @@ class Deployments:
             self._check_open()
             if name in self._items or name in self._pending:
                 raise Conflict(f"deployment {name!r} already exists; delete it first")
-            running = sum(self._replicas.values())
-            if running + spec.replicas > self.max_replicas:
-                raise Conflict(
-                    f"deployment {name!r} asks for {spec.replicas} replica(s), and the server "
-                    f"already runs {running} of its {self.max_replicas} (max_replicas); delete a "
-                    "deployment or ask for fewer"
-                )
+            self._reserve(name, spec.replicas, f"deployment {name!r} asks for")
             self._pending[name] = "loading"
-            self._replicas[name] = spec.replicas
         try:
             deployment = self._load(name, spec, checked, by=by, history=history, version=version)
             if persist and isinstance(deployment, ReplicatedDeployment):
@@ -128,14 +135,40 @@ class Deployments:
             if closed:  # the server shut down while this one loaded
                 deployment.close()
                 self._check_open()
-        except BaseException:
-            with self._lock:
-                self._replicas.pop(name, None)
-            raise
         finally:
             with self._lock:
                 self._pending.pop(name, None)
+                self._reserved[name] -= spec.replicas  # counted as a deployment from now on
         return deployment
+
+    def _running(self) -> int:
+        """Replica processes (in-process copies too) the server runs or is loading; under the
+        lock."""
+        deployments = [*self._items.values(), *self._leaving.values()]
+        return sum(
+            d.processes() if isinstance(d, ReplicatedDeployment) else 1 for d in deployments
+        ) + sum(self._reserved.values())
+
+    def _reserve(self, name: str, count: int, asking: str) -> None:
+        """Hold ``count`` more replicas for ``name`` against max_replicas (under the lock), or
+        Conflict; the caller gives them back by subtracting from ``_reserved``."""
+        running = self._running()
+        if running + count > self.max_replicas:
+            raise Conflict(
+                f"{asking} {count} replica(s), and the server already runs or loads {running} "
+                f"of its {self.max_replicas} (max_replicas); delete a deployment or ask for fewer"
+            )
+        self._reserved[name] += count
+
+    @contextmanager
+    def _reserving(self, name: str, count: int, asking: str) -> Iterator[None]:
+        with self._lock:
+            self._reserve(name, count, asking)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved[name] -= count
 
     def _load(
         self,
@@ -239,7 +272,7 @@ class Deployments:
                     )
                 raise NotFound(f"no deployment {name!r}")
             self._pending[name] = "being deleted"  # taken while it drains
-            del self._items[name]
+            self._leaving[name] = self._items.pop(name)
         try:
             deployment.close()
             if self.records is not None:
@@ -247,7 +280,7 @@ class Deployments:
         finally:
             with self._lock:
                 self._pending.pop(name, None)
-                self._replicas.pop(name, None)
+                self._leaving.pop(name, None)
 
     # -- versions ----------------------------------------------------------------------------
 
@@ -294,46 +327,46 @@ class Deployments:
                 ['a new version runs in replica processes: isolation = "process" @ $.isolation'],
             )
         load = self.load_message(name, spec, checked)
-        with self._lock:
-            running = sum(self._replicas.values())
-            if running + spec.replicas > self.max_replicas:
-                raise Conflict(
-                    f"the new version of {name!r} needs {spec.replicas} replica(s) beside the "
-                    f"{running} the server runs, more than its {self.max_replicas} "
-                    "(max_replicas); ask for fewer or delete a deployment"
-                )
-            self._replicas[name] = self._replicas.get(name, 0) + spec.replicas
-        self._change(
-            name, deployment, deployment.swap(spec, checked, load, canary=canary, gate=gate, by=by)
-        )
+        with self._reserving(name, spec.replicas, f"the new version of {name!r} asks for"):
+            self._change(
+                deployment, deployment.swap(spec, checked, load, canary=canary, gate=gate, by=by)
+            )
         return deployment, False
 
     def promote(self, name: str, *, by: str = "config") -> Served:
         """Make the canary of ``name`` its live version."""
         deployment = self._replicated(name)
-        self._change(name, deployment, deployment.promote(by=by))
+        self._change(deployment, deployment.promote(by=by))
         return deployment
 
     def rollback(self, name: str, *, by: str = "config") -> Served:
         """Drop the canary of ``name``, or go back to the version live before this one."""
         deployment = self._replicated(name)
+        reserved = 0
 
         def plan_of(spec: DeploymentSpec) -> tuple[Plan, dict[str, Any]]:
+            # Going back to an earlier version starts its replicas again: reserved here, on
+            # the event loop, under the swap lock, and given back once the rollback ends.
+            nonlocal reserved
             checked = self.plan(name, spec)
-            return checked, self.load_message(name, spec, checked)
+            load = self.load_message(name, spec, checked)
+            with self._lock:
+                self._reserve(name, spec.replicas, f"rolling {name!r} back starts")
+            reserved = spec.replicas
+            return checked, load
 
-        self._change(name, deployment, deployment.rollback(plan_of, by=by))
-        return deployment
-
-    def _change(self, name: str, deployment: ReplicatedDeployment, work: Awaitable[Any]) -> None:
-        """Run a change of versions on the deployment's event loop; its record follows every
-        step, and its replicas are counted again (for max_replicas) however it ends."""
-        deployment.on_change = self._persist
         try:
-            deployment.run(work)
+            self._change(deployment, deployment.rollback(plan_of, by=by))
         finally:
             with self._lock:
-                self._replicas[name] = len(deployment.replicas)
+                self._reserved[name] -= reserved
+        return deployment
+
+    def _change(self, deployment: ReplicatedDeployment, work: Awaitable[Any]) -> None:
+        """Run a change of versions on the deployment's event loop; its record follows every
+        step."""
+        deployment.on_change = self._persist
+        deployment.run(work)
 
     def snapshots(self) -> builtins.list[DeploymentSnapshot]:
         """Every deployment version as the metrics show it (read on the event loop)."""
@@ -381,13 +414,9 @@ class Deployments:
             path="$.history",
         )
         version = int(record.get("version", 0))
-        kept = []
         for entry in history:
-            if entry.version == version:
-                continue  # the live version: recorded again as it loads
-            if entry.outcome == "canary":
+            if entry.outcome == "canary" and entry.version != version:
                 entry.outcome = "rolled back (the server restarted)"
-            kept.append(entry)
         live = next((h for h in history if h.version == version), None)
         return self.create(
             name,
@@ -395,7 +424,7 @@ class Deployments:
             where=where,
             persist=True,
             by=live.by if live is not None else "config",
-            history=kept,
+            history=history,
             version=version or None,
         )
 

@@ -27,7 +27,7 @@ from typing import Any
 from gptstore.artifacts import ArtifactStore
 from gptstore.converter import structure, unstructure
 from gptstore.deploy.wire import error_fields, frame, read
-from gptstore.errors import GptstoreError
+from gptstore.errors import GptstoreError, Unavailable
 from gptstore.manager import make_plugin_manager
 from gptstore.serving.deployments import Deployment, DeploymentSpec, load_runner, plan
 from gptstore.types import ChatMessage, GenerationRequest
@@ -137,28 +137,45 @@ class Server:
             raise ValueError(f"unknown call {op!r}")
 
     async def serve(self, reader: asyncio.StreamReader) -> int:
+        """Answer calls until the router says ``drain`` (then finish those in flight, still
+        taking ``cancel`` for them) or goes away (then cancel them all)."""
+        draining = asyncio.Event()
+        reading = asyncio.create_task(self._read(reader, draining))
+        await draining.wait()
+        if self.calls:
+            await asyncio.gather(*self.calls.values(), return_exceptions=True)
+        reading.cancel()
+        await asyncio.to_thread(self.deployment.close)
+        self.send({"op": "drained"})
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+        return 0
+
+    async def _read(self, reader: asyncio.StreamReader, draining: asyncio.Event) -> None:
         while True:
             message = await read(reader)
             if message is None:  # the router went away: nobody waits for any answer
                 for task in self.calls.values():
                     task.cancel()
-                break
+                draining.set()
+                return
             op = message.get("op")
             if op == "cancel":
                 cancelled = self.calls.get(message.get("id", -1))
                 if cancelled is not None:
                     cancelled.cancel()
             elif op == "drain":
-                break
+                draining.set()
+            elif draining.is_set():  # the router sends none once it drains us; refuse it
+                self.send(
+                    {
+                        "id": message.get("id"),
+                        "op": "error",
+                        "error": error_fields(Unavailable("this replica is draining")),
+                    }
+                )
             else:
                 self.calls[message["id"]] = asyncio.create_task(self.handle(message))
-        if self.calls:
-            await asyncio.gather(*self.calls.values(), return_exceptions=True)
-        await asyncio.to_thread(self.deployment.close)
-        self.send({"op": "drained"})
-        with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
-        return 0
 
 
 async def run(sock: socket.socket) -> int:

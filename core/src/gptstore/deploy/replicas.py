@@ -72,9 +72,11 @@ class Replica:
 
     async def start(self, timeout: float) -> None:
         """Start the process and wait until its model is loaded; the replica's error (or a
-        timeout) otherwise, with the process gone."""
+        timeout) otherwise, with the process gone. Cancelled (its deployment was deleted while
+        it loaded), it kills the process before it lets the cancellation through."""
         self.state, self.error = "starting", None
         self._exited = asyncio.Event()
+        self._reader_task = None
         ours, theirs = socket.socketpair()
         try:
             self._process = subprocess.Popen(
@@ -83,17 +85,23 @@ class Replica:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.pid = self._process.pid
         self.started_at = time.monotonic()
-        reader, self._writer = await asyncio.open_unix_connection(sock=ours)
-        self._writer.write(frame(self.load_message))
         try:
+            reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+            self._writer.write(frame(self.load_message))
             answer = await asyncio.wait_for(read(reader), timeout)
         except TimeoutError:
             await self.kill()
             raise self._failed(f"it did not load within {timeout:g} s") from None
+        except BaseException as exc:  # cancelled, or a frame it should never have sent
+            self._abandon(f"stopped while loading ({type(exc).__name__}: {exc})")
+            raise
         if answer is None or answer.get("op") != "ready":
             await self.kill()
             if answer is None:
@@ -106,6 +114,17 @@ class Replica:
         self.ready = answer
         self.state = "ready"
         self._reader_task = asyncio.create_task(self._read(reader))
+
+    def _abandon(self, why: str) -> None:
+        """Kill the process at once, without awaiting anything (a start that was cancelled)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=5)
+        if self._writer is not None:
+            self._writer.close()
+        self.state, self.error = "dead", why
+        self._exited.set()
 
     def _failed(self, why: str) -> PluginError:
         self.state, self.error = "dead", why
@@ -123,7 +142,13 @@ class Replica:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while True:
-            message = await read(reader)
+            try:
+                message = await read(reader)
+            except Exception as exc:  # a frame too large, or not JSON: the replica is broken
+                log.warning("replica %s sent a bad frame (%s); killed", self.label, exc)
+                if self._process is not None and self._process.poll() is None:
+                    self._process.kill()
+                break
             if message is None:
                 break
             if message.get("op") == "drained":
@@ -151,6 +176,11 @@ class Replica:
         """Let every call in flight finish, then stop the process (killed after ``timeout``)."""
         if self.state in ("dead", "stopped") or self._writer is None:
             self.state = "stopped" if self.state != "dead" else "dead"
+            return
+        if self.state == "starting":  # no call in flight: its start() fails and cleans up
+            if self._process is not None and self._process.poll() is None:
+                self._process.kill()
+            self.state = "stopped"
             return
         self.state = "draining"
         with contextlib.suppress(ConnectionError):

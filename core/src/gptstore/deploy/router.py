@@ -48,7 +48,13 @@ from gptstore.errors import (
     Unavailable,
 )
 from gptstore.protocols import StreamChunk
-from gptstore.serving.deployments import DeploymentSpec, DeploymentStatus, Plan
+from gptstore.serving.deployments import (
+    DeploymentSpec,
+    DeploymentStatus,
+    Plan,
+    StreamTally,
+    answered,
+)
 from gptstore.types import ChatMessage, Generation, GenerationRequest, RunnerInfo
 
 log = logging.getLogger("gptstore.server")
@@ -176,8 +182,10 @@ class ReplicaSet:
     async def aclose(self) -> None:
         """No new call; let those in flight finish; stop every replica."""
         self._closing = True
-        for task in list(self._restarting):
+        restarting = list(self._restarting)
+        for task in restarting:
             task.cancel()
+        await asyncio.gather(*restarting, return_exceptions=True)
         await asyncio.gather(*(r.drain(DRAIN_TIMEOUT) for r in self.replicas))
 
 
@@ -205,7 +213,12 @@ class ReplicatedDeployment:
         self.canary: ReplicaSet | None = None
         self.canary_share = 0.0
         self.history: list[VersionRecord] = list(history)
-        self.history.append(_record(version, spec, by, "live"))
+        restored = next((h for h in self.history if h.version == version), None)
+        if restored is not None:  # restored from its record: it keeps its place and its date
+            if not restored.outcome.startswith("live"):
+                restored.outcome = "live"
+        else:
+            self.history.append(_record(version, spec, by, "live"))
         self.created_at = datetime.now(UTC)
         #: What a swap in progress is doing, or how the last one ended.
         self.swap_state: dict[str, Any] = {"state": "idle"}
@@ -214,6 +227,9 @@ class ReplicatedDeployment:
         self.metrics: Metrics | None = None
         self._swap_lock = asyncio.Lock()
         self._closing = False
+        #: A new version loading, and old ones finishing their calls: replicas it still holds.
+        self._loading: ReplicaSet | None = None
+        self._retiring: set[ReplicaSet] = set()
 
     # The spec, artifact and backend of the live version (what the HTTP layer shows).
     @property
@@ -239,6 +255,22 @@ class ReplicatedDeployment:
     @property
     def replicas(self) -> list[Replica]:
         return [*self.live.replicas, *(self.canary.replicas if self.canary else [])]
+
+    def processes(self) -> int:
+        """Replica processes it holds but a version loading: live, canary, and old versions
+        still finishing their calls (for the server's max_replicas)."""
+        retiring = sum(len(s.replicas) for s in tuple(self._retiring))  # read off the loop
+        return len(self.replicas) + retiring
+
+    async def _retire(self, replicas: ReplicaSet | None) -> None:
+        """Stop ``replicas`` (put in ``_retiring`` when they stopped taking calls) once their
+        calls in flight are done; :meth:`processes` counts them until then."""
+        if replicas is None:
+            return
+        try:
+            await replicas.aclose()
+        finally:
+            self._retiring.discard(replicas)
 
     async def start(self) -> None:
         await self.live.start()
@@ -286,13 +318,7 @@ class ReplicatedDeployment:
         except BaseException as exc:
             self._observe(self.version, status_of(exc))
             raise
-        self._observe(
-            replica.version,
-            200,
-            prompt_tokens=sum(g.prompt_tokens for g in generations),
-            generation_tokens=sum(g.completion_tokens for g in generations),
-            e2e=time.perf_counter() - started,
-        )
+        self._observe(replica.version, 200, **answered(generations, started))
         return generations
 
     def stream(
@@ -301,12 +327,10 @@ class ReplicatedDeployment:
         return self._stream(unstructure(list(requests)))
 
     async def _stream(self, payload: Any) -> AsyncGenerator[tuple[int, StreamChunk], None]:
-        """The chunks (see :meth:`stream`); recorded in the metrics as it ends: its chunks with
-        text count as its generated tokens (a chunk holds one token, or a few when a character
-        spans them), the time to the first of them as its time to first token."""
-        started = time.perf_counter()
-        first: float | None = None
-        chunks = prompt_tokens = 0
+        """The chunks (see :meth:`stream`); recorded in the metrics as it ends (see
+        :class:`~gptstore.serving.deployments.StreamTally`)."""
+        tally = StreamTally()
+        prompt_tokens = 0
         version = self.version
         tried: list[Replica] = []
         try:
@@ -325,10 +349,7 @@ class ReplicatedDeployment:
                                 continue
                             sent = True
                             chunk = structure(message["chunk"], StreamChunk, what="chunk", path="$")
-                            if chunk.text:
-                                chunks += 1
-                                if first is None:
-                                    first = time.perf_counter() - started
+                            tally.saw(chunk)
                             yield message["index"], chunk
                     break
                 except ReplicaLost:
@@ -336,16 +357,9 @@ class ReplicatedDeployment:
                     if sent or len(tried) > 1 or self._closing:
                         raise
         except BaseException as exc:
-            self._observe(version, status_of(exc), generation_tokens=chunks)
+            self._observe(version, status_of(exc), generation_tokens=tally.chunks)
             raise
-        self._observe(
-            version,
-            200,
-            prompt_tokens=prompt_tokens,
-            generation_tokens=chunks,
-            e2e=time.perf_counter() - started,
-            ttft=first,
-        )
+        self._observe(version, 200, **tally.figures(prompt_tokens))
 
     async def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
         answer, _replica = await self._ask("chat_prompt", messages=unstructure(list(messages)))
@@ -362,32 +376,57 @@ class ReplicatedDeployment:
         canary: float | None = None,
         gate: SwapGate | None = None,
         by: str = "config",
-        progress: Callable[[str], None] | None = None,
     ) -> VersionRecord:
         """Replace the live version with ``spec`` (see the module's text); with ``canary``
         (a percentage), send that share of calls to it and keep the live version until
         :meth:`promote` or :meth:`rollback`. The new version's record says how it ended; a
         failure raises its error after the new replicas are stopped."""
-        if self._swap_lock.locked():
-            raise Conflict(f"deployment {self.name!r} is already being swapped; wait for it")
+        self._check_free()
         async with self._swap_lock:
-            if self.canary is not None:
-                raise Conflict(
-                    f"deployment {self.name!r} has a canary (version {self.canary.version}); "
-                    "promote it or roll it back first"
-                )
-            version = max(h.version for h in self.history) + 1
-            record = _record(version, spec, by, "starting")
-            self.history.append(record)
-            del self.history[:-HISTORY]
-            new = ReplicaSet(self.name, version, spec, plan, load)
+            record, old = await self._swap(spec, plan, load, canary=canary, gate=gate, by=by)
+        await self._retire(old)
+        return record
 
-            def stage(state: str) -> None:
-                self.swap_state = {"state": state, "version": version}
-                record.outcome = state
-                if progress is not None:
-                    progress(state)
+    def _check_free(self) -> None:
+        if self._closing:
+            raise Unavailable(f"deployment {self.name!r} is being deleted")
+        if self._swap_lock.locked():
+            raise Conflict(
+                f"deployment {self.name!r} is changing versions ({self.swap_state['state']}); "
+                "wait for it"
+            )
 
+    async def _swap(
+        self,
+        spec: DeploymentSpec,
+        plan: Plan,
+        load: dict[str, Any],
+        *,
+        canary: float | None = None,
+        gate: SwapGate | None = None,
+        by: str = "config",
+        outcome: str = "swapped",
+        live_as: str = "live",
+    ) -> tuple[VersionRecord, ReplicaSet | None]:
+        """:meth:`swap`, under the swap lock: the new version's record, and the version it
+        replaced (to :meth:`_retire` once the lock is let go). ``outcome``: the swap as the
+        metrics count it, ``live_as``: the new version's record once it is live."""
+        if self.canary is not None:
+            raise Conflict(
+                f"deployment {self.name!r} has a canary (version {self.canary.version}); "
+                "promote it or roll it back first"
+            )
+        version = max(h.version for h in self.history) + 1
+        record = _record(version, spec, by, "starting")
+        self.history.append(record)
+        self._trim()
+        new = self._loading = ReplicaSet(self.name, version, spec, plan, load)
+
+        def stage(state: str) -> None:
+            self.swap_state = {"state": state, "version": version}
+            record.outcome = state
+
+        try:
             try:
                 stage("loading")
                 await new.start()
@@ -396,38 +435,49 @@ class ReplicatedDeployment:
                 if gate is not None:
                     stage("gating")
                     await self._gate(new, gate)
-            except Exception as exc:
-                await new.aclose()
-                why = str(exc) if isinstance(exc, GptstoreError) else f"{type(exc).__name__}: {exc}"
-                record.outcome = f"failed: {why}"
-                self.swap_state = {"state": "failed", "version": version, "error": why}
-                self._changed("failed")
-                raise SwapFailed(
-                    f"version {version} of deployment {self.name!r} failed ({why}); version "
-                    f"{self.live.version} still serves"
-                ) from exc
-            except BaseException:
-                await new.aclose()
-                record.outcome = "failed: interrupted"
-                self.swap_state = {"state": "failed", "version": version, "error": "interrupted"}
-                raise
-            if canary is not None:
-                self.canary, self.canary_share = new, canary / 100
-                record.outcome = "canary"
-                self.swap_state = {"state": "canary", "version": version, "percent": canary}
-                self._changed("canary")
-                return record
-            old = self.live
-            self.live = new  # from here on, every new call goes to the new version
-            record.outcome = "live"
-            self._mark(old.version, "replaced")
-            self.swap_state = {"state": "done", "version": version}
-            self._changed("swapped")
-        await old.aclose()
-        return record
+                if self._closing:
+                    raise Unavailable("the deployment was deleted while it loaded")
+            finally:
+                self._loading = None
+        except Exception as exc:
+            await new.aclose()
+            why = str(exc) if isinstance(exc, GptstoreError) else f"{type(exc).__name__}: {exc}"
+            if self._closing:
+                why = "the deployment was deleted while it loaded"
+            record.outcome = f"failed: {why}"
+            self.swap_state = {"state": "failed", "version": version, "error": why}
+            self._changed("failed")
+            if self._closing:
+                raise Unavailable(
+                    f"deployment {self.name!r} was deleted while its version {version} loaded"
+                ) from None
+            raise SwapFailed(
+                f"version {version} of deployment {self.name!r} failed ({why}); version "
+                f"{self.live.version} still serves"
+            ) from exc
+        except BaseException:
+            await new.aclose()
+            record.outcome = "failed: interrupted"
+            self.swap_state = {"state": "failed", "version": version, "error": "interrupted"}
+            raise
+        if canary is not None:
+            self.canary, self.canary_share = new, canary / 100
+            record.outcome = "canary"
+            self.swap_state = {"state": "canary", "version": version, "percent": canary}
+            self._changed("canary")
+            return record, None
+        old = self.live
+        self.live = new  # from here on, every new call goes to the new version
+        record.outcome = live_as
+        self._mark(old.version, "replaced")
+        self.swap_state = {"state": "done", "version": version}
+        self._changed(outcome)
+        self._retiring.add(old)
+        return record, old
 
     async def promote(self, by: str = "config") -> VersionRecord:
         """Make the canary the live version."""
+        self._check_free()
         async with self._swap_lock:
             new = self.canary
             if new is None:
@@ -438,7 +488,8 @@ class ReplicatedDeployment:
             self._mark(new.version, "live")
             self.swap_state = {"state": "done", "version": new.version}
             self._changed("promoted")
-        await old.aclose()
+            self._retiring.add(old)
+        await self._retire(old)
         return self._find(new.version)
 
     async def rollback(
@@ -449,20 +500,31 @@ class ReplicatedDeployment:
         """Drop the canary when there is one (its calls in flight finish); else swap back to the
         version that was live before this one (its replicas start again). ``plan_of``: the plan
         and load message of a spec."""
-        canary = self.canary
-        if canary is not None:
-            async with self._swap_lock:
+        self._check_free()
+        old: ReplicaSet | None
+        async with self._swap_lock:
+            canary = self.canary
+            if canary is not None:
                 self.canary, self.canary_share = None, 0.0
                 self._mark(canary.version, "rolled back")
                 self.swap_state = {"state": "rolled back", "version": canary.version}
                 self._changed("rolled_back")
-            await canary.aclose()
-            return self._find(self.live.version)
+                self._retiring.add(canary)
+                record, old = self._find(self.live.version), canary
+            else:
+                record, old = await self._swap_back(plan_of, by)
+        await self._retire(old)
+        return record
+
+    async def _swap_back(
+        self, plan_of: Callable[[DeploymentSpec], tuple[Plan, dict[str, Any]]], by: str
+    ) -> tuple[VersionRecord, ReplicaSet | None]:
+        # The version live before this one: replaced by a swap, never a rejected canary.
         previous = next(
             (
                 h
                 for h in reversed(self.history)
-                if h.version < self.live.version and h.outcome in ("replaced", "rolled back")
+                if h.version < self.live.version and h.outcome == "replaced"
             ),
             None,
         )
@@ -470,10 +532,14 @@ class ReplicatedDeployment:
             raise Conflict(f"deployment {self.name!r} has no earlier version to roll back to")
         spec = structure(previous.spec, DeploymentSpec, what="version record", path="$")
         plan, load = plan_of(spec)
-        record = await self.swap(spec, plan, load, by=by)
-        record.outcome = f"live (rolled back to version {previous.version})"
-        self._changed("rolled_back")
-        return record
+        return await self._swap(
+            spec,
+            plan,
+            load,
+            by=by,
+            outcome="rolled_back",
+            live_as=f"live (rolled back to version {previous.version})",
+        )
 
     def _mark(self, version: int, outcome: str) -> None:
         for record in self.history:
@@ -483,7 +549,17 @@ class ReplicatedDeployment:
     def _find(self, version: int) -> VersionRecord:
         return next(r for r in self.history if r.version == version)
 
+    def _trim(self) -> None:
+        """Keep the newest HISTORY versions, and always the live one and the canary."""
+        keep = {self.live.version, *([self.canary.version] if self.canary else [])}
+        extra = len(self.history) - HISTORY
+        if extra > 0:
+            dropped = [h for h in self.history if h.version not in keep][:extra]
+            self.history = [h for h in self.history if h not in dropped]
+
     def _changed(self, outcome: str | None = None) -> None:
+        if self._closing:  # being deleted: its record goes, nothing may write it again
+            return
         if outcome is not None and self.metrics is not None:
             self.metrics.swap(self.name, outcome)
         if self.on_change is not None:
@@ -595,6 +671,8 @@ class ReplicatedDeployment:
         """Stop sending calls, let those in flight finish, stop every replica."""
         self._closing = True
         sets = [self.live, *([self.canary] if self.canary else [])]
+        if self._loading is not None:  # a swap's new version: its start fails, the swap ends
+            sets.append(self._loading)
         await asyncio.gather(*(s.aclose() for s in sets))
 
     def close(self) -> None:

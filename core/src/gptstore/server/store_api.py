@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
 import anyio
 import attrs
@@ -232,9 +232,7 @@ class StoreController(Controller):
         self, state: State, request: Request[Any, Any, Any], name: DEPLOYMENT_NAME
     ) -> DeploymentStatus:
         """Drop the canary, or return to the version live before this one."""
-        deployments: Deployments = state.deployments
-        by = _key_id(state, request)
-        return await anyio.to_thread.run_sync(lambda: deployments.rollback(name, by=by).status())
+        return await _step(state, request, name, "rollback")
 
     @post(
         "/deployments/{name:str}/promote",
@@ -246,9 +244,7 @@ class StoreController(Controller):
         self, state: State, request: Request[Any, Any, Any], name: DEPLOYMENT_NAME
     ) -> DeploymentStatus:
         """Make the canary the live version."""
-        deployments: Deployments = state.deployments
-        by = _key_id(state, request)
-        return await anyio.to_thread.run_sync(lambda: deployments.promote(name, by=by).status())
+        return await _step(state, request, name, "promote")
 
     @delete(
         "/deployments/{name:str}",
@@ -260,3 +256,13 @@ class StoreController(Controller):
     def remove(self, state: State, name: DEPLOYMENT_NAME) -> None:
         deployments: Deployments = state.deployments
         deployments.delete(name)
+
+
+async def _step(
+    state: State, request: Request[Any, Any, Any], name: str, step: Literal["rollback", "promote"]
+) -> DeploymentStatus:
+    """Roll back or promote deployment ``name`` (off the event loop: it waits for replicas)."""
+    deployments: Deployments = state.deployments
+    by = _key_id(state, request)
+    act = deployments.rollback if step == "rollback" else deployments.promote
+    return await anyio.to_thread.run_sync(lambda: act(name, by=by).status())

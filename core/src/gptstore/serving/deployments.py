@@ -62,6 +62,40 @@ class DeploymentSpec:
     kv_cache_mb: int | None = field(default=None, validator=in_range(1, 1 << 24))
 
 
+def answered(generations: Sequence[Generation], started: float) -> dict[str, Any]:
+    """A call's figures for the metrics (``started``: its ``time.perf_counter()`` at start)."""
+    return {
+        "prompt_tokens": sum(g.prompt_tokens for g in generations),
+        "generation_tokens": sum(g.completion_tokens for g in generations),
+        "e2e": time.perf_counter() - started,
+    }
+
+
+class StreamTally:
+    """A stream's figures for the metrics as its chunks pass: its chunks with text count as its
+    generated tokens (a chunk holds one token, or a few when a character spans them), the time
+    to the first of them as its time to first token."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self.chunks = 0
+
+    def saw(self, chunk: StreamChunk) -> None:
+        if chunk.text:
+            self.chunks += 1
+            if self.first is None:
+                self.first = time.perf_counter() - self.started
+
+    def figures(self, prompt_tokens: int) -> dict[str, Any]:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "generation_tokens": self.chunks,
+            "e2e": time.perf_counter() - self.started,
+            "ttft": self.first,
+        }
+
+
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise InvalidInput(
@@ -239,12 +273,7 @@ class Deployment:
             self._observe(exc)
             raise
         self.served += 1
-        self._observe(
-            None,
-            prompt_tokens=sum(g.prompt_tokens for g in generations),
-            generation_tokens=sum(g.completion_tokens for g in generations),
-            e2e=time.perf_counter() - started,
-        )
+        self._observe(None, **answered(generations, started))
         return generations
 
     def stream(
@@ -266,24 +295,17 @@ class Deployment:
     ) -> AsyncGenerator[tuple[int, StreamChunk], None]:
         """A stream whose end is observed: its chunks with text as its generated tokens, the
         time to the first as its time to first token (as the router counts a replica's)."""
-        started, first, chunks = time.perf_counter(), None, 0
+        tally = StreamTally()
         try:
             async with contextlib.aclosing(self.batcher.stream(requests)) as items:
                 async for index, chunk in items:
-                    if chunk.text:
-                        chunks += 1
-                        first = first if first is not None else time.perf_counter() - started
+                    tally.saw(chunk)
                     yield index, chunk
         except BaseException as exc:
-            self._observe(exc, generation_tokens=chunks)
+            self._observe(exc, generation_tokens=tally.chunks)
             raise
-        self._observe(
-            None,
-            prompt_tokens=sum(self.runner.count_tokens(r.prompt) for r in requests),
-            generation_tokens=chunks,
-            e2e=time.perf_counter() - started,
-            ttft=first,
-        )
+        prompt_tokens = sum(self.runner.count_tokens(r.prompt) for r in requests)
+        self._observe(None, **tally.figures(prompt_tokens))
 
     def _observe(self, error: BaseException | None, **figures: Any) -> None:
         if self.observe is not None:

@@ -45,12 +45,14 @@ class EchoOptions:
         known time (load and reliability tests).
     :param load: ``error`` refuses to load (a RefusedModel); ``crash`` ends the loading process
         at once with status 70, as a native fault in a backend would; ``broken`` loads, and
-        then fails every request (a model that cannot generate)."""
+        then fails every request (a model that cannot generate).
+    :param load_delay: seconds loading takes (a swap or a delete during a slow load)."""
 
     context_length: int | None = field(default=None, validator=at_least(1))
     uppercase: bool = False
     word_delay: float = field(default=0.0, validator=in_range(0, 10))
     load: Literal["ok", "error", "crash", "broken"] = "ok"
+    load_delay: float = field(default=0.0, validator=in_range(0, 600))
 
 
 class EchoRunner:
@@ -112,6 +114,7 @@ class EchoBackend:
         self.options = options or EchoOptions()
 
     def load(self, artifact: Artifact) -> EchoRunner:
+        time.sleep(self.options.load_delay)
         if self.options.load == "error":
             raise RefusedModel(f"{artifact.id}: the echo backend was told to refuse it")
         if self.options.load == "crash":
