@@ -251,3 +251,13 @@ def test_in_process_deployments_are_counted_in_the_metrics_too(tmp_path):
     assert samples[("gptstore:e2e_request_latency_seconds_count", None)] == 4
     assert samples[("gptstore:time_to_first_token_seconds_count", None)] == 1
     assert samples[("gptstore:generation_tokens_total", None)] == 4 * 5
+
+
+def test_an_in_process_deployment_of_several_replicas_is_refused(tmp_path):
+    home = _home(tmp_path, {})
+    with running_server(create_app(home, manager=_manager())) as base:
+        spec = {"name": "many", "artifact": "echo", "backend": "echo", "isolation": "none"}
+        code, body = call(base, "POST", "/store/deployments", {**spec, "replicas": 3})
+        assert code == 400, body
+        assert 'set replicas = 1, or isolation = "process" @ $.replicas' in str(body)
+        assert call(base, "POST", "/store/deployments", spec)[0] == 201
