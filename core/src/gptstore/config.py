@@ -93,6 +93,21 @@ class Store:
         """Deployments created or changed through the HTTP API, one JSON record each."""
         return self.home / "deployments"
 
+    @property
+    def jobs_dir(self) -> Path:
+        """Optimization jobs started through the HTTP API, a folder each."""
+        return self.home / "jobs"
+
+    @property
+    def data_dir(self) -> Path:
+        """Data files a job sent over HTTP may name (training or calibration examples)."""
+        return self.home / "data"
+
+    @property
+    def recipes_dir(self) -> Path:
+        """Recipe files a job sent over HTTP may name (``NAME.toml``)."""
+        return self.home / "recipes"
+
     def read_raw_config(self) -> dict[str, Any]:
         if not self.config_path.is_file():
             return {}

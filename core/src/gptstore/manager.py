@@ -186,7 +186,7 @@ class PluginManager(pluggy.PluginManager):
         """Register an object or module holding hook implementations (tests, embedding apps)."""
         info = PluginInfo(
             name=name,
-            module=getattr(plugin, "__name__", None),
+            module=plugin.__name__ if isinstance(plugin, ModuleType) else None,
             distribution=distribution,
             version=version,
         )
@@ -378,4 +378,30 @@ def make_plugin_manager(
         manager.load_entrypoints()
     for name, plugin in extra:
         manager.register_plugin(plugin, name)
+    return manager
+
+
+def import_reference(reference: str) -> Any:
+    """What ``module`` or ``module:attribute`` names, imported."""
+    module, _, attribute = reference.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attribute) if attribute else loaded
+
+
+def importable_plugins(manager: PluginManager) -> list[dict[str, str]]:
+    """The plugins ``manager`` loaded (built-ins aside) that another process can import again:
+    ``{"name", "module"}`` each, for :func:`plugins_of` there."""
+    return [
+        {"name": info.name, "module": info.module}
+        for info in manager.plugin_infos()
+        if info.status == "loaded" and not info.builtin and info.module
+    ]
+
+
+def plugins_of(plugins: Iterable[dict[str, str]]) -> PluginManager:
+    """A manager, in a worker process, with the built-ins and ``plugins`` (from
+    :func:`importable_plugins` in the process that started it)."""
+    manager = make_plugin_manager(entrypoints=False, strict=True)
+    for plugin in plugins:
+        manager.register_plugin(import_reference(plugin["module"]), plugin["name"])
     return manager

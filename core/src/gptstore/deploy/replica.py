@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -28,25 +27,17 @@ from gptstore.artifacts import ArtifactStore
 from gptstore.converter import structure, unstructure
 from gptstore.deploy.wire import error_fields, frame, read
 from gptstore.errors import GptstoreError, Unavailable
-from gptstore.manager import make_plugin_manager
+from gptstore.manager import plugins_of
 from gptstore.serving.deployments import Deployment, DeploymentSpec, load_runner, plan
 from gptstore.types import ChatMessage, GenerationRequest
 
 log = logging.getLogger("gptstore.replica")
 
 
-def _import(reference: str) -> Any:
-    module, _, attribute = reference.partition(":")
-    loaded = importlib.import_module(module)
-    return getattr(loaded, attribute) if attribute else loaded
-
-
 def load(message: dict[str, Any]) -> Deployment:
     """The deployment a ``load`` message describes, loaded in this process."""
-    manager = make_plugin_manager(entrypoints=False, strict=True)
     plugin = message.get("plugin")
-    if plugin is not None:
-        manager.register_plugin(_import(plugin["module"]), plugin["name"])
+    manager = plugins_of([plugin] if plugin is not None else [])
     spec = structure(message["spec"], DeploymentSpec, what="replica spec", path="$")
     checked = plan(
         manager,

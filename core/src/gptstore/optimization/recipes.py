@@ -159,11 +159,23 @@ class LoadedRecipe:
     eval_data: Dataset
 
 
-def _data(recipe_path: Path, value: str, where: str) -> Dataset:
-    """The examples of a data file named in a recipe (relative to the recipe's folder)."""
-    path = recipe_path.parent / Path(value).expanduser()
+def read_data(base: Path, value: str, where: str, *, confined: bool = False) -> Dataset:
+    """The examples of a data file named in a recipe: relative to ``base`` (the recipe's
+    folder); with ``confined`` (a recipe sent over HTTP), a plain relative path that stays in
+    ``base``."""
+    if confined:
+        relative = Path(value)
+        if relative.is_absolute() or ".." in relative.parts or not value.strip():
+            raise InvalidInput(
+                where,
+                [f"{value!r}: name a file under $GPTSTORE_HOME/data (no absolute path, no '..')"],
+            )
+        path, missing = base / relative, f"{value!r}: no such file in $GPTSTORE_HOME/data"
+    else:
+        path = base / Path(value).expanduser()
+        missing = f"{value!r}: no such file (relative to {base})"
     if not path.is_file():
-        raise InvalidInput(where, [f"{value!r}: no such file (relative to {recipe_path.parent})"])
+        raise InvalidInput(where, [missing])
     data = load_dataset(path)
     if not data:
         raise InvalidInput(where, [f"{value!r} holds no examples"])
@@ -179,12 +191,32 @@ def load_recipe(manager: PluginManager, path: Path) -> LoadedRecipe:
         raise InvalidInput(str(path), [f"cannot read it: {exc}"]) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput(str(path), [f"not valid TOML: {exc}"]) from None
-    recipe = structure(raw, Recipe, what=str(path))
+    return check_recipe(manager, raw, what=str(path), path=path)
+
+
+def check_recipe(
+    manager: PluginManager,
+    raw: Any,
+    *,
+    what: str,
+    path: Path,
+    data_root: Path | None = None,
+) -> LoadedRecipe:
+    """A recipe from its raw (TOML or JSON) form, checked as :func:`load_recipe` says.
+    ``path``: where it came from (its stem names it, its folder holds its data files);
+    ``data_root``: instead, the only folder its data files may be in (a recipe sent over HTTP
+    names files under ``$GPTSTORE_HOME/data``)."""
+    recipe = structure(raw, Recipe, what=what)
     if not recipe.name:
         recipe = evolve(recipe, name=path.stem)
+    base, confined = (data_root, True) if data_root is not None else (path.parent, False)
+
+    def data_of(value: str, where: str) -> Dataset:
+        return read_data(base, value, where, confined=confined)
+
     datasets: list[Dataset | None] = []
     for index, step in enumerate(recipe.steps):
-        where = f"{path}: steps[{index}]"
+        where = f"{what}: steps[{index}]"
         try:
             record = manager.get(OptimizationStrategy, step.strategy)
             for gate in step.gates:
@@ -198,14 +230,12 @@ def load_recipe(manager: PluginManager, path: Path) -> LoadedRecipe:
         except GptstoreError as exc:
             raise InvalidInput(where, [str(exc)]) from None
         structure_options(record, step.options, where=f"{where}.options")
-        datasets.append(_data(path, step.data, f"{where}.data") if step.data else None)
+        datasets.append(data_of(step.data, f"{where}.data") if step.data else None)
     ids = [step.id for step in recipe.steps if step.id]
     if len(set(ids)) < len(ids):
-        raise InvalidInput(str(path), ["two steps name the same id; each step makes its own"])
+        raise InvalidInput(what, ["two steps name the same id; each step makes its own"])
     eval_data = (
-        _data(path, recipe.eval_data, f"{path}: eval_data")
-        if recipe.eval_data
-        else default_heldout()
+        data_of(recipe.eval_data, f"{what}: eval_data") if recipe.eval_data else default_heldout()
     )
     return LoadedRecipe(recipe, path, tuple(datasets), eval_data)
 

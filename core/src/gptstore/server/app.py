@@ -31,9 +31,11 @@ from gptstore.deploy.metrics import DeploymentSnapshot, Metrics
 from gptstore.deploy.records import DeploymentRecords
 from gptstore.errors import GptstoreError, InvalidInput, Unavailable
 from gptstore.manager import PluginManager, make_plugin_manager
+from gptstore.optimization.jobs import Jobs
 from gptstore.server.auth import require_role
 from gptstore.server.errors import EXCEPTION_HANDLERS
 from gptstore.server.health import ROUTES as HEALTH_ROUTES
+from gptstore.server.jobs_api import JobsController
 from gptstore.server.metrics_api import ROUTES as METRICS_ROUTES
 from gptstore.server.openai_api import OpenAIController
 from gptstore.server.settings import (
@@ -190,13 +192,28 @@ def create_app(
             logging.getLogger("uvicorn.error").addFilter(_TRACEBACK_FILTER)  # once: a set
             raise
         app.state.deployments = deployments
+        app.state.jobs = Jobs(
+            plugins,
+            artifacts,
+            jobs_dir=store.jobs_dir,
+            data_dir=store.data_dir,
+            recipes_dir=store.recipes_dir,
+            max_running=checked.settings.max_jobs,
+        )
         try:
             yield
         finally:
+            await anyio.to_thread.run_sync(app.state.jobs.close)
             await anyio.to_thread.run_sync(deployments.close)
 
     app = Litestar(
-        route_handlers=[*HEALTH_ROUTES, *METRICS_ROUTES, OpenAIController, StoreController],
+        route_handlers=[
+            *HEALTH_ROUTES,
+            *METRICS_ROUTES,
+            OpenAIController,
+            StoreController,
+            JobsController,
+        ],
         lifespan=[lifespan],
         guards=[require_role],
         before_request=_before_request,

@@ -33,3 +33,12 @@ async def require_role(
         raise NotAuthorizedException("invalid API key")
     if needed == "admin" and role != "admin":
         raise PermissionDeniedException("this endpoint changes state and needs an admin key")
+
+
+def changed_by(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """Who makes a change, as records keep it: the key's digest (never the key), or
+    ``anonymous``."""
+    header = connection.headers.get("authorization", "")
+    key = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    settings: ServerSettings = connection.app.state.settings
+    return settings.key_id(key.encode("latin-1")) if key else "anonymous"

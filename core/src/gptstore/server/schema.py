@@ -200,16 +200,45 @@ class ArtifactWithLineage(ManifestBody):
     lineage: list[dict[str, Any]]
 
 
+class JobRequestBody(TypedDict):
+    artifact: str
+    strategy: str | None
+    options: dict[str, Any]
+    data: str | None
+    recipe: dict[str, Any] | None
+    recipe_file: str | None
+    id: str | None
+
+
+class JobStatus(TypedDict):
+    """An optimization job (see :class:`gptstore.optimization.jobs.Job`)."""
+
+    id: str
+    request: JobRequestBody
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float
+    message: str
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    by: str
+    result: str | None
+    error: str | None
+    report: dict[str, Any] | None
+    pid: int | None
+    events: int
+
+
 ERROR_DESCRIPTIONS = {
     400: "Invalid request: malformed JSON, wrong types, values out of range (each named with "
     "its place), or a prompt that does not fit the model's context (code "
     "context_length_exceeded)",
     401: "No API key, or an unknown one",
     403: "A user key on an endpoint that needs an admin key",
-    404: "No such model, deployment, artifact or card",
+    404: "No such model, deployment, artifact, card or job",
     405: "The path does not have this method; Allow lists those it has",
-    409: "The name is taken, another change of the deployment is under way, or the server runs "
-    "its max_replicas",
+    409: "The name is taken, another change of the deployment is under way, the server runs "
+    "its max_replicas, or the job has already ended",
     413: "The body is larger than the server's max_body_bytes",
     422: "The new version failed to load, to answer its probes or to pass its gate (code "
     "swap_failed); the live version still serves",

@@ -122,13 +122,16 @@ def _check_unique(_instance: Any, attribute: Any, keys: tuple[ApiKey, ...]) -> N
 
 @frozen(kw_only=True)
 class ServerSettings:
-    """``[server]``: API keys, whether inference needs a key, the largest request body, and the
-    most replicas (model copies) the server runs over all its deployments, swaps included."""
+    """``[server]``: API keys, whether inference needs a key, the largest request body, the
+    most replicas (model copies) the server runs over all its deployments, swaps included, and
+    the most optimization jobs it runs at once."""
 
     api_keys: tuple[ApiKey, ...] = field(default=(), validator=_check_unique)
     anonymous_inference: bool = False
     max_body_bytes: int = 1_048_576
     max_replicas: int = field(default=16, validator=in_range(1, 1024))
+    #: Optimization jobs that run at once (the others wait their turn).
+    max_jobs: int = field(default=1, validator=in_range(1, 64))
 
     def key_id(self, key: bytes) -> str:
         """How version histories name the key that made a change: the first 12 hex digits of

@@ -23,6 +23,7 @@ from gptstore.converter import in_range, json_converter, structure, unstructure
 from gptstore.deploy import Deployments
 from gptstore.deploy.router import SwapGate
 from gptstore.selection import make_scorer, select_models, selection_json
+from gptstore.server.auth import changed_by
 from gptstore.server.body import read_body
 from gptstore.server.schema import (
     ArtifactWithLineage,
@@ -34,7 +35,6 @@ from gptstore.server.schema import (
     errors,
     json_body,
 )
-from gptstore.server.settings import ServerSettings
 from gptstore.serving.deployments import NAME_PATTERN, DeploymentSpec, DeploymentStatus
 from gptstore.types import Requirement
 
@@ -56,14 +56,6 @@ class DeploymentChange(DeploymentSpec):
         return DeploymentSpec(
             **{f.name: getattr(self, f.name) for f in attrs.fields(DeploymentSpec)}
         )
-
-
-def _key_id(state: State, request: Request[Any, Any, Any]) -> str:
-    """Who makes a change, as version histories record it (a key's digest, never the key)."""
-    header = request.headers.get("authorization", "")
-    key = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    settings: ServerSettings = state.settings
-    return settings.key_id(key.encode("latin-1")) if key else "anonymous"
 
 
 @frozen(kw_only=True)
@@ -187,7 +179,7 @@ class StoreController(Controller):
         name = structure(body.pop("name", None), str, what="request", path="$.name")
         spec = structure(body, DeploymentSpec, what="request", using=json_converter)
         deployments: Deployments = state.deployments
-        by = _key_id(state, request)
+        by = changed_by(request)
         return await anyio.to_thread.run_sync(
             lambda: deployments.create(name, spec, persist=True, by=by).status()
         )
@@ -214,7 +206,7 @@ class StoreController(Controller):
         still serves. Answers when the swap is done (or its canary runs)."""
         change = await read_body(request, DeploymentChange)
         deployments: Deployments = state.deployments
-        by = _key_id(state, request)
+        by = changed_by(request)
         deployment, created = await anyio.to_thread.run_sync(
             lambda: deployments.swap(
                 name, change.spec(), canary=change.canary, gate=change.gate, by=by
@@ -263,6 +255,6 @@ async def _step(
 ) -> DeploymentStatus:
     """Roll back or promote deployment ``name`` (off the event loop: it waits for replicas)."""
     deployments: Deployments = state.deployments
-    by = _key_id(state, request)
+    by = changed_by(request)
     act = deployments.rollback if step == "rollback" else deployments.promote
     return await anyio.to_thread.run_sync(lambda: act(name, by=by).status())

@@ -1,7 +1,8 @@
 """An ``echo`` serving backend that needs no model: it answers with the prompt's words. For tests
 of HTTP clients, of the server and of anything above a runner, where a real model only costs
 time. Register it on a manager (``manager.register_plugin(gptstore.testing.echo, "echo")``) and
-deploy any artifact on it: :func:`echo_artifact` makes one.
+deploy any artifact on it: :func:`echo_artifact` makes one. Its ``echo-copy`` optimization
+strategy copies an artifact in measured time, with progress and cancellation (tests of jobs).
 
 A backend without weights (this one, or a remote engine) still deploys an artifact: the artifact
 is its configuration (for a remote engine, the endpoint and model name in a file) and keeps its
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,17 +22,18 @@ from typing import Literal
 from attrs import field, frozen
 
 from gptstore import hookimpl
-from gptstore.artifacts import ArtifactStore, hash_files
+from gptstore.artifacts import ArtifactStore, derive_manifest, hash_files
 from gptstore.converter import at_least, in_range
 from gptstore.errors import RefusedModel
 from gptstore.protocols import StreamChunk
-from gptstore.records import ServingBackend
+from gptstore.records import OptimizationStrategy, ServingBackend
 from gptstore.types import (
     Artifact,
     ChatMessage,
     Generation,
     GenerationRequest,
     Manifest,
+    OptimizationContext,
     RunnerHealth,
     RunnerInfo,
     TextLogprobs,
@@ -143,3 +146,52 @@ def echo_artifact(artifacts: Path, artifact_id: str = "echo") -> Artifact:
         return store.commit(folder, Manifest(id=artifact_id, files=hash_files(folder)))
     finally:
         store.discard(staging)
+
+
+@frozen(kw_only=True)
+class CopyOptions:
+    """:param seconds: how long the copy takes, in ``steps`` progress reports, each checking
+        for cancellation.
+    :param fail: raise at the last step (after writing some of the output)."""
+
+    seconds: float = field(default=0.0, validator=in_range(0, 3600))
+    steps: int = field(default=4, validator=in_range(1, 1000))
+    fail: bool = False
+
+
+class EchoCopy:
+    def __init__(self, options: CopyOptions | None) -> None:
+        self.options = options or CopyOptions()
+
+    def apply(self, artifact: Artifact, context: OptimizationContext) -> Artifact:
+        steps = self.options.steps
+        for path in artifact.path.iterdir():
+            if path.is_file() and path.name != "manifest.json":
+                shutil.copy2(path, context.output_dir / path.name)
+        for step in range(steps):
+            context.check_cancelled()
+            context.progress(step / steps, f"step {step + 1}/{steps} loss {1 / (step + 1):.3f}")
+            time.sleep(self.options.seconds / steps)
+            if self.options.fail and step == steps - 1:
+                raise RuntimeError("echo-copy was told to fail")
+        context.check_cancelled()
+        context.progress(1.0, "done")
+        options = {"seconds": self.options.seconds, "steps": steps, "fail": self.options.fail}
+        manifest = derive_manifest(
+            artifact,
+            context.output_dir,
+            strategy="echo-copy",
+            options=options,
+            metrics_after={"copied_steps": float(steps)},
+        )
+        return Artifact(context.output_dir, manifest)
+
+
+@hookimpl
+def gptstore_optimization_strategies() -> Iterator[OptimizationStrategy]:
+    yield OptimizationStrategy(
+        name="echo-copy",
+        factory=EchoCopy,
+        options_type=CopyOptions,
+        description="Copies an artifact in measured time (no model; for tests of jobs)",
+    )
