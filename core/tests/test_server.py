@@ -306,7 +306,7 @@ def test_error_messages_do_not_reveal_the_store_folder(server):
         {"name": "x", "artifact": "gone", "backend": "echo"},
         key=ADMIN,
     )
-    assert status == 404
+    assert status == 400  # the body names it: a bad request, not a missing deployment
     assert "$GPTSTORE_HOME/artifacts" in body["error"]["message"]
     assert "/tmp" not in body["error"]["message"]
 

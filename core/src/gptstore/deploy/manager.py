@@ -25,7 +25,7 @@ from gptstore.converter import structure, unstructure
 from gptstore.deploy.metrics import DeploymentSnapshot, Metrics, status_of
 from gptstore.deploy.records import DeploymentRecords
 from gptstore.deploy.router import ReplicatedDeployment, SwapGate, VersionRecord
-from gptstore.errors import Conflict, InvalidInput, NotFound, Unavailable
+from gptstore.errors import Conflict, InvalidInput, NotFound, Unavailable, UnknownName
 from gptstore.manager import PluginManager
 from gptstore.records import ServingBackend
 from gptstore.serving.deployments import (
@@ -90,14 +90,23 @@ class Deployments:
                     f"@ {where}.replicas"
                 ],
             )
-        return plan(
-            self.manager,
-            self.artifacts,
-            spec.artifact,
-            spec.backend,
-            spec.options,
-            where=f"{where}.options",
-        )
+        # What a request names in its body and the store lacks is a bad request (400): the
+        # deployment the path names may well exist.
+        try:
+            self.artifacts.get(spec.artifact)
+        except NotFound as exc:
+            raise InvalidInput(f"deployment {name!r}", [f"{exc} @ {where}.artifact"]) from None
+        try:
+            return plan(
+                self.manager,
+                self.artifacts,
+                spec.artifact,
+                spec.backend,
+                spec.options,
+                where=f"{where}.options",
+            )
+        except UnknownName as exc:
+            raise InvalidInput(f"deployment {name!r}", [f"{exc} @ {where}.backend"]) from None
 
     def create(
         self,
