@@ -27,10 +27,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import tomli_w
 
 from gptstore.testing import server_process
-from gptstore.testing.echo import echo_artifact
 
 ADMIN = "reliability-admin"
 PROMPT = "alpha beta gamma delta"
@@ -40,26 +38,6 @@ CLIENTS = 16
 
 def echo(replicas=2, **options):
     return {"artifact": "echo", "backend": "echo", "replicas": replicas, "options": options}
-
-
-@pytest.fixture
-def make_home(tmp_path, fake_dist):
-    site = fake_dist("gptstore-echo", {"echo": "gptstore.testing.echo"}, {})
-
-    def make(deployments):
-        home = tmp_path / "home"
-        echo_artifact(home / "artifacts")
-        (home / "config.toml").write_text(
-            tomli_w.dumps(
-                {
-                    "server": {"api_keys": [{"key": ADMIN, "role": "admin"}]},
-                    "deployments": deployments,
-                }
-            )
-        )
-        return home, site
-
-    return make
 
 
 def serve(home, site):

@@ -9,7 +9,7 @@ import os
 import signal
 import time
 
-from .test_deployments import call, make_home, serve  # noqa: F401 (make_home: a fixture)
+from .test_deployments import call, serve
 
 
 def job_state(base, job_id):
