@@ -345,3 +345,22 @@ class ArtifactStore:
             for p in sorted(self.root.iterdir())
             if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
         ]
+
+
+def tree_of(artifact: Artifact, children: dict[str, list[Artifact]]) -> dict[str, Any]:
+    """``artifact`` and everything derived from it (``children``: as
+    :meth:`ArtifactStore.children` gives them), as nested dicts: each with its kind, origin,
+    recipe step, data digest, figures before and after, measurements, gates and ``derived``."""
+    manifest = artifact.manifest
+    return {
+        "id": artifact.id,
+        "kind": manifest.kind,
+        "origin": manifest.origin,
+        "step": unstructure(manifest.step),
+        "data_digest": manifest.data_digest,
+        "metrics_before": manifest.metrics_before,
+        "metrics_after": manifest.metrics_after,
+        "measured": unstructure(manifest.measured),
+        "gates": unstructure(manifest.gates),
+        "derived": [tree_of(child, children) for child in children.get(artifact.id, [])],
+    }

@@ -461,6 +461,41 @@ class Catalog:
                 ).fetchone()
             return self._entries(conn, ids), int(total)
 
+    def facets(
+        self, requirement: Requirement, *, most: int = 20
+    ) -> dict[str, list[tuple[str, int]]]:
+        """How many cards meeting ``requirement`` there are per source, task and license (the
+        ``most`` commonest values of each), for filters that show their counts."""
+        bits = self.bits()
+        with self.read() as conn:
+            if requirement.query:
+                _cards, clauses, params = sql_filters(
+                    evolve(requirement, query=None), bits, fast=False
+                )
+                where = " AND ".join(["cards_fts MATCH ?", *clauses])
+                hits = (
+                    "SELECT c.id AS id FROM cards_fts CROSS JOIN cards c "
+                    f"ON c.id = cards_fts.rowid WHERE {where}"
+                )
+                params = [fts_query(requirement.query), *params]
+            else:
+                table, clauses, params = sql_filters(requirement, bits)
+                hits = f"SELECT c.id AS id FROM {table} WHERE {' AND '.join(clauses) or '1'}"
+            columns = {
+                "source": ("cards x", "x.source"),
+                "license": ("cards x", "coalesce(x.license, '?')"),
+                "task": ("card_tasks x", "x.task"),
+            }
+            facets: dict[str, list[tuple[str, int]]] = {}
+            for name, (table_of, column) in columns.items():
+                rows = conn.execute(
+                    f"WITH hits AS MATERIALIZED ({hits}) SELECT {column}, count(*) FROM hits "
+                    f"JOIN {table_of} ON x.id = hits.id GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?",
+                    [*params, most],
+                ).fetchall()
+                facets[name] = [(str(value), int(count)) for value, count in rows]
+            return facets
+
     def ranked_ids(
         self, requirement: Requirement, ranking: SqlRanking, limit: int
     ) -> tuple[list[int], int]:

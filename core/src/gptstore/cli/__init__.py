@@ -4,7 +4,8 @@
 - :mod:`~gptstore.cli.artifacts`: fetch, artifacts, optimize, eval, lineage;
 - :mod:`~gptstore.cli.serving`: serve, chat;
 - :mod:`~gptstore.cli.config`: init, config;
-- :mod:`~gptstore.cli.keys`: key (API keys and their hashes).
+- :mod:`~gptstore.cli.keys`: key (API keys and their hashes);
+- :mod:`~gptstore.cli.quickstart`: quickstart (the main job, on SmolLM2, in one command).
 
 Commands parse flags, call the same services as the HTTP API, and print. User mistakes (a bad
 flag value, an unknown model or policy) print one line and exit 1; no traceback. Heavy libraries
@@ -13,10 +14,10 @@ are never imported here.
 
 from __future__ import annotations
 
-from gptstore.cli import artifacts, catalog, config, keys, serving
+from gptstore.cli import artifacts, catalog, config, keys, quickstart, serving
 from gptstore.cli.base import cli
 
-__all__ = ["artifacts", "catalog", "cli", "config", "keys", "main", "serving"]
+__all__ = ["artifacts", "catalog", "cli", "config", "keys", "main", "quickstart", "serving"]
 
 
 def main() -> None:

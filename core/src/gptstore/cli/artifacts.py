@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from gptstore.artifacts import ArtifactStore
+from gptstore.artifacts import ArtifactStore, tree_of
 from gptstore.cli.base import (
     App,
     cli,
@@ -35,7 +35,7 @@ from gptstore.optimization.recipes import (
 )
 from gptstore.optimization.run import optimize as optimize_artifact
 from gptstore.sync import fetch_model
-from gptstore.types import Artifact, GateCheck
+from gptstore.types import GateCheck
 from gptstore.units import format_bytes
 
 
@@ -235,22 +235,6 @@ def evaluate(
     out.print(f"recorded in {result.artifact.path / 'manifest.json'}")
 
 
-def _node(artifact: Artifact, children: dict[str, list[Artifact]]) -> dict[str, Any]:
-    manifest = artifact.manifest
-    return {
-        "id": artifact.id,
-        "kind": manifest.kind,
-        "origin": manifest.origin,
-        "step": unstructure(manifest.step),
-        "data_digest": manifest.data_digest,
-        "metrics_before": manifest.metrics_before,
-        "metrics_after": manifest.metrics_after,
-        "measured": unstructure(manifest.measured),
-        "gates": unstructure(manifest.gates),
-        "derived": [_node(child, children) for child in children.get(artifact.id, [])],
-    }
-
-
 def _label(node: dict[str, Any], asked: str) -> Text:
     label = Text(node["id"], style="bold" if node["id"] == asked else "")
     step = node["step"]
@@ -282,7 +266,7 @@ def lineage(app: App, artifact: str, as_json: bool) -> None:
     its figures and those gptstore eval measured."""
     store = ArtifactStore(app.store.artifacts_dir)
     root = store.lineage(store.get(artifact))[-1]
-    tree = _node(root, store.children())
+    tree = tree_of(root, store.children())
     if as_json:
         emit_json(tree)
         return

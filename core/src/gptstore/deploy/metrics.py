@@ -18,7 +18,7 @@ import collections
 import logging
 import re
 from collections.abc import Callable, Iterable
-from typing import get_args
+from typing import Any, get_args
 
 from attrs import frozen
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -151,12 +151,74 @@ class Metrics:
             raise ValueError(f"a swap outcome is a lowercase word, not {outcome!r}")
         self._swaps.labels(deployment, outcome).inc()
 
+    def summary(self, deployment: str) -> dict[str, Any]:
+        """What a person looking at ``deployment`` wants from these metrics, over all its
+        versions: requests by status and by version, tokens, and the median and 99th percentile
+        of end-to-end latency and time to first token (estimated from the histograms' buckets
+        as Prometheus's ``histogram_quantile`` does), with the latency histogram itself."""
+        requests: collections.Counter[str] = collections.Counter()
+        versions: collections.Counter[str] = collections.Counter()
+        tokens = 0.0
+        for sample in _samples(self._requests, deployment):
+            requests[sample.labels["status"]] += int(sample.value)
+            versions[sample.labels["version"]] += int(sample.value)
+        for sample in _samples(self._generation_tokens, deployment):
+            tokens += sample.value
+        return {
+            "requests": dict(sorted(requests.items())),
+            "versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0]))),
+            "generation_tokens": int(tokens),
+            "e2e": _quantiles(self._e2e, deployment),
+            "ttft": _quantiles(self._ttft, deployment),
+        }
+
     def render(self) -> tuple[bytes, str]:
         """The exposition (body, content type): Prometheus's classic text format, which
         ``generate_latest`` writes and prometheus_client's own handlers serve as
         ``text/plain; version=0.0.4`` (its ``CONTENT_TYPE_LATEST`` says 1.0.0, the format with
         UTF-8 names, which these names do not need)."""
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+
+def _samples(metric: Counter | Histogram, deployment: str) -> list[Any]:
+    return [
+        sample
+        for family in metric.collect()
+        for sample in family.samples
+        if sample.labels.get("deployment") == deployment
+    ]
+
+
+def _quantiles(histogram: Histogram, deployment: str) -> dict[str, Any]:
+    """p50 and p99 (None without observations), count, and the buckets as (bound, count in
+    it), summed over the deployment's versions."""
+    cumulative: collections.Counter[float] = collections.Counter()
+    total = 0.0
+    for sample in _samples(histogram, deployment):
+        if sample.name.endswith("_bucket"):
+            cumulative[float(sample.labels["le"])] += sample.value
+        elif sample.name.endswith("_count"):
+            total += sample.value
+    bounds = sorted(cumulative)
+
+    def quantile(q: float) -> float | None:
+        if not total:
+            return None
+        rank, lower, below = q * total, 0.0, 0.0
+        for bound in bounds:
+            if cumulative[bound] >= rank:
+                if bound == float("inf"):
+                    return lower  # past the last finite bound: that bound, as Prometheus does
+                share = (rank - below) / max(cumulative[bound] - below, 1e-12)
+                return lower + (bound - lower) * share
+            lower, below = bound, cumulative[bound]
+        return lower
+
+    buckets, below = [], 0.0
+    for bound in bounds:
+        buckets.append((bound, int(cumulative[bound] - below)))
+        below = cumulative[bound]
+    return {"p50": quantile(0.5), "p99": quantile(0.99), "count": int(total), "buckets": buckets}
 
 
 class _Snapshots:

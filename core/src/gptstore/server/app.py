@@ -20,7 +20,10 @@ from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
+from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.routes import HTTPRoute
+from litestar.static_files import create_static_files_router
+from litestar.template import TemplateConfig
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gptstore import __version__
@@ -38,6 +41,7 @@ from gptstore.server.health import ROUTES as HEALTH_ROUTES
 from gptstore.server.jobs_api import JobsController
 from gptstore.server.metrics_api import ROUTES as METRICS_ROUTES
 from gptstore.server.openai_api import OpenAIController
+from gptstore.server.sessions import Sessions
 from gptstore.server.settings import (
     SERVER_CONFIG_ENV,
     ServerConfig,
@@ -45,6 +49,7 @@ from gptstore.server.settings import (
     server_config,
 )
 from gptstore.server.store_api import StoreController
+from gptstore.server.storefront import STATIC, TEMPLATES, Storefront, template_globals
 from gptstore.serving.deployments import Plan
 
 log = logging.getLogger("gptstore.server")
@@ -213,7 +218,14 @@ def create_app(
             OpenAIController,
             StoreController,
             JobsController,
+            Storefront,
+            create_static_files_router(path="/static", directories=[STATIC], name="static"),
         ],
+        template_config=TemplateConfig(
+            directory=TEMPLATES,
+            engine=JinjaTemplateEngine,
+            engine_callback=lambda engine: engine.engine.globals.update(template_globals()),
+        ),
         lifespan=[lifespan],
         guards=[require_role],
         before_request=_before_request,
@@ -225,6 +237,7 @@ def create_app(
                 "manager": plugins,
                 "drain": drain,
                 "metrics": metrics,
+                "sessions": Sessions(),
             }
         ),
         exception_handlers=EXCEPTION_HANDLERS,

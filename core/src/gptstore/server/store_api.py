@@ -71,7 +71,7 @@ def _entry(entry: Entry) -> Card:
     return cast(Card, {**unstructure(entry.card), "uid": entry.card.uid, "listed": entry.listed})
 
 
-def _catalog(state: State) -> Catalog:
+def catalog_of(state: State) -> Catalog:
     if not hasattr(state, "catalog"):
         store: Store = state.store
         state.catalog = Catalog(store.catalog_path)
@@ -108,12 +108,12 @@ class StoreController(Controller):
             Requirement,
             what="query",
         )
-        entries, total = _catalog(state).search(requirement, limit=limit)
+        entries, total = catalog_of(state).search(requirement, limit=limit)
         return {"total": total, "results": [_entry(e) for e in entries]}
 
     @get("/models/{uid:path}", sync_to_thread=True, responses=errors(401, 404))
     def card(self, state: State, uid: FromPath[str]) -> Card:
-        return _entry(_catalog(state).resolve(uid.lstrip("/")))
+        return _entry(catalog_of(state).resolve(uid.lstrip("/")))
 
     @post(
         "/select",
@@ -129,7 +129,7 @@ class StoreController(Controller):
 
         def run() -> SelectionResult:
             selection = select_models(
-                _catalog(state),
+                catalog_of(state),
                 scorer,
                 body.requirement,
                 policy=name,
