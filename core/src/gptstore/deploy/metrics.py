@@ -159,10 +159,10 @@ class Metrics:
         requests: collections.Counter[str] = collections.Counter()
         versions: collections.Counter[str] = collections.Counter()
         tokens = 0.0
-        for sample in _samples(self._requests, deployment):
+        for sample in _samples(self._requests, deployment, "_total"):
             requests[sample.labels["status"]] += int(sample.value)
             versions[sample.labels["version"]] += int(sample.value)
-        for sample in _samples(self._generation_tokens, deployment):
+        for sample in _samples(self._generation_tokens, deployment, "_total"):
             tokens += sample.value
         return {
             "requests": dict(sorted(requests.items())),
@@ -180,12 +180,14 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
 
 
-def _samples(metric: Counter | Histogram, deployment: str) -> list[Any]:
+def _samples(metric: Counter | Histogram, deployment: str, suffix: str = "") -> list[Any]:
+    """The metric's samples of ``deployment`` whose names end with ``suffix`` (a counter's
+    ``_total``, not its ``_created`` timestamp)."""
     return [
         sample
         for family in metric.collect()
         for sample in family.samples
-        if sample.labels.get("deployment") == deployment
+        if sample.labels.get("deployment") == deployment and sample.name.endswith(suffix)
     ]
 
 

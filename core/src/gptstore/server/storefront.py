@@ -23,6 +23,7 @@ import anyio
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
+from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 
 from gptstore import __version__
@@ -162,7 +163,9 @@ class Storefront(Controller):
     # -- signing in ------------------------------------------------------------------------
 
     @get("/signin", sync_to_thread=False)
-    def signin_page(self, request: Request[Any, Any, Any], next: str | None = None) -> Template:
+    def signin_page(
+        self, request: Request[Any, Any, Any], next: FromQuery[str | None] = None
+    ) -> Template:
         return _page(request, "signin.html", next=_local(next), title="Sign in")
 
     @post("/signin", status_code=303, opt={"csrf": "form"})
@@ -221,7 +224,7 @@ class Storefront(Controller):
         )
 
     @get("/models/{uid:path}", sync_to_thread=True)
-    def model(self, request: Request[Any, Any, Any], state: State, uid: str) -> Template:
+    def model(self, request: Request[Any, Any, Any], state: State, uid: FromPath[str]) -> Template:
         _viewer(request)
         entry = catalog_of(state).resolve(uid.lstrip("/"))
         return _page(request, "model.html", title=entry.card.uid, card=entry.card, entry=entry)
@@ -273,7 +276,9 @@ class Storefront(Controller):
         )
 
     @get("/artifacts/{artifact_id:str}", sync_to_thread=True)
-    def artifact(self, request: Request[Any, Any, Any], state: State, artifact_id: str) -> Template:
+    def artifact(
+        self, request: Request[Any, Any, Any], state: State, artifact_id: FromPath[str]
+    ) -> Template:
         _viewer(request)
         store = _artifacts(state)
         artifact = store.get(artifact_id)
@@ -321,7 +326,9 @@ class Storefront(Controller):
         )
 
     @get("/deployments/{name:str}", sync_to_thread=True)
-    def deployment(self, request: Request[Any, Any, Any], state: State, name: str) -> Template:
+    def deployment(
+        self, request: Request[Any, Any, Any], state: State, name: FromPath[str]
+    ) -> Template:
         _viewer(request)
         deployments: Deployments = state.deployments
         served = deployments.get(name)
@@ -360,14 +367,21 @@ class Storefront(Controller):
 
     @post("/deployments/{name:str}/{action:str}", opt={"csrf": "form"})
     async def change_deployment(
-        self, request: Request[Any, Any, Any], state: State, name: str, action: str
+        self,
+        request: Request[Any, Any, Any],
+        state: State,
+        name: FromPath[str],
+        action: FromPath[str],
     ) -> Redirect:
         form = await _form(request)
         deployments: Deployments = state.deployments
         by = changed_by(request)
         if action == "swap":
             spec = _spec(form)
-            canary = float(form["canary"]) if form.get("canary") else None
+            try:
+                canary = float(form["canary"]) if form.get("canary") else None
+            except ValueError:
+                raise InvalidInput("canary", [f"a percentage, not {form['canary']!r}"]) from None
             await anyio.to_thread.run_sync(
                 lambda: deployments.swap(name, spec, canary=canary, by=by)
             )
@@ -437,7 +451,7 @@ class Storefront(Controller):
         )
 
     @get("/jobs/{job_id:str}", sync_to_thread=True)
-    def job(self, request: Request[Any, Any, Any], state: State, job_id: str) -> Template:
+    def job(self, request: Request[Any, Any, Any], state: State, job_id: FromPath[str]) -> Template:
         _viewer(request)
         jobs: Jobs = state.jobs
         job = jobs.get(job_id)
@@ -476,7 +490,7 @@ class Storefront(Controller):
 
     @post("/jobs/{job_id:str}/cancel", opt={"csrf": "form"})
     async def cancel_job(
-        self, request: Request[Any, Any, Any], state: State, job_id: str
+        self, request: Request[Any, Any, Any], state: State, job_id: FromPath[str]
     ) -> Redirect:
         await _form(request)
         jobs: Jobs = state.jobs
@@ -492,7 +506,11 @@ def _spec(form: Mapping[str, str]) -> DeploymentSpec:
         "options": _json_object(form.get("options", ""), "options"),
     }
     if form.get("replicas"):
-        data["replicas"] = form["replicas"]
+        if not form["replicas"].strip().isdigit():
+            raise InvalidInput(
+                "deployment", [f"replicas: a whole number, not {form['replicas']!r}"]
+            )
+        data["replicas"] = int(form["replicas"])
     return structure(data, DeploymentSpec, what="deployment")
 
 
