@@ -141,6 +141,7 @@ def quickstart(app: App, port: int, lora_steps: int, stop: bool) -> None:
     # The libraries' own chatter (tokenizer notices, tensor conversion bars) is not the user's.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion bar
     _check_plugins(app)
     home = app.store.home
     out.print(f"store: {home}")
