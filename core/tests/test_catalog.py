@@ -271,3 +271,36 @@ def test_a_requirement_holds_a_bounded_number_of_floors_and_bounds():
     many = [{"name": f"f{i}@onnx", "at_most": 1} for i in range(33)]
     with pytest.raises(InvalidInput, match="measured holds at most 32 entries, got 33"):
         structure({"measured": many}, Requirement, what="requirement")
+
+
+@pytest.mark.parametrize(
+    "requirement",
+    [
+        Requirement(),
+        Requirement(task="text-generation"),
+        Requirement(licenses=("apache-2.0", "mit"), max_params=10**9),
+        Requirement(query="chat"),
+        Requirement(query="chat", task="text-generation", languages=("en",)),
+    ],
+    ids=["all", "task", "filters", "words", "words-and-filters"],
+)
+def test_facet_counts_are_the_matching_cards_counted_by_value(catalog, requirement):
+    cards = list(synthetic_cards(400, seed=5, source="s"))
+    catalog.upsert(cards, source="s")
+    catalog.upsert(list(synthetic_cards(50, seed=6, source="t")), source="t")
+    entries, total = catalog.search(requirement, limit=10_000)
+    facets = catalog.facets(requirement, most=1000)
+    matched = [e.card for e in entries]
+    assert len(matched) == total
+    for name, values in (
+        ("source", lambda c: [c.source]),
+        ("license", lambda c: [c.license or "?"]),
+        ("task", lambda c: list(c.tasks)),
+    ):
+        expected: dict[str, int] = {}
+        for card in matched:
+            for value in values(card):
+                expected[value] = expected.get(value, 0) + 1
+        assert dict(facets[name]) == expected, name
+        counts = [count for _value, count in facets[name]]
+        assert counts == sorted(counts, reverse=True)  # the commonest first

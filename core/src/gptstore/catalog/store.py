@@ -433,15 +433,11 @@ class Catalog:
             if requirement.query:
                 # Driven by the text matches: FTS5 finds them, each is checked against the
                 # filters by rowid, and the survivors are ranked and counted in one pass.
-                _cards, clauses, params = sql_filters(
-                    evolve(requirement, query=None), bits, fast=False
-                )
-                where = " AND ".join(["cards_fts MATCH ?", *clauses])
+                hits, params = _hits(requirement, bits, "c.id AS id, bm25(cards_fts) AS rank")
                 rows = conn.execute(
-                    "WITH hits AS MATERIALIZED (SELECT c.id AS id, bm25(cards_fts) AS rank "
-                    f"FROM cards_fts CROSS JOIN cards c ON c.id = cards_fts.rowid WHERE {where}) "
+                    f"WITH hits AS MATERIALIZED ({hits}) "
                     "SELECT (SELECT count(*) FROM hits), id FROM hits ORDER BY rank, id LIMIT ?",
-                    [fts_query(requirement.query), *params, limit],
+                    [*params, limit],
                 ).fetchall()
                 total = rows[0][0] if rows else 0
                 ids = [row[1] for row in rows]
@@ -466,21 +462,8 @@ class Catalog:
     ) -> dict[str, list[tuple[str, int]]]:
         """How many cards meeting ``requirement`` there are per source, task and license (the
         ``most`` commonest values of each), for filters that show their counts."""
-        bits = self.bits()
+        hits, params = _hits(requirement, self.bits())
         with self.read() as conn:
-            if requirement.query:
-                _cards, clauses, params = sql_filters(
-                    evolve(requirement, query=None), bits, fast=False
-                )
-                where = " AND ".join(["cards_fts MATCH ?", *clauses])
-                hits = (
-                    "SELECT c.id AS id FROM cards_fts CROSS JOIN cards c "
-                    f"ON c.id = cards_fts.rowid WHERE {where}"
-                )
-                params = [fts_query(requirement.query), *params]
-            else:
-                table, clauses, params = sql_filters(requirement, bits)
-                hits = f"SELECT c.id AS id FROM {table} WHERE {' AND '.join(clauses) or '1'}"
             columns = {
                 "source": ("cards x", "x.source"),
                 "license": ("cards x", "coalesce(x.license, '?')"),
@@ -543,3 +526,20 @@ class Catalog:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read query (tests and benchmarks look inside with it)."""
         return self.connection.execute(sql, params).fetchall()
+
+
+def _hits(
+    requirement: Requirement, bits: dict[tuple[str, str], int], columns: str = "c.id AS id"
+) -> tuple[str, list[Any]]:
+    """A SELECT of ``columns`` over the cards (``c``) meeting ``requirement``, and its
+    parameters: driven by the full-text index when it has words, else by the filters' index."""
+    if requirement.query:
+        _cards, clauses, params = sql_filters(evolve(requirement, query=None), bits, fast=False)
+        where = " AND ".join(["cards_fts MATCH ?", *clauses])
+        return (
+            f"SELECT {columns} FROM cards_fts CROSS JOIN cards c ON c.id = cards_fts.rowid "
+            f"WHERE {where}",
+            [fts_query(requirement.query), *params],
+        )
+    table, clauses, params = sql_filters(requirement, bits)
+    return f"SELECT {columns} FROM {table} WHERE {' AND '.join(clauses) or '1'}", list(params)
