@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import secrets
 import signal
@@ -193,6 +194,9 @@ def quickstart(app: App, port: int, lora_steps: int, stop: bool) -> None:
 
     _say(5, "ask it through the OpenAI client")
     from openai import OpenAI  # type: ignore[import-not-found,unused-ignore]
+
+    for name in ("httpx", "httpx2", "openai"):  # a line per HTTP request is not the user's
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     client = OpenAI(base_url=f"{base_url}/v1", api_key=server.key(), timeout=120, max_retries=0)
     answer = client.chat.completions.create(
