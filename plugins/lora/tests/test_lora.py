@@ -148,6 +148,9 @@ def test_a_run_stopped_midway_leaves_no_half_artifact(tmp_path, tiny_model, sig)
         env={**os.environ, "COLUMNS": "200"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        # Ctrl-C as in a terminal, even when this test runs where SIGINT is ignored (a
+        # background job of a shell without job control): ignored signals are inherited.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not list(store.root.glob(".staging-*")):  # training has begun writing nothing yet
