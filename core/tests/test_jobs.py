@@ -228,3 +228,45 @@ def test_a_job_left_running_by_a_stopped_server_is_failed_at_the_next_start(tmp_
         assert (after["state"], after["error"]) == ("failed", "the server stopped while it ran")
         assert not leftover.exists()
         assert call(base, "GET", "/store/artifacts/never")[0] == 404
+
+
+def test_queued_jobs_start_in_the_order_they_came(tmp_path):
+    home = _home(tmp_path, {})
+    with running_server(create_app(home, manager=_manager())) as base:
+        started = [start(base, copy_job(seconds=0.1, steps=1)) for _ in range(5)]
+        ends = [finished(base, job["id"]) for job in started]
+    assert [e["state"] for e in ends] == ["succeeded"] * 5
+    starts = [e["started_at"] for e in ends]
+    assert starts == sorted(starts)  # within one second too: ids alone do not say the order
+
+
+def test_a_second_server_on_the_same_store_leaves_the_jobs_to_the_first(tmp_path):
+    from gptstore.errors import Unavailable
+    from gptstore.optimization.jobs import JobRequest, Jobs
+
+    home = _home(tmp_path, {})
+    with running_server(create_app(home, manager=_manager())) as base:
+        job = start(base, copy_job(seconds=60, steps=600))
+        queued = start(base, copy_job())
+        other = Jobs(
+            _manager(),
+            ArtifactStore(home / "artifacts"),
+            jobs_dir=home / "jobs",
+            data_dir=home / "data",
+            recipes_dir=home / "recipes",
+        )
+        with pytest.raises(Unavailable, match="another gptstore serve"):
+            other.submit(JobRequest(artifact="echo", strategy="echo-copy"))
+        other.close()
+        assert call(base, "GET", f"/store/jobs/{job['id']}")[1]["state"] == "running"
+        assert call(base, "GET", f"/store/jobs/{queued['id']}")[1]["state"] == "queued"
+        assert call(base, "DELETE", f"/store/jobs/{job['id']}")[1]["state"] == "cancelled"
+        assert finished(base, queued["id"])["state"] == "succeeded"
+
+
+def test_a_loss_in_a_message_is_read_up_to_its_number():
+    from gptstore.server.storefront import _LOSS
+
+    assert _LOSS.search("step 3/60 loss 2.913.").group(2) == "2.913"
+    assert _LOSS.search("step 1/3 lora: step 4/60 loss 1e-3 eta 2s").group(1, 2) == ("4", "1e-3")
+    assert _LOSS.search("step 3/60 loss ...") is None

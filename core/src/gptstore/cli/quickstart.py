@@ -258,8 +258,12 @@ class _Server:
     def _pid(self) -> int | None:
         try:
             pid = int(self.pid_file.read_text().strip())
-            os.kill(pid, 0)
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
+            self.pid_file.unlink(missing_ok=True)
+            return None
+        if b"gptstore.cli" not in command or str(self.config).encode() not in command:
+            self.pid_file.unlink(missing_ok=True)  # its pid now names another process
             return None
         return pid
 
@@ -292,6 +296,11 @@ class _Server:
         if same and self._pid() is not None and self._ready() is not None:
             return self.base
         self.stop()
+        if self._ready() is not None:
+            raise GptstoreError(
+                f"another server answers on port {self.port}; stop it, or give the quickstart "
+                "another --port"
+            )
         self.config.write_text(wanted)
         with open(self.log, "ab") as log:
             process = subprocess.Popen(
@@ -313,7 +322,7 @@ class _Server:
         self.pid_file.write_text(f"{process.pid}\n")
         with stage_progress(f"starting gptstore serve on port {self.port}") as progress:
             deadline = time.monotonic() + 600
-            while self._ready() is None:
+            while process.poll() is not None or self._ready() is None:
                 if process.poll() is not None:
                     tail = self.log.read_text(errors="replace")[-2000:]
                     raise GptstoreError(

@@ -51,6 +51,7 @@ from gptstore.errors import (
     GptstoreError,
     InvalidInput,
     NotFound,
+    Unavailable,
     UnknownName,
 )
 from gptstore.manager import (
@@ -182,7 +183,20 @@ class Jobs:
         self._cancelling: dict[str, str] = {}
         self._closed = False
         self._lock = threading.RLock()
-        self._recover()
+        #: Only one server runs a store's jobs: the one holding this lock (another server on
+        #: the same store, even one that is only starting, must not take its jobs for dead).
+        self._owner = _lock_jobs(jobs_dir)
+        if self._owner is not None:
+            self._recover()
+        else:
+            log.warning("another gptstore serve runs the jobs of %s; this one runs none", jobs_dir)
+
+    def _check_owner(self) -> None:
+        if self._owner is None:
+            raise Unavailable(
+                "another gptstore serve process runs this store's optimization jobs; start and "
+                "cancel jobs there"
+            )
 
     # -- records ---------------------------------------------------------------------------
 
@@ -202,13 +216,13 @@ class Jobs:
         if not self.root.is_dir():
             return []
         jobs = []
-        for folder in sorted(self.root.iterdir(), reverse=True):
+        for folder in self.root.iterdir():
             if _JOB_ID.match(folder.name) and (folder / JOB_FILE).is_file():
                 try:
                     jobs.append(_read_job(folder))
                 except (OSError, ValueError, GptstoreError) as exc:
                     log.warning("job record %s unreadable: %s", folder, exc)
-        return jobs
+        return sorted(jobs, key=lambda j: (j.created_at, j.id), reverse=True)
 
     def events(self, job_id: str, after: int = 0) -> builtins.list[dict[str, Any]]:
         """The job's progress reports from the ``after``-th on (each with its number, ``n``,
@@ -282,10 +296,11 @@ class Jobs:
 
     def submit(self, request: JobRequest, *, by: str = "config") -> Job:
         """Check ``request``, record it as a job and start it (or queue it)."""
+        self._check_owner()
         self.check(request)
         with self._lock:
             if self._closed:
-                raise GptstoreError("the server is shutting down; no new job starts")
+                raise Unavailable("the server is shutting down; no new job starts")
             job = Job(id=self._new_id(), request=request, by=by)
             folder = self.root / job.id
             folder.mkdir(parents=True)
@@ -364,6 +379,7 @@ class Jobs:
         """Stop a queued or running job (a running one gets :data:`GRACE` seconds, then is
         killed); Conflict when it has ended."""
         folder = self._folder(job_id)
+        self._check_owner()
         with self._lock:
             job = _read_job(folder)
             if job.ended:
@@ -394,6 +410,8 @@ class Jobs:
         :meth:`cancel` does, all at the same time."""
         with self._lock:
             self._closed = True
+            if self._owner is None:
+                return
             pending = [j.id for j in self.list() if not j.ended]
         threads = [
             threading.Thread(target=self._cancel_quietly, args=(job_id,)) for job_id in pending
@@ -402,6 +420,10 @@ class Jobs:
             thread.start()
         for thread in threads:
             thread.join()
+        with self._lock:
+            owner, self._owner = self._owner, None
+            if owner is not None:
+                os.close(owner)  # the next server may run this store's jobs
 
     def _cancel_quietly(self, job_id: str) -> None:
         with contextlib.suppress(GptstoreError):
@@ -456,6 +478,25 @@ class _Reporter:
         self._written = time.monotonic()
 
 
+#: Set in a job's process when its server is gone.
+_SERVER_GONE = threading.Event()
+
+
+def _lock_jobs(jobs_dir: Path) -> int | None:
+    """An exclusive lock on ``jobs_dir/.server.lock`` for this process's lifetime (its file
+    descriptor), or None when another process holds it."""
+    import fcntl
+
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    handle = os.open(jobs_dir / ".server.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(handle)
+        return None
+    return handle
+
+
 def _watch_server(cancel: threading.Event) -> None:
     """The server holds this process's standard input: at its end, the server is gone; cancel,
     and leave if the step does not stop."""
@@ -464,6 +505,7 @@ def _watch_server(cancel: threading.Event) -> None:
             pass
     except OSError:
         pass
+    _SERVER_GONE.set()
     cancel.set()
     time.sleep(GRACE)
     os._exit(3)
@@ -513,7 +555,9 @@ def run_job(folder: Path, cancel: threading.Event) -> Job:
     except BaseException as exc:
         if isinstance(exc, RecipeStopped):
             job.report = unstructure(exc.run)
-        if cancel.is_set() or isinstance(exc, Cancelled):
+        if _SERVER_GONE.is_set():
+            job.state, job.error = "failed", "the server stopped while it ran"
+        elif cancel.is_set() or isinstance(exc, Cancelled):
             job.state, job.error = "cancelled", "cancelled"
         else:
             job.state = "failed"

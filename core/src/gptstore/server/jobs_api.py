@@ -85,7 +85,7 @@ class JobsController(Controller):
         jobs: Jobs = state.jobs
         await anyio.to_thread.run_sync(jobs.get, job_id)  # 404 before any event
         header = request.headers.get("last-event-id", "0").strip()
-        seen = int(header) if header.isdigit() else 0
+        seen = int(header) if header.isascii() and header.isdecimal() else 0
         drain = request.app.state.drain
         return ServerSentEvent(_follow(jobs, job_id, seen, drain))
 

@@ -51,7 +51,7 @@ from gptstore.units import format_bytes, format_count, parse_count
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
 #: A training step's loss in a progress message (``step 3/60 loss 2.913 eta 41s``).
-_LOSS = re.compile(r"step (\d+)/\d+ loss ([0-9.]+)")
+_LOSS = re.compile(r"step (\d+)/\d+ loss (\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
 
 
 class SignInRequired(Exception):
@@ -174,7 +174,7 @@ class Storefront(Controller):
         key = str(form.get("key", "")).strip()
         target = _local(str(form.get("next", "/")))
         settings: ServerSettings = state.settings
-        role = settings.role_of(key.encode("latin-1", "replace")) if key else None
+        role = settings.role_of(key.encode()) if key and key.isascii() else None
         if role is None:
             return _page(
                 request,
@@ -186,7 +186,7 @@ class Storefront(Controller):
             )
         sessions: Sessions = state.sessions
         sessions.close(request.cookies.get(COOKIE))
-        session_id, _session = sessions.open(role, settings.key_id(key.encode("latin-1")))
+        session_id, _session = sessions.open(role, settings.key_id(key.encode()))
         response = Redirect(target, status_code=303)
         response.set_cookie(
             COOKIE, session_id, httponly=True, samesite="strict", path="/", secure=False
@@ -506,7 +506,7 @@ def _spec(form: Mapping[str, str]) -> DeploymentSpec:
         "options": _json_object(form.get("options", ""), "options"),
     }
     if form.get("replicas"):
-        if not form["replicas"].strip().isdigit():
+        if not form["replicas"].strip().isdecimal() or not form["replicas"].isascii():
             raise InvalidInput(
                 "deployment", [f"replicas: a whole number, not {form['replicas']!r}"]
             )
