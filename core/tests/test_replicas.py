@@ -4,6 +4,7 @@ restarts, exact outstanding counts, loads that fail or crash, no orphans."""
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import os
 import signal
@@ -16,10 +17,11 @@ import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
 import gptstore.testing.echo
-from gptstore.errors import InvalidInput
+from gptstore.deploy.ray_engine import RayEngine, RaySettings
+from gptstore.errors import InvalidInput, Unavailable
 from gptstore.manager import make_plugin_manager
 from gptstore.server import create_app
-from gptstore.testing import running_server
+from gptstore.testing import free_port, run_cli, running_server
 from gptstore.testing.echo import echo_artifact
 
 ADMIN = "admin-key"
@@ -261,3 +263,33 @@ def test_an_in_process_deployment_of_several_replicas_is_refused(tmp_path):
         assert code == 400, body
         assert 'set replicas = 1, or isolation = "process" @ $.replicas' in str(body)
         assert call(base, "POST", "/store/deployments", spec)[0] == 201
+
+
+def test_autoscaling_is_refused_by_the_local_engine_with_what_to_do(tmp_path):
+    scaling = {"min_replicas": 1, "max_replicas": 3}
+    spec = {"artifact": "echo", "backend": "echo", "autoscaling": scaling}
+    home = _home(tmp_path, {"scaled": spec})
+    with pytest.raises(InvalidInput) as refused:
+        create_app(home, manager=_manager())
+    assert "autoscaling needs the ray engine" in str(refused.value)
+    assert "$.deployments.scaled.autoscaling" in str(refused.value)
+    home = _home(tmp_path / "api", {})
+    with running_server(create_app(home, manager=_manager())) as base:
+        code, body = call(base, "POST", "/store/deployments", {"name": "scaled", **spec})
+        assert code == 400, body
+        assert "autoscaling needs the ray engine" in str(body)
+        bad = {**spec, "autoscaling": {"min_replicas": 3, "max_replicas": 2}}
+        code, body = call(base, "POST", "/store/deployments", {"name": "scaled", **bad})
+        assert code == 400, body
+        assert "max_replicas (2) is below min_replicas (3) @ $.autoscaling" in str(body)
+
+
+def test_the_ray_engine_without_ray_says_what_to_install(tmp_path):
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("Ray is installed here (tests/ray covers the engine)")
+    with pytest.raises(Unavailable, match=r"pip install 'gptstore\[ray\]'"):
+        RayEngine(RaySettings()).connect()
+    env = {"GPTSTORE_HOME": str(tmp_path / "home")}
+    done = run_cli("serve", "--engine", "ray", "--port", str(free_port()), env=env, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert "gptstore serve cannot start: the ray engine needs Ray Serve" in done.stderr

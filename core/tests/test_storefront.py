@@ -68,9 +68,17 @@ def test_a_session_cookie_stands_for_the_key_and_never_holds_it(served):
     assert "HttpOnly" in headers["set-cookie"]
     assert "SameSite=strict" in headers["set-cookie"]
     assert "expires" not in headers["set-cookie"].lower()  # gone with the browser session
+    assert "secure" not in headers["set-cookie"].lower()  # plain HTTP: a Secure cookie is lost
     status, _, body = request(served, "GET", "/store/deployments", headers={"Cookie": cookie})
     assert status == 200
     assert '"name":"echo"' in body.replace(" ", "")
+    # Behind a TLS proxy (X-Forwarded-Proto from 127.0.0.1, which uvicorn trusts), the cookie
+    # is Secure: the browser never sends it over plain HTTP.
+    proxied = {**FORM, "X-Forwarded-Proto": "https"}
+    _, headers, _ = request(
+        served, "POST", "/signin", urllib.parse.urlencode({"key": ADMIN}), proxied
+    )
+    assert "Secure" in headers["set-cookie"]
 
 
 def test_what_a_cookie_changes_needs_the_sessions_csrf_token(served):

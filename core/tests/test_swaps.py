@@ -13,7 +13,7 @@ import pytest
 from gptstore.server import create_app
 from gptstore.testing import running_server
 
-from .test_replicas import ADMIN, _home, _manager, call, complete, status
+from .test_replicas import ADMIN, _home, _manager, call, complete, status, wait_until
 
 PROMPT = "one two three four five"
 OLD, NEW = PROMPT, PROMPT.upper()  # the new version answers in capitals
@@ -342,3 +342,44 @@ def test_a_long_history_keeps_the_live_version(served, monkeypatch):
     code, body = call(base, "POST", "/store/deployments/echo/promote")
     assert code == 409, body
     assert "no canary" in body["error"]["message"]
+
+
+def test_while_the_old_version_drains_the_new_one_counts_once_against_max_replicas(tmp_path):
+    """Review finding: the new version's reservation was held until the old version had drained
+    (up to 120 s), so it counted twice and other deployments got a false 409."""
+    home = _home(tmp_path, {"echo": {**echo(word_delay=1.0), "replicas": 1}})
+    config = home / "config.toml"
+    config.write_text(config.read_text().replace("[server]", "[server]\nmax_replicas = 3", 1))
+    with running_server(create_app(home, manager=_manager())) as base:
+        with ThreadPoolExecutor(2) as pool:
+            # A request of 5 words at 1 s each keeps version 1 draining for about 5 s.
+            slow = pool.submit(complete, base)
+            wait_until(lambda: status(base)["replicas"][0]["outstanding"] == 1)
+            swapping = pool.submit(put, base, {**echo(uppercase=True), "replicas": 1})
+            wait_until(lambda: status(base)["version"] == 2)
+            assert not slow.done()  # version 1 is still draining: 1 live + 1 retiring
+            code, body = put(base, {**echo(), "replicas": 1}, name="other")
+            assert code == 201, body  # 3 of 3, not 4: the new version counted once
+            assert slow.result(timeout=30)[0] == 200
+            assert swapping.result(timeout=30)[0] == 200
+        code, body = put(base, {**echo(), "replicas": 1}, name="third")
+        assert code == 201, body  # version 1 has stopped: 2 of 3
+
+
+def test_a_deployment_named_like_one_being_deleted_answers_503_retry(tmp_path):
+    """Review finding: a create while the old deployment of that name drained answered 409
+    ("already exists; delete it first"), though its delete was under way."""
+    home = _home(tmp_path, {"echo": {**echo(word_delay=1.0), "replicas": 1}})
+    with running_server(create_app(home, manager=_manager())) as base:
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(complete, base)  # 5 words at 1 s each
+            wait_until(lambda: status(base)["replicas"][0]["outstanding"] == 1)
+            deleting = pool.submit(call, base, "DELETE", "/store/deployments/echo")
+            wait_until(lambda: call(base, "GET", "/store/deployments/echo")[0] == 503)
+            spec = {"name": "echo", **echo(), "replicas": 1}
+            code, body = call(base, "POST", "/store/deployments", spec)
+            assert code == 503, body
+            assert "being deleted; retry shortly" in body["error"]["message"]
+            assert deleting.result(timeout=30)[0] == 204
+            assert slow.result(timeout=30)[0] == 200
+        assert call(base, "POST", "/store/deployments", spec)[0] == 201

@@ -22,13 +22,12 @@ import os
 import signal
 import threading
 import time
-import urllib.parse
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gptstore.testing import server_process
+from gptstore.testing import load, server_process
 
 ADMIN = "reliability-admin"
 PROMPT = "alpha beta gamma delta"
@@ -48,73 +47,19 @@ def serve(home, site):
 
 
 def call(base, method, path, body=None, timeout=120):
-    """(status, headers, text) of one request."""
-    url = urllib.parse.urlsplit(base)
-    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
-    headers = {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"}
-    try:
-        connection.request(method, path, json.dumps(body) if body is not None else None, headers)
-        response = connection.getresponse()
-        headers = {k.lower(): v for k, v in response.getheaders()}
-        return response.status, headers, response.read().decode()
-    finally:
-        connection.close()
+    return load.call(base, method, path, body, key=ADMIN, timeout=timeout)
 
 
 def status(base, name="echo"):
-    code, _, text = call(base, "GET", f"/store/deployments/{name}")
-    assert code == 200, text
-    return json.loads(text)
+    return load.status(base, name, key=ADMIN)
 
 
-def completion(base, stream, prompt=PROMPT, max_tokens=8):
-    """(status, text, whole): a stream is whole when it ended with [DONE]."""
-    body = {"model": "echo", "prompt": prompt, "max_tokens": max_tokens, "stream": stream}
-    try:
-        code, _, text = call(base, "POST", "/v1/completions", body)
-    except (OSError, http.client.HTTPException) as error:  # a connection cut mid-stream
-        return -1, str(error), False
-    if code != 200:
-        return code, text, False
-    if not stream:
-        return code, json.loads(text)["choices"][0]["text"], True
-    pieces = [
-        json.loads(line[6:])["choices"][0]["text"]
-        for line in text.splitlines()
-        if line.startswith("data: {")
-    ]
-    return code, "".join(pieces), text.rstrip().endswith("data: [DONE]")
+def completion(base, stream, prompt=PROMPT):
+    return load.completion(base, stream, prompt, key=ADMIN)
 
 
 def run_load(base, total, during=None):
-    """``total`` requests from CLIENTS clients, every other one a stream; ``during()`` runs
-    once a quarter of them are answered. [(stream, status, text, whole)] in order of answer."""
-    answers, lock = [], threading.Lock()
-    counter = iter(range(total))
-    started = threading.Event()
-
-    def client():
-        while True:
-            with lock:
-                index = next(counter, None)
-            if index is None:
-                return
-            stream = index % 2 == 1
-            result = completion(base, stream)
-            with lock:
-                answers.append((stream, *result))
-                if len(answers) >= total // 4:
-                    started.set()
-
-    with ThreadPoolExecutor(CLIENTS) as pool:
-        clients = [pool.submit(client) for _ in range(CLIENTS)]
-        outcome = None
-        if during is not None:
-            started.wait(300)
-            outcome = during()
-        for future in clients:
-            future.result()
-    return answers, outcome
+    return load.run_load(base, total, during, key=ADMIN, prompt=PROMPT, clients=CLIENTS)
 
 
 def test_a_hot_swap_under_load_fails_no_request(make_home):

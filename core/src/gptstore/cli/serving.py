@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -42,9 +42,27 @@ log = logging.getLogger("gptstore.server")
     type=click.FloatRange(min=0),
     help="On SIGTERM or Ctrl-C, seconds the requests in flight have to complete.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    help="Where replicas run: processes on this host (local), or Ray Serve on a Ray cluster "
+    "(ray; pip install 'gptstore[ray]'). Default: [server] engine, else local.",
+)
+@click.option(
+    "--ray-address",
+    help="The Ray cluster (host:6379, ray://host:10001, auto). Default: [server.ray] address, "
+    "else $RAY_ADDRESS, else a Ray started for this host.",
+)
 @click.pass_obj
 def serve(
-    app: App, host: str, port: int, workers: int, config: Path | None, drain_timeout: float
+    app: App,
+    host: str,
+    port: int,
+    workers: int,
+    config: Path | None,
+    drain_timeout: float,
+    engine: Literal["local", "ray"] | None,
+    ray_address: str | None,
 ) -> None:
     """Serve the OpenAI-compatible API and the store API over HTTP.
 
@@ -67,7 +85,9 @@ def serve(
     # Bad settings, and deployments whose artifact, backend or options are wrong, stop here,
     # before anything loads; a deployment that fails to load stops the server before it
     # listens (exit status 3, uvicorn's for a failed start-up).
-    server_app = create_app(app.store.home, manager=app.manager, config=config)
+    server_app = create_app(
+        app.store.home, manager=app.manager, config=config, engine=engine, ray_address=ray_address
+    )
     config_ = uvicorn.Config(server_app, host=host, port=port, log_level="info")
     draining_server(config_, server_app.state.drain, drain_timeout).run()
 

@@ -14,8 +14,7 @@ import asyncio
 import builtins
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from attrs import asdict
@@ -23,8 +22,9 @@ from attrs import asdict
 from gptstore.artifacts import ArtifactStore
 from gptstore.converter import structure, unstructure
 from gptstore.deploy.metrics import DeploymentSnapshot, Metrics, status_of
+from gptstore.deploy.ray_engine import RayEngine
 from gptstore.deploy.records import DeploymentRecords
-from gptstore.deploy.router import ReplicatedDeployment, SwapGate, VersionRecord
+from gptstore.deploy.router import ReplicaSet, ReplicatedDeployment, SwapGate, VersionRecord
 from gptstore.errors import Conflict, InvalidInput, NotFound, Unavailable, UnknownName
 from gptstore.manager import PluginManager
 from gptstore.records import ServingBackend
@@ -32,6 +32,7 @@ from gptstore.serving.deployments import (
     Deployment,
     DeploymentSpec,
     Plan,
+    check_engine,
     check_name,
     load_runner,
     plan,
@@ -57,8 +58,11 @@ class Deployments:
         max_replicas: int = MAX_REPLICAS,
         records: DeploymentRecords | None = None,
         metrics: Metrics | None = None,
+        engine: RayEngine | None = None,
     ) -> None:
         self.manager = manager
+        #: Where replicas run: None, processes on this host; else a Ray cluster.
+        self.engine = engine
         self.artifacts = artifacts
         #: Where replicated deployments count their calls and swaps (None: nowhere).
         self.metrics = metrics
@@ -81,6 +85,7 @@ class Deployments:
     def plan(self, name: str, spec: DeploymentSpec, *, where: str = "$") -> Plan:
         """Check ``spec`` as deployment ``name`` (its problems named under ``where``)."""
         check_name(name)
+        check_engine(name, spec, "local" if self.engine is None else "ray", where)
         if spec.isolation == "none" and spec.replicas != 1:
             raise InvalidInput(
                 f"deployment {name!r}",
@@ -128,9 +133,11 @@ class Deployments:
         checked = checked or self.plan(name, spec, where=where)
         with self._lock:
             self._check_open()
+            if self._pending.get(name) == "being deleted":  # gone in a moment: retry
+                raise Unavailable(f"deployment {name!r} is being deleted; retry shortly")
             if name in self._items or name in self._pending:
                 raise Conflict(f"deployment {name!r} already exists; delete it first")
-            self._reserve(name, spec.replicas, f"deployment {name!r} asks for")
+            self._reserve(name, spec.most_replicas(), f"deployment {name!r} asks for")
             self._pending[name] = "loading"
         try:
             deployment = self._load(name, spec, checked, by=by, history=history, version=version)
@@ -147,7 +154,7 @@ class Deployments:
         finally:
             with self._lock:
                 self._pending.pop(name, None)
-                self._reserved[name] -= spec.replicas  # counted as a deployment from now on
+                self._reserved[name] -= spec.most_replicas()  # counted as a deployment from now on
         return deployment
 
     def _running(self) -> int:
@@ -169,15 +176,22 @@ class Deployments:
             )
         self._reserved[name] += count
 
-    @contextmanager
-    def _reserving(self, name: str, count: int, asking: str) -> Iterator[None]:
+    def _reservation(self, name: str, count: int, asking: str) -> Callable[[], None]:
+        """Hold ``count`` more replicas for ``name`` (Conflict when over max_replicas); the
+        function that gives them back, once, from any thread: call it when the deployment
+        counts them itself (its new version is live), or when the change has failed."""
         with self._lock:
             self._reserve(name, count, asking)
-        try:
-            yield
-        finally:
+        given_back = False
+
+        def give_back() -> None:
+            nonlocal given_back
             with self._lock:
-                self._reserved[name] -= count
+                if not given_back:
+                    given_back = True
+                    self._reserved[name] -= count
+
+        return give_back
 
     def _load(
         self,
@@ -201,6 +215,7 @@ class Deployments:
                 history=history,
                 by=by,
                 version=version,
+                sets=self.engine.replica_set if self.engine is not None else ReplicaSet,
             )
             replicated.metrics = self.metrics
             asyncio.run_coroutine_threadsafe(replicated.start(), self.loop).result()
@@ -336,10 +351,18 @@ class Deployments:
                 ['a new version runs in replica processes: isolation = "process" @ $.isolation'],
             )
         load = self.load_message(name, spec, checked)
-        with self._reserving(name, spec.replicas, f"the new version of {name!r} asks for"):
-            self._change(
-                deployment, deployment.swap(spec, checked, load, canary=canary, gate=gate, by=by)
+        # Given back as soon as the new version counts in the deployment's processes() (not
+        # when the old one has drained, up to DRAIN_TIMEOUT later: it would count twice).
+        counted = self._reservation(
+            name, spec.most_replicas(), f"the new version of {name!r} asks for"
+        )
+        try:
+            swap = deployment.swap(
+                spec, checked, load, canary=canary, gate=gate, by=by, counted=counted
             )
+            self._change(deployment, swap)
+        finally:
+            counted()
         return deployment, False
 
     def promote(self, name: str, *, by: str = "config") -> Served:
@@ -351,24 +374,27 @@ class Deployments:
     def rollback(self, name: str, *, by: str = "config") -> Served:
         """Drop the canary of ``name``, or go back to the version live before this one."""
         deployment = self._replicated(name)
-        reserved = 0
+        reservations: list[Callable[[], None]] = []
 
         def plan_of(spec: DeploymentSpec) -> tuple[Plan, dict[str, Any]]:
             # Going back to an earlier version starts its replicas again: reserved here, on
-            # the event loop, under the swap lock, and given back once the rollback ends.
-            nonlocal reserved
+            # the event loop, under the swap lock, and given back once that version is live
+            # (or the rollback failed).
             checked = self.plan(name, spec)
             load = self.load_message(name, spec, checked)
-            with self._lock:
-                self._reserve(name, spec.replicas, f"rolling {name!r} back starts")
-            reserved = spec.replicas
+            reservations.append(
+                self._reservation(name, spec.most_replicas(), f"rolling {name!r} back starts")
+            )
             return checked, load
 
+        def counted() -> None:
+            for give_back in reservations:
+                give_back()
+
         try:
-            self._change(deployment, deployment.rollback(plan_of, by=by))
+            self._change(deployment, deployment.rollback(plan_of, by=by, counted=counted))
         finally:
-            with self._lock:
-                self._reserved[name] -= reserved
+            counted()
         return deployment
 
     def _change(self, deployment: ReplicatedDeployment, work: Awaitable[Any]) -> None:

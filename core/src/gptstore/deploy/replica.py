@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,57 @@ def load(message: dict[str, Any]) -> Deployment:
         raise
 
 
+async def answer(deployment: Deployment, message: dict[str, Any]) -> dict[str, Any]:
+    """The ``done`` message answering one call but ``stream`` (``generate``, ``chat_prompt``,
+    ``logprobs``, ``status``); errors are raised. Ray Serve replicas answer through it too."""
+    op = message["op"]
+    if op == "generate":
+        requests = structure(
+            message["requests"], list[GenerationRequest], what="requests", path="$.requests"
+        )
+        generations = await deployment.generate(requests)
+        return {
+            "op": "done",
+            "generations": unstructure(generations),
+            "stats": deployment.status()["batches"],
+        }
+    if op == "chat_prompt":
+        messages = structure(
+            message["messages"], list[ChatMessage], what="messages", path="$.messages"
+        )
+        return {"op": "done", "prompt": await deployment.chat_prompt(messages)}
+    if op == "logprobs":
+        scored = await asyncio.to_thread(deployment.runner.logprobs, message["texts"])
+        return {"op": "done", "logprobs": unstructure(scored)}
+    if op == "status":
+        return {"op": "done", "status": deployment.status()}
+    raise ValueError(f"unknown call {op!r}")
+
+
+async def stream(deployment: Deployment, raw: Any) -> AsyncGenerator[dict[str, Any], None]:
+    """The messages answering a ``stream`` call of ``raw`` requests: a ``chunk`` per token, then
+    ``done`` with the prompt tokens; errors are raised."""
+    requests = structure(raw, list[GenerationRequest], what="requests", path="$.requests")
+    async with contextlib.aclosing(deployment.stream(requests)) as chunks:
+        async for index, chunk in chunks:
+            yield {"op": "chunk", "index": index, "chunk": unstructure(chunk)}
+    prompt_tokens = sum(deployment.runner.count_tokens(r.prompt) for r in requests)
+    yield {"op": "done", "stats": deployment.status()["batches"], "prompt_tokens": prompt_tokens}
+
+
+def ready_message(deployment: Deployment) -> dict[str, Any]:
+    """What a replica says once its model is loaded."""
+    info = deployment.info
+    return {
+        "op": "ready",
+        "pid": os.getpid(),
+        "context_length": info.context_length,
+        "logprobs": info.logprobs,
+        "health": deployment.runner.health().message,
+        "batching": type(deployment.batcher).__name__,
+    }
+
+
 class Server:
     """Serves one router connection until it drains or goes away."""
 
@@ -82,50 +134,13 @@ class Server:
                 await self.writer.drain()
 
     async def _handle(self, call: int, message: dict[str, Any]) -> None:
-        op, deployment = message["op"], self.deployment
-        if op in ("generate", "stream"):
-            requests = structure(
-                message["requests"], list[GenerationRequest], what="requests", path="$.requests"
-            )
-            if op == "generate":
-                generations = await deployment.generate(requests)
-                self.send(
-                    {
-                        "id": call,
-                        "op": "done",
-                        "generations": unstructure(generations),
-                        "stats": deployment.status()["batches"],
-                    }
-                )
-            else:
-                async with contextlib.aclosing(deployment.stream(requests)) as chunks:
-                    async for index, chunk in chunks:
-                        self.send(
-                            {"id": call, "op": "chunk", "index": index, "chunk": unstructure(chunk)}
-                        )
-                        await self.writer.drain()
-                prompt_tokens = sum(deployment.runner.count_tokens(r.prompt) for r in requests)
-                self.send(
-                    {
-                        "id": call,
-                        "op": "done",
-                        "stats": deployment.status()["batches"],
-                        "prompt_tokens": prompt_tokens,
-                    }
-                )
-        elif op == "chat_prompt":
-            messages = structure(
-                message["messages"], list[ChatMessage], what="messages", path="$.messages"
-            )
-            prompt = await deployment.chat_prompt(messages)
-            self.send({"id": call, "op": "done", "prompt": prompt})
-        elif op == "logprobs":
-            scored = await asyncio.to_thread(deployment.runner.logprobs, message["texts"])
-            self.send({"id": call, "op": "done", "logprobs": unstructure(scored)})
-        elif op == "status":
-            self.send({"id": call, "op": "done", "status": deployment.status()})
+        if message["op"] == "stream":
+            async with contextlib.aclosing(stream(self.deployment, message["requests"])) as answers:
+                async for message_ in answers:
+                    self.send({"id": call, **message_})
+                    await self.writer.drain()
         else:
-            raise ValueError(f"unknown call {op!r}")
+            self.send({"id": call, **(await answer(self.deployment, message))})
 
     async def serve(self, reader: asyncio.StreamReader) -> int:
         """Answer calls until the router says ``drain`` (then finish those in flight, still
@@ -181,19 +196,7 @@ async def run(sock: socket.socket) -> int:
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         return 1
-    info = deployment.info
-    writer.write(
-        frame(
-            {
-                "op": "ready",
-                "pid": os.getpid(),
-                "context_length": info.context_length,
-                "logprobs": info.logprobs,
-                "health": deployment.runner.health().message,
-                "batching": type(deployment.batcher).__name__,
-            }
-        )
-    )
+    writer.write(frame(ready_message(deployment)))
     return await Server(deployment, writer).serve(reader)
 
 

@@ -39,7 +39,44 @@ class ReplicaLost(Unavailable):
     """The replica died before it answered."""
 
 
-class Replica:
+class Endpoint:
+    """What the router calls: a replica process (:class:`Replica`), or a Ray Serve application
+    (:class:`~gptstore.deploy.ray_engine.RayEndpoint`). Subclasses set the counts and give
+    :meth:`call`."""
+
+    label: str
+    state: ReplicaState
+    pid: int | None
+    outstanding: int
+    served: int
+    restarts: int
+    lost: int
+    error: str | None
+
+    def call(self, op: str, **payload: Any) -> AsyncGenerator[dict[str, Any], None]:
+        raise NotImplementedError
+
+    async def ask(self, op: str, **payload: Any) -> dict[str, Any]:
+        """A call answered by one message."""
+        async with contextlib.aclosing(self.call(op, **payload)) as answers:
+            async for message in answers:
+                return message
+        raise ReplicaLost(f"{self.label} did not answer")
+
+    def describe(self) -> ReplicaStatus:
+        return {
+            "replica": self.label,
+            "state": self.state,
+            "pid": self.pid,
+            "outstanding": self.outstanding,
+            "served": self.served,
+            "restarts": self.restarts,
+            "lost": self.lost,
+            "error": self.error,
+        }
+
+
+class Replica(Endpoint):
     """One replica process of a deployment version. ``load``: the message that tells it what to
     load (see :func:`gptstore.deploy.replica.load`)."""
 
@@ -237,25 +274,6 @@ class Replica:
             if not finished and self.state in ("ready", "draining"):
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     self._writer.write(frame({"op": "cancel", "id": call}))
-
-    async def ask(self, op: str, **payload: Any) -> dict[str, Any]:
-        """A call answered by one message."""
-        async with contextlib.aclosing(self.call(op, **payload)) as answers:
-            async for message in answers:
-                return message
-        raise ReplicaLost(f"replica {self.label} did not answer")
-
-    def describe(self) -> ReplicaStatus:
-        return {
-            "replica": self.label,
-            "state": self.state,
-            "pid": self.pid,
-            "outstanding": self.outstanding,
-            "served": self.served,
-            "restarts": self.restarts,
-            "lost": self.lost,
-            "error": self.error,
-        }
 
 
 def _exit(code: int | None) -> str:

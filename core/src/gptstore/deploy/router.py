@@ -52,6 +52,7 @@ from gptstore.serving.deployments import (
     DeploymentSpec,
     DeploymentStatus,
     Plan,
+    ReplicaStatus,
     StreamTally,
     answered,
 )
@@ -145,6 +146,22 @@ class ReplicaSet:
     def ready(self) -> int:
         return sum(r.state == "ready" for r in self.replicas)
 
+    def size(self) -> int:
+        """Its replicas: what counts against the server's max_replicas."""
+        return len(self.replicas)
+
+    def states(self) -> Counter[str]:
+        return Counter(r.state for r in self.replicas)
+
+    def split(self, most: int) -> tuple[int, int]:
+        """Its calls in flight as (running, waiting): up to ``most`` running per replica."""
+        running = sum(min(r.outstanding, most) for r in self.replicas)
+        waiting = sum(max(r.outstanding - most, 0) for r in self.replicas)
+        return running, waiting
+
+    def describe(self) -> list[ReplicaStatus]:
+        return [r.describe() for r in self.replicas]
+
     def _restart_later(self, replica: Replica) -> None:
         if self._closing:
             return
@@ -189,10 +206,16 @@ class ReplicaSet:
         await asyncio.gather(*(r.drain(DRAIN_TIMEOUT) for r in self.replicas))
 
 
+#: What runs a version's replicas: :class:`ReplicaSet` (processes on this host), or the Ray
+#: engine's :meth:`~gptstore.deploy.ray_engine.RayEngine.replica_set` (a Ray Serve application).
+VersionSets = Callable[[str, int, DeploymentSpec, Plan, dict[str, Any]], Any]
+
+
 class ReplicatedDeployment:
     """A deployment whose versions run as replica processes (see the module's text). Build it
     with :meth:`start` on the server's event loop. ``on_change``: called with the deployment
-    after every change of version (to persist it)."""
+    after every change of version (to persist it). ``sets``: what runs each version's replicas
+    (default: processes on this host)."""
 
     def __init__(
         self,
@@ -205,11 +228,13 @@ class ReplicatedDeployment:
         history: Sequence[VersionRecord] = (),
         by: str = "config",
         version: int | None = None,
+        sets: VersionSets = ReplicaSet,
     ) -> None:
         self.name = name
         self.loop = loop
+        self._sets = sets
         version = version or max((h.version for h in history), default=0) + 1
-        self.live = ReplicaSet(name, version, spec, plan, load)
+        self.live: ReplicaSet = sets(name, version, spec, plan, load)
         self.canary: ReplicaSet | None = None
         self.canary_share = 0.0
         self.history: list[VersionRecord] = list(history)
@@ -257,10 +282,10 @@ class ReplicatedDeployment:
         return [*self.live.replicas, *(self.canary.replicas if self.canary else [])]
 
     def processes(self) -> int:
-        """Replica processes it holds but a version loading: live, canary, and old versions
-        still finishing their calls (for the server's max_replicas)."""
-        retiring = sum(len(s.replicas) for s in tuple(self._retiring))  # read off the loop
-        return len(self.replicas) + retiring
+        """Replicas it holds but a version loading: live, canary, and old versions still
+        finishing their calls (for the server's max_replicas)."""
+        sets = [self.live, *([self.canary] if self.canary else []), *tuple(self._retiring)]
+        return sum(s.size() for s in sets)  # the tuple: read off the loop
 
     async def _retire(self, replicas: ReplicaSet | None) -> None:
         """Stop ``replicas`` (put in ``_retiring`` when they stopped taking calls) once their
@@ -376,14 +401,18 @@ class ReplicatedDeployment:
         canary: float | None = None,
         gate: SwapGate | None = None,
         by: str = "config",
+        counted: Callable[[], None] | None = None,
     ) -> VersionRecord:
         """Replace the live version with ``spec`` (see the module's text); with ``canary``
         (a percentage), send that share of calls to it and keep the live version until
         :meth:`promote` or :meth:`rollback`. The new version's record says how it ended; a
-        failure raises its error after the new replicas are stopped."""
+        failure raises its error after the new replicas are stopped. ``counted`` is called
+        the moment :meth:`processes` counts the new version (live or canary)."""
         self._check_free()
         async with self._swap_lock:
-            record, old = await self._swap(spec, plan, load, canary=canary, gate=gate, by=by)
+            record, old = await self._swap(
+                spec, plan, load, canary=canary, gate=gate, by=by, counted=counted
+            )
         await self._retire(old)
         return record
 
@@ -407,6 +436,7 @@ class ReplicatedDeployment:
         by: str = "config",
         outcome: str = "swapped",
         live_as: str = "live",
+        counted: Callable[[], None] | None = None,
     ) -> tuple[VersionRecord, ReplicaSet | None]:
         """:meth:`swap`, under the swap lock: the new version's record, and the version it
         replaced (to :meth:`_retire` once the lock is let go). ``outcome``: the swap as the
@@ -420,7 +450,7 @@ class ReplicatedDeployment:
         record = _record(version, spec, by, "starting")
         self.history.append(record)
         self._trim()
-        new = self._loading = ReplicaSet(self.name, version, spec, plan, load)
+        new = self._loading = self._sets(self.name, version, spec, plan, load)
 
         def stage(state: str) -> None:
             self.swap_state = {"state": state, "version": version}
@@ -462,17 +492,21 @@ class ReplicatedDeployment:
             raise
         if canary is not None:
             self.canary, self.canary_share = new, canary / 100
+            if counted is not None:
+                counted()
             record.outcome = "canary"
             self.swap_state = {"state": "canary", "version": version, "percent": canary}
             self._changed("canary")
             return record, None
         old = self.live
+        self._retiring.add(old)  # before the switch: processes() never misses it
         self.live = new  # from here on, every new call goes to the new version
+        if counted is not None:
+            counted()
         record.outcome = live_as
         self._mark(old.version, "replaced")
         self.swap_state = {"state": "done", "version": version}
         self._changed(outcome)
-        self._retiring.add(old)
         return record, old
 
     async def promote(self, by: str = "config") -> VersionRecord:
@@ -496,6 +530,7 @@ class ReplicatedDeployment:
         self,
         plan_of: Callable[[DeploymentSpec], tuple[Plan, dict[str, Any]]],
         by: str = "config",
+        counted: Callable[[], None] | None = None,
     ) -> VersionRecord:
         """Drop the canary when there is one (its calls in flight finish); else swap back to the
         version that was live before this one (its replicas start again). ``plan_of``: the plan
@@ -512,12 +547,15 @@ class ReplicatedDeployment:
                 self._retiring.add(canary)
                 record, old = self._find(self.live.version), canary
             else:
-                record, old = await self._swap_back(plan_of, by)
+                record, old = await self._swap_back(plan_of, by, counted)
         await self._retire(old)
         return record
 
     async def _swap_back(
-        self, plan_of: Callable[[DeploymentSpec], tuple[Plan, dict[str, Any]]], by: str
+        self,
+        plan_of: Callable[[DeploymentSpec], tuple[Plan, dict[str, Any]]],
+        by: str,
+        counted: Callable[[], None] | None = None,
     ) -> tuple[VersionRecord, ReplicaSet | None]:
         # The version live before this one: replaced by a swap, never a rejected canary.
         previous = next(
@@ -539,6 +577,7 @@ class ReplicatedDeployment:
             by=by,
             outcome="rolled_back",
             live_as=f"live (rolled back to version {previous.version})",
+            counted=counted,
         )
 
     def _mark(self, version: int, outcome: str) -> None:
@@ -619,10 +658,8 @@ class ReplicatedDeployment:
         as its replicas' batchers hold them (up to max_batch running each, the rest waiting)."""
         shots = []
         for replicas in [self.live, *([self.canary] if self.canary else [])]:
-            most = replicas.spec.max_batch
-            states = Counter[str](r.state for r in replicas.replicas)
-            running = sum(min(r.outstanding, most) for r in replicas.replicas)
-            waiting = sum(max(r.outstanding - most, 0) for r in replicas.replicas)
+            states = replicas.states()
+            running, waiting = replicas.split(replicas.spec.max_batch)
             shots.append(
                 DeploymentSnapshot(self.name, replicas.version, dict(states), waiting, running)
             )
@@ -630,8 +667,9 @@ class ReplicatedDeployment:
 
     def status(self) -> DeploymentStatus:
         replicas = self.replicas
-        ready = sum(r.state == "ready" for r in self.live.replicas)
-        states = ", ".join(f"{r.label} {r.state}" for r in replicas)
+        ready = self.live.ready()
+        described = [*self.live.describe(), *(self.canary.describe() if self.canary else [])]
+        states = ", ".join(f"{r['replica']} {r['state']}" for r in described)
         counts = {"batches": 0, "rows": 0, "largest": 0, "streams": 0}
         for replica in replicas:
             for key, value in replica.stats.items():
@@ -654,9 +692,9 @@ class ReplicatedDeployment:
             "created_at": self.created_at.isoformat(),
             "health": {
                 "ok": ready > 0,
-                "message": f"{ready} of {len(self.live.replicas)} replicas ready ({states})",
+                "message": f"{ready} of {self.live.size()} replicas ready ({states})",
             },
-            "replicas": [r.describe() for r in replicas],
+            "replicas": described,
             "version": self.version,
             "canary": (
                 {"version": canary.version, "percent": round(self.canary_share * 100, 3)}

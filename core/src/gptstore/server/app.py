@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from litestar import Litestar, Request, Response
 from litestar.datastructures import State
@@ -31,6 +31,7 @@ from gptstore.artifacts import ArtifactStore
 from gptstore.config import Store
 from gptstore.deploy import Deployments
 from gptstore.deploy.metrics import DeploymentSnapshot, Metrics
+from gptstore.deploy.ray_engine import RayEngine
 from gptstore.deploy.records import DeploymentRecords
 from gptstore.errors import GptstoreError, InvalidInput, Unavailable
 from gptstore.manager import PluginManager, make_plugin_manager
@@ -160,18 +161,25 @@ async def _options(request: Request[Any, Any, Any]) -> Response[None] | None:
 
 
 def create_app(
-    home: Path | None = None, *, manager: PluginManager | None = None, config: Path | None = None
+    home: Path | None = None,
+    *,
+    manager: PluginManager | None = None,
+    config: Path | None = None,
+    engine: Literal["local", "ray"] | None = None,
+    ray_address: str | None = None,
 ) -> Litestar:
     """The app for the store at ``home`` ($GPTSTORE_HOME by default).
 
     ``config`` (default: ``$GPTSTORE_SERVER_CONFIG`` when set) is a TOML file whose ``[server]``
     and ``[deployments]`` tables replace those of the store's config.toml. Bad settings, and
     deployments whose artifact, backend or options are wrong, raise InvalidInput here.
+    ``engine`` and ``ray_address``, when given, replace ``[server] engine`` and ``[server.ray]
+    address``.
     """
     store = Store(home)
     if config is None and os.environ.get(SERVER_CONFIG_ENV):
         config = Path(os.environ[SERVER_CONFIG_ENV])
-    checked = server_config(store, config)
+    checked = server_config(store, config, engine=engine, ray_address=ray_address)
     plugins = manager or make_plugin_manager()
     artifacts = ArtifactStore(store.artifacts_dir)
     plans = plan_deployments(checked, plugins, artifacts)
@@ -182,6 +190,9 @@ def create_app(
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         import anyio
 
+        engine = None
+        if checked.settings.engine == "ray":
+            engine = RayEngine(checked.settings.ray)
         deployments = Deployments(
             plugins,
             artifacts,
@@ -189,12 +200,18 @@ def create_app(
             max_replicas=checked.settings.max_replicas,
             records=DeploymentRecords(store.deployments_dir),
             metrics=metrics,
+            engine=engine,
         )
         try:
+            if engine is not None:  # in a thread: Ray leaves the server's signal handlers be
+                await anyio.to_thread.run_sync(engine.connect)
             await anyio.to_thread.run_sync(load_deployments, checked, deployments, plans)
         except GptstoreError as exc:
             log.error("gptstore serve cannot start: %s", exc)
             logging.getLogger("uvicorn.error").addFilter(_TRACEBACK_FILTER)  # once: a set
+            if engine is not None:
+                await anyio.to_thread.run_sync(deployments.close)
+                await anyio.to_thread.run_sync(engine.close)
             raise
         app.state.deployments = deployments
         app.state.jobs = Jobs(
@@ -210,6 +227,8 @@ def create_app(
         finally:
             await anyio.to_thread.run_sync(app.state.jobs.close)
             await anyio.to_thread.run_sync(deployments.close)
+            if engine is not None:
+                await anyio.to_thread.run_sync(engine.close)
 
     app = Litestar(
         route_handlers=[

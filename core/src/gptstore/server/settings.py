@@ -9,14 +9,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 
 from gptstore.artifacts import ArtifactStore
 from gptstore.config import Store, read_toml
 from gptstore.converter import FieldProblem, in_range, structure
+from gptstore.deploy.ray_engine import RaySettings
 from gptstore.errors import GptstoreError, InvalidInput
 from gptstore.manager import PluginManager
-from gptstore.serving.deployments import DeploymentSpec, Plan, check_name, plan
+from gptstore.serving.deployments import DeploymentSpec, Plan, check_engine, check_name, plan
 
 #: How ``gptstore serve --config FILE`` tells uvicorn's worker processes which file it checked.
 SERVER_CONFIG_ENV = "GPTSTORE_SERVER_CONFIG"
@@ -123,8 +124,8 @@ def _check_unique(_instance: Any, attribute: Any, keys: tuple[ApiKey, ...]) -> N
 @frozen(kw_only=True)
 class ServerSettings:
     """``[server]``: API keys, whether inference needs a key, the largest request body, the
-    most replicas (model copies) the server runs over all its deployments, swaps included, and
-    the most optimization jobs it runs at once."""
+    most replicas (model copies) the server runs over all its deployments, swaps included, the
+    most optimization jobs it runs at once, and the engine that runs replicas."""
 
     api_keys: tuple[ApiKey, ...] = field(default=(), validator=_check_unique)
     anonymous_inference: bool = False
@@ -132,6 +133,10 @@ class ServerSettings:
     max_replicas: int = field(default=16, validator=in_range(1, 1024))
     #: Optimization jobs that run at once (the others wait their turn).
     max_jobs: int = field(default=1, validator=in_range(1, 64))
+    #: Where replicas run: processes on this host ("local"), or a Ray cluster's Serve ("ray",
+    #: set up by [server.ray]).
+    engine: Literal["local", "ray"] = "local"
+    ray: RaySettings = field(factory=RaySettings)
 
     def key_id(self, key: bytes) -> str:
         """How version histories name the key that made a change: the first 12 hex digits of
@@ -160,9 +165,17 @@ class ServerConfig:
     files: dict[str, str]
 
 
-def server_config(store: Store, config: Path | None = None) -> ServerConfig:
+def server_config(
+    store: Store,
+    config: Path | None = None,
+    *,
+    engine: Literal["local", "ray"] | None = None,
+    ray_address: str | None = None,
+) -> ServerConfig:
     """``[server]`` and ``[deployments]``: from ``config`` (a TOML file) where it has them, else
-    from the store's config.toml. Problems name the file and the setting."""
+    from the store's config.toml; ``engine`` and ``ray_address`` (``gptstore serve`` options)
+    replace ``[server] engine`` and ``[server.ray] address``. Problems name the file and the
+    setting."""
     raw = store.read_raw_config()
     files = {"server": str(store.config_path), "deployments": str(store.config_path)}
     if config is not None:
@@ -179,7 +192,15 @@ def server_config(store: Store, config: Path | None = None) -> ServerConfig:
         for table in ("server", "deployments"):
             if table in extra:
                 raw[table], files[table] = extra[table], str(config)
-    return parse_server_config(raw, files)
+    checked = parse_server_config(raw, files)
+    if engine is None and ray_address is None:
+        return checked
+    settings = checked.settings
+    if ray_address is not None:
+        settings = evolve(settings, ray=evolve(settings.ray, address=ray_address))
+    if engine is not None:
+        settings = evolve(settings, engine=engine)
+    return ServerConfig(settings, checked.deployments, checked.files)
 
 
 def parse_server_config(raw: dict[str, Any], files: dict[str, str]) -> ServerConfig:
@@ -216,6 +237,7 @@ def plan_deployments(
     for name, spec in config.deployments.items():
         where = f"$.deployments.{name}"
         try:
+            check_engine(name, spec, config.settings.engine, where)
             plans[name] = plan(
                 manager,
                 artifacts,

@@ -188,8 +188,11 @@ class Storefront(Controller):
         sessions.close(request.cookies.get(COOKIE))
         session_id, _session = sessions.open(role, settings.key_id(key.encode()))
         response = Redirect(target, status_code=303)
+        # Secure behind TLS (https, or a proxy's X-Forwarded-Proto that uvicorn trusts): the
+        # browser then never sends it over plain HTTP.
+        secure = request.url.scheme == "https"
         response.set_cookie(
-            COOKIE, session_id, httponly=True, samesite="strict", path="/", secure=False
+            COOKIE, session_id, httponly=True, samesite="strict", path="/", secure=secure
         )
         return response
 

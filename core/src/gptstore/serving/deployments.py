@@ -36,6 +36,26 @@ MAX_BATCH, MAX_QUEUE, MAX_REPLICAS = 256, 100_000, 64
 
 
 @frozen(kw_only=True)
+class Autoscaling:
+    """``[deployments.NAME.autoscaling]`` (engine ray only): Serve adds replicas, up to
+    ``max_replicas``, while the calls in flight per replica stay above
+    ``target_ongoing_requests`` for ``upscale_delay_s``, and removes them, down to
+    ``min_replicas``, once they stay below it for ``downscale_delay_s``."""
+
+    min_replicas: int = field(default=1, validator=in_range(1, MAX_REPLICAS))
+    max_replicas: int = field(default=2, validator=in_range(1, MAX_REPLICAS))
+    target_ongoing_requests: float = field(default=2.0, validator=in_range(0.01, 65536))
+    upscale_delay_s: float = field(default=30.0, validator=in_range(0, 86400))
+    downscale_delay_s: float = field(default=600.0, validator=in_range(0, 86400))
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})"
+            )
+
+
+@frozen(kw_only=True)
 class DeploymentSpec:
     """An artifact served on a backend: ``[deployments.NAME]`` in a config file, or the body of
     ``POST /store/deployments`` (with its ``name``).
@@ -48,7 +68,9 @@ class DeploymentSpec:
 
     ``replicas`` worker processes each load the model (``isolation = "process"``, the default:
     a replica that crashes takes nothing else down and is restarted); ``isolation = "none"``
-    runs one replica inside the server's process (no process hop, no crash isolation).
+    runs one replica inside the server's process (no process hop, no crash isolation). With
+    ``gptstore serve --engine ray`` the replicas are Ray Serve replicas, and ``autoscaling``
+    may replace ``replicas`` with bounds (see :class:`Autoscaling`).
     """
 
     artifact: str = field(metadata={"json_schema": {"pattern": ARTIFACT_ID_PATTERN}})
@@ -60,6 +82,24 @@ class DeploymentSpec:
     isolation: Literal["process", "none"] = "process"
     batching: Literal["continuous", "static"] = "continuous"
     kv_cache_mb: int | None = field(default=None, validator=in_range(1, 1 << 24))
+    autoscaling: Autoscaling | None = None
+
+    def most_replicas(self) -> int:
+        """The replicas it may run at once: ``replicas``, or its autoscaling bound."""
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.replicas
+
+
+def check_engine(name: str, spec: DeploymentSpec, engine: str, where: str = "$") -> None:
+    """InvalidInput when ``spec`` asks for what ``engine`` (``local`` or ``ray``) cannot do."""
+    if spec.autoscaling is not None and (engine != "ray" or spec.isolation == "none"):
+        raise InvalidInput(
+            f"deployment {name!r}",
+            [
+                "autoscaling needs the ray engine (gptstore serve --engine ray, or [server] "
+                'engine = "ray") and isolation = "process"; give a fixed number of replicas '
+                f"instead @ {where}.autoscaling"
+            ],
+        )
 
 
 def answered(generations: Sequence[Generation], started: float) -> dict[str, Any]:
