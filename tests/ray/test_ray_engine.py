@@ -12,13 +12,14 @@ import signal
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 import tomli_w
 
 from gptstore.testing import free_port, load, run_cli, server_process, smollm2_installed
-from gptstore.testing.ray import serve_apps
+from gptstore.testing.ray import delete_app, serve_apps
 
 from .conftest import ADMIN
 
@@ -145,14 +146,27 @@ def test_swaps_move_traffic_with_no_failed_request_and_a_failed_one_changes_noth
         code, _, text = call(base, "POST", "/store/deployments/echo/rollback")
         assert code == 200, text
         assert status(base)["canary"] is None
-        wait_for(
-            lambda: (
-                [a.split(".")[2] for a in serve_apps(ray_cluster) if a.startswith("gptstore.echo.")]
-                == ["v2"]
-            ),
-            60,
-            "the canary's application deleted",
+        wait_for(lambda: versions(ray_cluster) == ["v2"], 60, "the canary's application deleted")
+
+        # A delete while a version loads stops that load and deletes its application too.
+        with ThreadPoolExecutor(1) as pool:
+            swapping = pool.submit(
+                call, base, "PUT", "/store/deployments/echo", echo(load_delay=30)
+            )
+            wait_for(lambda: status(base)["swap"]["state"] == "loading", 60, "loading")
+            assert call(base, "DELETE", "/store/deployments/echo")[0] == 204
+            code, _, text = swapping.result(timeout=60)
+        assert code == 503, text
+        wait_for(lambda: versions(ray_cluster) == [], 60, "every application of echo deleted")
+
+        # An application deleted behind the server's back shows as dead, not ready.
+        assert call(base, "PUT", "/store/deployments/other", echo(replicas=1))[0] == 201
+        [app] = [a for a in serve_apps(ray_cluster) if a.startswith("gptstore.other.")]
+        delete_app(ray_cluster, app)
+        state = wait_for(
+            lambda: not (s := status(base, "other"))["health"]["ok"] and s, 30, "seen gone"
         )
+        assert state["replicas"][0]["error"] == "its Serve application is gone"
 
 
 def test_a_killed_replica_is_restarted_by_serve_and_no_plain_request_fails(echo_home):

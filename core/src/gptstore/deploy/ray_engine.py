@@ -41,7 +41,8 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from attrs import field, frozen
@@ -79,8 +80,9 @@ class RaySettings:
 
     ``address``: the cluster (``ray://host:10001`` through Ray Client, ``host:6379`` on a node
     of the cluster, ``auto`` for the one this node belongs to; empty: ``$RAY_ADDRESS``, else a
-    Ray started inside the server for this host alone). ``replica_cpus``: CPUs each replica
-    reserves (Ray also sets its threads to that number, at least one). ``artifacts``: the store's
+    Ray started inside the server for this host alone, ``local``, without its dashboard).
+    ``replica_cpus``: CPUs each replica reserves (Ray also sets its threads to that number, at
+    least one). ``artifacts``: the store's
     artifacts folder as the replicas' nodes see it (a shared filesystem; empty: the server's own
     path, right on one host or where every node mounts the store at the same path).
     """
@@ -124,7 +126,7 @@ class RayReplica:
             if not isinstance(exc, GptstoreError):
                 log.exception("call %s failed", message.get("op"))
             return {"op": "error", "error": error_fields(exc)}
-        return {**done, "pid": os.getpid()}
+        return {**done, "replica_id": _replica_id()}
 
     async def stream(self, requests: Any) -> AsyncGenerator[dict[str, Any], None]:
         if self.deployment is None:
@@ -133,7 +135,8 @@ class RayReplica:
         try:
             async with contextlib.aclosing(stream(self.deployment, requests)) as messages:
                 async for message in messages:
-                    yield {**message, "pid": os.getpid()} if message["op"] == "done" else message
+                    done = message["op"] == "done"
+                    yield {**message, "replica_id": _replica_id()} if done else message
         except Exception as exc:
             if not isinstance(exc, GptstoreError):
                 log.exception("stream failed")
@@ -142,7 +145,7 @@ class RayReplica:
     def check_health(self) -> None:
         """Serve's health check: the runner's own (a replica that fails it is restarted)."""
         if self.deployment is None:
-            raise RuntimeError(f"the model did not load: {(self.failure or {}).get('message')}")
+            return  # ready() reports the failure; the server then deletes the application
         health = self.deployment.runner.health()
         if not health.ok:
             raise RuntimeError(health.message or "the runner reports it is unhealthy")
@@ -155,17 +158,27 @@ class RayReplica:
 
 
 class RayEngine:
-    """The server's link to the Ray cluster: it connects once, and makes each version's
-    :class:`RaySet`."""
+    """The server's link to the Ray cluster: it connects once, makes each version's
+    :class:`RaySet`, and runs every call to Ray's client API on threads of its own (``pool``),
+    so that none of them holds the server's default thread pool, and close() can wait for them
+    before it shuts Ray down (Ray aborts a process that shuts down under a call in flight)."""
 
     def __init__(self, settings: RaySettings) -> None:
         self.settings = settings
         #: Tells this server's applications from another's on a shared cluster.
         self.token = secrets.token_hex(3)
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="gptstore-ray")
+        #: Set by close(): deploys that wait for their replicas stop waiting.
+        self.closed = threading.Event()
         self._connected = False
-        #: Held by calls to Ray from worker threads; close() waits for them (Ray aborts the
-        #: process when it shuts down under a call in flight).
-        self._busy = threading.Lock()
+        self._lock = threading.Lock()
+        #: Serve's replicas per application, and when they were read (one read serves all).
+        self._seen: dict[str, list[dict[str, Any]]] | None = None
+        self._seen_at = 0.0
+
+    async def run(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on one of the engine's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, work)
 
     def connect(self) -> None:
         """Join (or start) the cluster and start Serve without its HTTP proxy. Called from a
@@ -180,8 +193,11 @@ class RayEngine:
                 "the ray engine needs Ray Serve: pip install 'gptstore[ray]' (or "
                 "'ray[serve]'), on the server and on every node of the cluster"
             ) from None
-        address = self.settings.address or os.environ.get("RAY_ADDRESS") or None
-        if address not in (None, "auto", "local"):
+        address = self.settings.address or os.environ.get("RAY_ADDRESS") or "local"
+        options: dict[str, Any] = {}
+        if address == "local":  # a Ray of the server's own, never a cluster found on the host
+            options["include_dashboard"] = False
+        elif address != "auto":
             reachable(address)
         try:
             ray.init(
@@ -189,13 +205,13 @@ class RayEngine:
                 namespace=self.settings.namespace,
                 log_to_driver=False,
                 ignore_reinit_error=True,
+                **options,
             )
             serve.start(proxy_location="Disabled")
         except Exception as exc:
             raise Unavailable(
-                f"cannot reach the Ray cluster at {address or '$RAY_ADDRESS or a local one'} "
-                f"({type(exc).__name__}: {exc}); start one with `ray start --head`, or set "
-                "[server.ray] address"
+                f"cannot reach the Ray cluster at {address} ({type(exc).__name__}: {exc}); "
+                "start one with `ray start --head`, or set [server.ray] address"
             ) from None
         self._connected = True
         log.info("ray engine: connected to %s", ray.get_runtime_context().gcs_address)
@@ -210,10 +226,15 @@ class RayEngine:
     def app_name(self, label: str, version: int) -> str:
         return f"gptstore.{label}.v{version}.{self.token}"
 
-    def deploy(self, app: str, spec: DeploymentSpec, load: dict[str, Any]) -> Any:
-        """Run ``app`` (blocks until its replicas are up); its handle. A failure deletes it
-        and raises the replicas' error."""
+    def deploy(
+        self, app: str, spec: DeploymentSpec, load: dict[str, Any], stop: Callable[[], bool]
+    ) -> Any:
+        """Start ``app`` and wait until it runs (``stop()`` true, or the engine closed: stop
+        waiting); its handle. A failure deletes it and raises the replicas' error."""
         from ray import serve
+        from ray.serve.schema import ApplicationStatus
+
+        from gptstore.deploy.router import LOAD_TIMEOUT
 
         options: dict[str, Any] = {
             "name": "replica",
@@ -239,31 +260,47 @@ class RayEngine:
         else:
             options["num_replicas"] = spec.replicas
         deployment = serve.deployment(RayReplica, **options)
+        target = serve.RunTarget(target=deployment.bind(load), name=app, route_prefix=None)
+        deadline = time.monotonic() + LOAD_TIMEOUT
         try:
-            serve.run(deployment.bind(load), name=app, route_prefix=None)
-        except Exception as exc:
-            why = self._failure(app) or f"{type(exc).__name__}: {exc}"
+            serve.run_many([target], wait_for_applications_running=False)
+            while True:
+                if stop() or self.closed.is_set():
+                    raise Unavailable(f"Ray Serve application {app} was stopped while it loaded")
+                if time.monotonic() > deadline:
+                    raise PluginError(
+                        f"Ray Serve application {app} did not start within {LOAD_TIMEOUT:g} s "
+                        "(does the cluster have the CPUs its replicas ask for? [server.ray] "
+                        "replica_cpus)"
+                    )
+                status = serve.status().applications.get(app)
+                if status is not None and status.status == ApplicationStatus.RUNNING:
+                    return serve.get_app_handle(app)
+                if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
+                    why = self._failure(status) or status.message
+                    raise PluginError(f"Ray Serve application {app} failed to start: {why}")
+                time.sleep(0.25)
+        except BaseException:
             self.delete(app)
-            raise PluginError(f"Ray Serve application {app} failed to start: {why}") from None
-        return serve.get_app_handle(app)
+            raise
 
-    def _failure(self, app: str) -> str | None:
+    @staticmethod
+    def _failure(status: Any) -> str | None:
         """The replicas' error as Serve recorded it: the last line of its traceback."""
-        from ray import serve
-
-        with contextlib.suppress(Exception):
-            status = serve.status().applications[app]
-            for deployment in status.deployments.values():
-                # A traceback: its last line that is not indented names the exception.
-                lines = [line for line in deployment.message.splitlines() if line.strip()]
-                unindented = [line for line in lines if not line[0].isspace()]
-                if unindented:
-                    last: str = unindented[-1]
-                    kind, colon, why = last.partition(": ")
-                    return f"{kind.rpartition('.')[2]}: {why}" if colon else last
+        for deployment in status.deployments.values():
+            # A traceback: its last line that is not indented names the exception.
+            lines = [line for line in deployment.message.splitlines() if line.strip()]
+            unindented = [line for line in lines if not line[0].isspace()]
+            if unindented:
+                last: str = unindented[-1]
+                kind, colon, why = last.partition(": ")
+                return f"{kind.rpartition('.')[2]}: {why}" if colon else last
         return None
 
     def delete(self, app: str) -> None:
+        """Delete ``app`` (and wait until its replicas have stopped); nothing when it is gone."""
+        if not self._connected:
+            return
         from ray import serve
 
         try:
@@ -271,29 +308,52 @@ class RayEngine:
         except Exception as exc:
             log.warning("ray engine: could not delete application %s: %s", app, exc)
 
-    def details(self, app: str) -> list[dict[str, Any]]:
-        """The replicas of ``app``: id, state, pid and node, as Serve's controller knows them
-        (what Ray's dashboard shows); [] when it cannot say."""
+    def details(self, app: str) -> list[dict[str, Any]] | None:
+        """The replicas of ``app`` (id, state, pid, node) as Serve's controller knows them,
+        what Ray's dashboard shows; [] when the application is gone, None when the controller
+        cannot say. One read every REFRESH / 2 seconds serves every set."""
+        with self._lock:
+            if not self._connected:
+                return None
+            if self._seen is None or time.monotonic() - self._seen_at >= REFRESH / 2:
+                self._seen, self._seen_at = self._read(), time.monotonic()
+            seen = self._seen
+        return None if seen is None else list(seen.get(app, []))
+
+    def _read(self) -> dict[str, list[dict[str, Any]]] | None:
         import ray
         from ray.serve.context import _get_global_client
 
-        try:
-            with self._busy:
-                if not self._connected:
-                    return []
-                controller = _get_global_client()._controller
-                instance = ray.get(controller.get_serve_instance_details.remote(), timeout=10)
-            application = instance["applications"].get(app) or {}
-            deployment = application.get("deployments", {}).get("replica") or {}
-            return list(deployment.get("replicas", []))
-        except Exception as exc:  # a private API: the set falls back to its own counts
-            log.debug("ray engine: no replica details for %s: %s", app, exc)
-            return []
+        try:  # a private API (the dashboard's): without it, sets show their own counts
+            controller = _get_global_client()._controller
+            instance = ray.get(controller.get_serve_instance_details.remote(), timeout=10)
+            return {
+                name: list(
+                    (application.get("deployments", {}).get("replica") or {}).get("replicas", [])
+                )
+                for name, application in instance["applications"].items()
+            }
+        except Exception as exc:
+            log.debug("ray engine: no replica details: %s", exc)
+            return None
 
     def close(self) -> None:
-        with self._busy:
+        """Stop the deploys that wait, delete what this server still runs on the cluster (a
+        deploy cut short by the shutdown included), wait for the engine's threads, and
+        disconnect."""
+        self.closed.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
             if not self._connected:
                 return
+            try:
+                from ray import serve
+
+                for app in serve.status().applications:
+                    if app.startswith("gptstore.") and app.endswith(f".{self.token}"):
+                        self.delete(app)
+            except Exception as exc:
+                log.warning("ray engine: could not list its applications: %s", exc)
             self._connected = False
         import ray
 
@@ -305,9 +365,11 @@ class RayEndpoint(Endpoint):
     spreads over its replicas. ``outstanding``, ``served`` and ``lost`` count the calls this
     server sent it."""
 
-    def __init__(self, label: str, version: int) -> None:
+    def __init__(self, label: str, version: int, deployment: str, max_queue: int) -> None:
         self.label = label
         self.version = version
+        self.deployment = deployment
+        self.max_queue = max_queue
         self.state: ReplicaState = "starting"
         self.outstanding = 0
         self.served = 0
@@ -316,8 +378,8 @@ class RayEndpoint(Endpoint):
         self.pid: int | None = None
         self.error: str | None = None
         self.ready: dict[str, Any] = {}
-        #: Each replica's batch counts (by pid), as of its last answer.
-        self.batch_stats: dict[int, dict[str, int]] = {}
+        #: Each replica's batch counts (by Serve's replica id), as of its last answer.
+        self.batch_stats: dict[str, dict[str, int]] = {}
         self.handle: Any = None
 
     @property
@@ -333,10 +395,13 @@ class RayEndpoint(Endpoint):
 
     async def call(self, op: str, **payload: Any) -> AsyncGenerator[dict[str, Any], None]:
         """The messages answering one call, as :meth:`Replica.call
-        <gptstore.deploy.replicas.Replica.call>` gives them."""
+        <gptstore.deploy.replicas.Replica.call>` gives them: a replica that dies before it
+        answered anything is :class:`ReplicaLost` after one more try (Ray's router picks a live
+        replica); Serve's queue full is :class:`Overloaded`; Ray failing the call otherwise is
+        Unavailable."""
         if self.state != "ready" or self.handle is None:
             raise ReplicaLost(f"{self.label} is {self.state}")
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayError
         from ray.serve.exceptions import BackPressureError
 
         self.outstanding += 1
@@ -350,8 +415,8 @@ class RayEndpoint(Endpoint):
                         sent = True
                         if message.get("op") == "done":
                             self.served += 1
-                            if "stats" in message and "pid" in message:
-                                self.batch_stats[int(message["pid"])] = message["stats"]
+                            if "stats" in message and "replica_id" in message:
+                                self.batch_stats[str(message["replica_id"])] = message["stats"]
                         yield message
                     return
                 except RayActorError as exc:
@@ -359,23 +424,31 @@ class RayEndpoint(Endpoint):
                     if sent or attempt == 2:
                         raise ReplicaLost(f"a replica of {self.label} died: {exc}") from None
                 except BackPressureError:
-                    raise Overloaded(self.label, -1) from None
+                    raise Overloaded(self.deployment, self.max_queue) from None
+                except RayError as exc:
+                    raise Unavailable(
+                        f"Ray Serve could not run the call on {self.label} "
+                        f"({type(exc).__name__}); retry shortly"
+                    ) from None
         finally:
             self.outstanding -= 1
 
     async def _call(self, op: str, payload: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         if op == "stream":
             response = self.handle.options(stream=True).stream.remote(payload["requests"])
-            finished = False
-            try:
+        else:
+            response = self.handle.call.remote({"op": op, **payload})
+        finished = False
+        try:
+            if op == "stream":
                 async for message in response:
                     yield message
-                finished = True
-            finally:
-                if not finished:  # the client left: the replica stops generating
-                    response.cancel()
-        else:
-            yield await self.handle.call.remote({"op": op, **payload})
+            else:
+                yield await response
+            finished = True
+        finally:
+            if not finished:  # the client left (or the call failed): the replica stops
+                response.cancel()
 
 
 class RaySet:
@@ -398,58 +471,61 @@ class RaySet:
         self.plan = plan
         self.load = load
         self.app = engine.app_name(label, version)
-        self.endpoint = RayEndpoint(self.app, version)
+        self.endpoint = RayEndpoint(self.app, version, label, spec.max_queue)
         self.replicas = [self.endpoint]
         self.info = RunnerInfo(context_length=None, logprobs=False)
         #: Serve's replicas as last seen (see :meth:`RayEngine.details`).
         self.seen: list[dict[str, Any]] = []
-        self._ids: set[str] = set()
         self._closing = False
+        self._deployed = False
         self._refresh: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        from gptstore.deploy.router import LOAD_TIMEOUT
+        """Deploy the application and wait until it runs and its model answers ``ready``;
+        anything else (an error, a timeout, the deployment deleted or the server stopping
+        meanwhile) deletes it."""
+        from gptstore.deploy.router import PROBE_TIMEOUT
 
+        engine, endpoint = self.engine, self.endpoint
+        self._deployed = True
         try:
-            self.endpoint.handle = await asyncio.wait_for(
-                asyncio.to_thread(self.engine.deploy, self.app, self.spec, self.load), LOAD_TIMEOUT
+            endpoint.handle = await engine.run(
+                lambda: engine.deploy(self.app, self.spec, self.load, self.closing)
             )
-        except TimeoutError:
-            await asyncio.to_thread(self.engine.delete, self.app)
-            self.endpoint.state = "dead"
-            raise PluginError(
-                f"Ray Serve application {self.app} did not start within {LOAD_TIMEOUT:g} s "
-                "(does the cluster have the CPUs its replicas ask for? [server.ray] "
-                "replica_cpus)"
-            ) from None
+            ready = await asyncio.wait_for(endpoint.handle.ready.remote(), PROBE_TIMEOUT)
+            if ready.get("op") != "ready":
+                raise error_from(ready.get("error") or {})
+            if self._closing:
+                raise Unavailable(f"{self.app} was stopped while it loaded")
         except BaseException as exc:
-            self.endpoint.state, self.endpoint.error = "dead", str(exc)
-            if not isinstance(exc, Exception):  # cancelled: the deployment went while it loaded
-                await asyncio.shield(asyncio.to_thread(self.engine.delete, self.app))
+            endpoint.state, endpoint.error = "dead", str(exc) or type(exc).__name__
+            await asyncio.shield(self._delete())
             raise
-        ready = await self.endpoint.handle.ready.remote()
-        if ready.get("op") != "ready":
-            await asyncio.to_thread(self.engine.delete, self.app)
-            self.endpoint.state = "dead"
-            error = error_from(ready.get("error") or {})
-            self.endpoint.error = str(error)
-            raise error
-        self.endpoint.ready = ready
-        self.endpoint.state = "ready"
+        endpoint.ready = ready
+        endpoint.state = "ready"
         self.info = RunnerInfo(
             context_length=ready.get("context_length"), logprobs=bool(ready.get("logprobs"))
         )
         await self._look()
         self._refresh = asyncio.create_task(self._refreshing())
 
+    async def _delete(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the engine's threads are gone: it deleted all
+            await self.engine.run(lambda: self.engine.delete(self.app))
+
     async def _look(self) -> None:
-        seen = await asyncio.to_thread(self.engine.details, self.app)
-        if not seen and self.seen:
+        seen = await self.engine.run(lambda: self.engine.details(self.app))
+        if seen is None:
             return  # the controller did not answer: keep what was seen
+        endpoint = self.endpoint
+        if not seen and endpoint.state == "ready":  # deleted behind the server's back
+            endpoint.state, endpoint.error = "dead", "its Serve application is gone"
         ids = {str(r.get("replica_id")) for r in seen}
-        self._ids |= ids
-        # Replicas Serve replaced (died, failed their health check): seen once, gone since.
-        self.endpoint.restarts = max(len(self._ids) - max(self.size(), len(ids)), 0)
+        before = {str(r.get("replica_id")) for r in self.seen}
+        # Replicas Serve replaced (died, failed their health check): gone since the last look
+        # beyond those that scaling down removed.
+        gone = len(before - ids)
+        endpoint.restarts += max(gone - max(len(before) - len(ids), 0), 0)
         self.seen = seen
 
     async def _refreshing(self) -> None:
@@ -462,12 +538,16 @@ class RaySet:
         """The replicas it may run: what counts against the server's max_replicas."""
         return self.spec.most_replicas()
 
+    def _initial(self) -> int:
+        scaling = self.spec.autoscaling
+        return scaling.min_replicas if scaling is not None else self.spec.replicas
+
     def ready(self) -> int:
         return self.states().get("ready", 0)
 
     def states(self) -> Counter[str]:
         if self.endpoint.state != "ready" or not self.seen:
-            return Counter({self.endpoint.state: self.size() if self.endpoint.state else 0})
+            return Counter({self.endpoint.state: self._initial()})
         return Counter(STATES.get(_state(r), "starting") for r in self.seen)
 
     def split(self, most: int) -> tuple[int, int]:
@@ -504,7 +584,7 @@ class RaySet:
 
     async def aclose(self) -> None:
         """No new call; wait for this server's calls in flight (up to the drain timeout), then
-        delete the application (Serve stops its replicas)."""
+        delete the application (Serve stops its replicas). A deploy still under way stops."""
         from gptstore.deploy.router import DRAIN_TIMEOUT
 
         self._closing = True
@@ -516,8 +596,8 @@ class RaySet:
             deadline = time.monotonic() + DRAIN_TIMEOUT
             while endpoint.outstanding and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-        if endpoint.handle is not None:
-            await asyncio.to_thread(self.engine.delete, self.app)
+        if self._deployed:
+            await self._delete()
         if endpoint.state != "dead":
             endpoint.state = "stopped"
 
@@ -539,6 +619,12 @@ def reachable(address: str, timeout: float = 5.0) -> None:
             f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one there "
             "(`ray start --head`), or set [server.ray] address / --ray-address"
         ) from None
+
+
+def _replica_id() -> str:
+    from ray import serve
+
+    return str(serve.get_replica_context().replica_id.unique_id)
 
 
 def _state(replica: dict[str, Any]) -> str:

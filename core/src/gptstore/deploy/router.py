@@ -517,12 +517,12 @@ class ReplicatedDeployment:
             if new is None:
                 raise Conflict(f"deployment {self.name!r} has no canary to promote")
             old = self.live
+            self._retiring.add(old)  # before it leaves live: processes() never misses it
             self.live, self.canary, self.canary_share = new, None, 0.0
             self._mark(old.version, "replaced")
             self._mark(new.version, "live")
             self.swap_state = {"state": "done", "version": new.version}
             self._changed("promoted")
-            self._retiring.add(old)
         await self._retire(old)
         return self._find(new.version)
 
@@ -540,11 +540,11 @@ class ReplicatedDeployment:
         async with self._swap_lock:
             canary = self.canary
             if canary is not None:
+                self._retiring.add(canary)  # before it leaves: processes() never misses it
                 self.canary, self.canary_share = None, 0.0
                 self._mark(canary.version, "rolled back")
                 self.swap_state = {"state": "rolled back", "version": canary.version}
                 self._changed("rolled_back")
-                self._retiring.add(canary)
                 record, old = self._find(self.live.version), canary
             else:
                 record, old = await self._swap_back(plan_of, by, counted)
@@ -668,7 +668,8 @@ class ReplicatedDeployment:
     def status(self) -> DeploymentStatus:
         replicas = self.replicas
         ready = self.live.ready()
-        described = [*self.live.describe(), *(self.canary.describe() if self.canary else [])]
+        live = self.live.describe()
+        described = [*live, *(self.canary.describe() if self.canary else [])]
         states = ", ".join(f"{r['replica']} {r['state']}" for r in described)
         counts = {"batches": 0, "rows": 0, "largest": 0, "streams": 0}
         for replica in replicas:
@@ -692,7 +693,7 @@ class ReplicatedDeployment:
             "created_at": self.created_at.isoformat(),
             "health": {
                 "ok": ready > 0,
-                "message": f"{ready} of {self.live.size()} replicas ready ({states})",
+                "message": f"{ready} of {len(live)} replicas ready ({states})",
             },
             "replicas": described,
             "version": self.version,

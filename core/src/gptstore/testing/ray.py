@@ -90,14 +90,24 @@ def ray_head(cpus: int = 2, timeout: float = 120) -> Iterator[str]:
 
 def serve_apps(address: str) -> list[str]:
     """The Serve applications running on the cluster, as a separate Ray driver sees them."""
+    return list(json.loads(_driver(address, "sorted(serve.status().applications)")))
+
+
+def delete_app(address: str, app: str) -> None:
+    """Delete Serve application ``app`` from a separate Ray driver (behind its server's back)."""
+    _driver(address, f"serve.delete({app!r})")
+
+
+def _driver(address: str, expression: str) -> str:
+    """What ``expression`` gives, as JSON, evaluated by a Ray driver of its own process."""
     code = (
         "import json, ray; from ray import serve; "
         f"ray.init(address={address!r}, log_to_driver=False); "
-        "print(json.dumps(sorted(serve.status().applications)))"
+        f"print(json.dumps({expression}))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], env=ray_env(), capture_output=True, text=True, timeout=120
     )
     if done.returncode != 0:
-        raise RuntimeError(f"cannot list Serve's applications: {done.stderr[-2000:]}")
-    return list(json.loads(done.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"a Ray driver failed: {done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
