@@ -187,7 +187,8 @@ def test_a_failing_job_records_why_and_keeps_nothing(served):
     job = start(base, copy_job(fail=True, id="broken"))
     end = finished(base, job["id"])
     assert end["state"] == "failed"
-    assert "echo-copy was told to fail" in end["error"]
+    assert "echo-copy was told to fail (writing $GPTSTORE_HOME/artifacts/" in end["error"]
+    assert str(home) not in end["error"]  # the store's places, not the server's disk
     assert call(base, "GET", "/store/artifacts/broken")[0] == 404
     assert not [p for p in (home / "artifacts").iterdir() if p.name.startswith(".staging")]
 
@@ -238,6 +239,25 @@ def test_queued_jobs_start_in_the_order_they_came(tmp_path):
     assert [e["state"] for e in ends] == ["succeeded"] * 5
     starts = [e["started_at"] for e in ends]
     assert starts == sorted(starts)  # within one second too: ids alone do not say the order
+
+
+def test_the_job_list_pages_newest_first(tmp_path):
+    home = _home(tmp_path, {})
+    with running_server(create_app(home, manager=_manager())) as base:
+        started = [start(base, copy_job(seconds=0.0, steps=1)) for _ in range(5)]
+        for job in started:
+            finished(base, job["id"])
+        newest_first = [job["id"] for job in reversed(started)]
+        code, page = call(base, "GET", "/store/jobs?limit=2")
+        assert code == 200, page
+        assert [j["id"] for j in page] == newest_first[:2]
+        code, page = call(base, "GET", f"/store/jobs?limit=2&before={newest_first[1]}")
+        assert [j["id"] for j in page] == newest_first[2:4]
+        code, page = call(base, "GET", f"/store/jobs?before={newest_first[4]}")
+        assert (code, page) == (200, [])
+        code, body = call(base, "GET", "/store/jobs?before=20260101-000000-abcdef")
+        assert code == 400, body
+        assert call(base, "GET", "/store/jobs?limit=0")[0] == 400
 
 
 def test_a_second_server_on_the_same_store_leaves_the_jobs_to_the_first(tmp_path):

@@ -105,7 +105,17 @@ def test_what_a_cookie_changes_needs_the_sessions_csrf_token(served):
         {**FORM, "Cookie": cookie},
     )
     assert status == 303
-    assert headers["location"].startswith("/deployments/made")
+    assert headers["location"] == "/deployments/made"
+    # What the action did shows once on the next page, from the session: not from the URL,
+    # where any link could make the store claim something.
+    notice = '<p class="notice" role="status">deployment made created</p>'
+    _, _, page = request(served, "GET", "/deployments/made", headers={"Cookie": cookie})
+    assert notice in page
+    _, _, page = request(served, "GET", "/deployments/made", headers={"Cookie": cookie})
+    assert 'class="notice"' not in page
+    spoof = "/deployments?done=" + urllib.parse.quote("all your models were deleted")
+    _, _, page = request(served, "GET", spoof, headers={"Cookie": cookie})
+    assert "all your models were deleted" not in page
 
 
 def test_a_user_session_reads_but_cannot_change(served):
@@ -158,3 +168,18 @@ def test_the_deployment_page_shows_its_requests_and_latency(served):
     assert re.search(r'class="big">9</span> tokens generated', page)
     assert "<svg" in page  # the latency histogram
     assert ADMIN not in page
+
+
+def test_a_pages_own_refresh_keeps_no_idle_session_alive():
+    from gptstore.server.sessions import IDLE, Sessions
+
+    sessions = Sessions()
+    session_id, session = sessions.open("admin", "key sha256:0")
+    session.used -= IDLE - 5  # idle nearly long enough to end
+    before = session.used
+    assert sessions.get(session_id, touch=False) is session  # a refresh: still idle
+    assert session.used == before
+    assert sessions.get(session_id) is session  # a person: alive again
+    assert session.used > before
+    session.used -= IDLE + 1
+    assert sessions.get(session_id, touch=False) is None  # idle too long: gone

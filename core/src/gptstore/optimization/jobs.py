@@ -76,6 +76,21 @@ log = logging.getLogger("gptstore.jobs")
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ENDED = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def scrub(text: str, home: Path) -> str:
+    """``text`` with the store's folder written as ``$GPTSTORE_HOME``."""
+    return text.replace(str(home.resolve()), "$GPTSTORE_HOME").replace(str(home), "$GPTSTORE_HOME")
+
+
+@define
+class EventCursor:
+    """Where a reader of a job's reports stopped: the bytes read, and the reports in them."""
+
+    offset: int = 0
+    count: int = 0
+
+
 JOB_FILE, EVENTS_FILE, LAUNCH_FILE, LOG_FILE = "job.json", "events.jsonl", "launch.json", "log.txt"
 #: Seconds a cancelled job has to stop before its process is killed.
 GRACE = 15.0
@@ -224,22 +239,31 @@ class Jobs:
                     log.warning("job record %s unreadable: %s", folder, exc)
         return sorted(jobs, key=lambda j: (j.created_at, j.id), reverse=True)
 
-    def events(self, job_id: str, after: int = 0) -> builtins.list[dict[str, Any]]:
+    def events(
+        self, job_id: str, after: int = 0, cursor: EventCursor | None = None
+    ) -> builtins.list[dict[str, Any]]:
         """The job's progress reports from the ``after``-th on (each with its number, ``n``,
-        counted from 1)."""
+        counted from 1). With a ``cursor``, reading starts where the last read with it ended
+        (a stream that follows a job reads each report once, not the whole file each time)."""
+        cursor = cursor or EventCursor()
         path = self._folder(job_id) / EVENTS_FILE
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            with path.open("rb") as file:
+                file.seek(cursor.offset)
+                data = file.read()
         except FileNotFoundError:
             return []
         events = []
-        for n, line in enumerate(lines, start=1):
-            if n <= after:
+        end = data.rfind(b"\n") + 1  # whole lines only: the last may be being written
+        for line in data[:end].splitlines():
+            cursor.count += 1
+            if cursor.count <= after:
                 continue
             try:
-                events.append({"n": n, **json.loads(line)})
+                events.append({"n": cursor.count, **json.loads(line)})
             except ValueError:
-                break  # a line being written: read it next time
+                log.warning("job %s: report %d is not JSON; skipped", job_id, cursor.count)
+        cursor.offset += end
         return events
 
     def _recover(self) -> None:
@@ -562,10 +586,13 @@ def run_job(folder: Path, cancel: threading.Event) -> Job:
         else:
             job.state = "failed"
             if isinstance(exc, GptstoreError):
-                job.error = str(exc)
+                why = str(exc)
             else:
-                job.error = f"{type(exc).__name__}: {exc}"
+                why = f"{type(exc).__name__}: {exc}"
                 log.exception("job %s failed", job.id)
+            # What the API shows names the store's places, not the server's disk (the full
+            # text is in the job's log).
+            job.error = scrub(why, folder.parent.parent)
         if not isinstance(exc, Exception):
             raise
     finally:

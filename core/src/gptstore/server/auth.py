@@ -70,4 +70,13 @@ def session_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Session | None
     sessions: Sessions | None = getattr(connection.app.state, "sessions", None)
     if sessions is None:
         return None
-    return sessions.get(connection.cookies.get(COOKIE))
+    return sessions.get(connection.cookies.get(COOKIE), touch=not refreshing(connection))
+
+
+#: The header a page's live refresh sends (store.js): it reads, and keeps no session alive.
+REFRESH_HEADER = "x-gptstore-refresh"
+
+
+def refreshing(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """Whether the request is a page refreshing itself, not a person."""
+    return connection.headers.get(REFRESH_HEADER) == "1"

@@ -17,7 +17,8 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from gptstore.converter import unstructure
-from gptstore.optimization.jobs import JOB_ID_PATTERN, Job, JobRequest, Jobs
+from gptstore.errors import InvalidInput
+from gptstore.optimization.jobs import JOB_ID_PATTERN, EventCursor, Job, JobRequest, Jobs
 from gptstore.server.auth import changed_by
 from gptstore.server.body import read_body
 from gptstore.server.schema import JobStatus, errors, json_body
@@ -52,11 +53,26 @@ class JobsController(Controller):
         by = changed_by(request)
         return _status(await anyio.to_thread.run_sync(lambda: jobs.submit(body, by=by)))
 
-    @get("/", sync_to_thread=True, responses=errors(401))
-    def list_jobs(self, state: State) -> list[JobStatus]:
-        """Every job, the newest first."""
+    @get("/", sync_to_thread=True, responses=errors(400, 401))
+    def list_jobs(
+        self,
+        state: State,
+        limit: Annotated[int, Parameter(ge=1, le=1000, description="the most jobs listed")] = 100,
+        before: Annotated[
+            str | None,
+            Parameter(description="list the jobs older than this job id (the next page)"),
+        ] = None,
+    ) -> list[JobStatus]:
+        """The jobs, the newest first: ``limit`` of them, older than ``before`` when given
+        (pass the last id of a page to get the next)."""
         jobs: Jobs = state.jobs
-        return [_status(job) for job in jobs.list()]
+        listed = jobs.list()
+        if before is not None:
+            ids = [job.id for job in listed]
+            if before not in ids:
+                raise InvalidInput("request", [f"no job {before!r} @ before"])
+            listed = listed[ids.index(before) + 1 :]
+        return [_status(job) for job in listed[:limit]]
 
     @get("/{job_id:str}", sync_to_thread=True, responses=errors(400, 401, 404))
     def show(self, state: State, job_id: JOB_ID) -> JobStatus:
@@ -105,10 +121,11 @@ class JobsController(Controller):
 async def _follow(
     jobs: Jobs, job_id: str, seen: int, drain: Any
 ) -> AsyncIterator[ServerSentEventMessage]:
+    cursor = EventCursor()
     while not drain.draining:
         # The record first: once it says ended, every event was written before it.
         job = await anyio.to_thread.run_sync(jobs.get, job_id)
-        for event in await anyio.to_thread.run_sync(jobs.events, job_id, seen):
+        for event in await anyio.to_thread.run_sync(jobs.events, job_id, seen, cursor):
             seen = event.pop("n")
             yield ServerSentEventMessage(data=json.dumps(event), event="progress", id=seen)
         if job.ended:

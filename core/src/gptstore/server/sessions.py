@@ -33,6 +33,8 @@ class Session:
     key_id: str
     csrf: str
     used: float
+    #: What the last action did, shown once on the next page.
+    notice: str | None = None
 
 
 class Sessions:
@@ -53,7 +55,9 @@ class Sessions:
             self._items[session_id] = session
         return session_id, session
 
-    def get(self, session_id: str | None) -> Session | None:
+    def get(self, session_id: str | None, *, touch: bool = True) -> Session | None:
+        """The session, unless unknown or idle for IDLE seconds. ``touch``: the request is a
+        person's (it keeps the session alive); a page's own refresh is not."""
         if not session_id:
             return None
         now = time.monotonic()
@@ -64,7 +68,8 @@ class Sessions:
             if now - session.used > IDLE:
                 del self._items[session_id]
                 return None
-            session.used = now
+            if touch:
+                session.used = now
             return session
 
     def close(self, session_id: str | None) -> None:

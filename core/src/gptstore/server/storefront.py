@@ -38,7 +38,7 @@ from gptstore.optimization.jobs import JobRequest, Jobs
 from gptstore.optimization.training import LOG_FILE
 from gptstore.records import OptimizationStrategy, ScoringPolicy, ServingBackend
 from gptstore.selection import make_scorer, select_models
-from gptstore.server.auth import changed_by, session_of
+from gptstore.server.auth import changed_by, refreshing, session_of
 from gptstore.server.charts import bar_chart, line_chart
 from gptstore.server.errors import gptstore_error, http_error
 from gptstore.server.sessions import COOKIE, Session, Sessions, csrf_ok
@@ -105,8 +105,22 @@ async def _form(request: Request[Any, Any, Any], *, admin: bool = True) -> dict[
     return fields
 
 
-def _done(path: str, message: str) -> Redirect:
-    return Redirect(f"{path}?{urlencode({'done': message})}", status_code=303)
+def _done(request: Request[Any, Any, Any], path: str, message: str) -> Redirect:
+    """To ``path``, where the session's next page shows ``message`` once (kept in the session,
+    not the URL: a link cannot make the store say what it did not do)."""
+    session = session_of(request)
+    if session is not None:
+        session.notice = message
+    return Redirect(path, status_code=303)
+
+
+def _notice(request: Request[Any, Any, Any]) -> str | None:
+    """The notice an action left for this page (shown once)."""
+    session = session_of(request)
+    if session is None or refreshing(request):
+        return None
+    notice, session.notice = session.notice, None
+    return notice
 
 
 def _requirement(params: Mapping[str, str]) -> Requirement:
@@ -325,7 +339,7 @@ class Storefront(Controller):
             deployments=[d.status() for d in deployments.list()],
             artifacts=[a.id for a in _artifacts(state).list()],
             backends=sorted(state.manager.registrations(ServingBackend)),
-            done=request.query_params.get("done"),
+            done=_notice(request),
         )
 
     @get("/deployments/{name:str}", sync_to_thread=True)
@@ -355,7 +369,7 @@ class Storefront(Controller):
             ),
             artifacts=[a.id for a in _artifacts(state).list()],
             backends=sorted(state.manager.registrations(ServingBackend)),
-            done=request.query_params.get("done"),
+            done=_notice(request),
         )
 
     @post("/deployments", opt={"csrf": "form"})
@@ -366,7 +380,7 @@ class Storefront(Controller):
         deployments: Deployments = state.deployments
         by = changed_by(request)
         await anyio.to_thread.run_sync(lambda: deployments.create(name, spec, persist=True, by=by))
-        return _done(f"/deployments/{quote(name)}", f"deployment {name} created")
+        return _done(request, f"/deployments/{quote(name)}", f"deployment {name} created")
 
     @post("/deployments/{name:str}/{action:str}", opt={"csrf": "form"})
     async def change_deployment(
@@ -395,10 +409,10 @@ class Storefront(Controller):
             message = "promoted" if action == "promote" else "rolled back"
         elif action == "delete":
             await anyio.to_thread.run_sync(deployments.delete, name)
-            return _done("/deployments", f"deployment {name} deleted")
+            return _done(request, "/deployments", f"deployment {name} deleted")
         else:
             raise InvalidInput("action", [f"{action!r}: swap, promote, rollback or delete"])
-        return _done(f"/deployments/{quote(name)}", message)
+        return _done(request, f"/deployments/{quote(name)}", message)
 
     # -- the chat playground ----------------------------------------------------------------
 
@@ -450,7 +464,7 @@ class Storefront(Controller):
             jobs=jobs.list(),
             artifacts=[a.id for a in _artifacts(state).list()],
             strategies=sorted(state.manager.registrations(OptimizationStrategy)),
-            done=request.query_params.get("done"),
+            done=_notice(request),
         )
 
     @get("/jobs/{job_id:str}", sync_to_thread=True)
@@ -489,7 +503,7 @@ class Storefront(Controller):
         jobs: Jobs = state.jobs
         by = changed_by(request)
         job = await anyio.to_thread.run_sync(lambda: jobs.submit(job_request, by=by))
-        return _done(f"/jobs/{job.id}", "job started")
+        return _done(request, f"/jobs/{job.id}", "job started")
 
     @post("/jobs/{job_id:str}/cancel", opt={"csrf": "form"})
     async def cancel_job(
@@ -498,7 +512,7 @@ class Storefront(Controller):
         await _form(request)
         jobs: Jobs = state.jobs
         await anyio.to_thread.run_sync(jobs.cancel, job_id)
-        return _done(f"/jobs/{job_id}", "job cancelled")
+        return _done(request, f"/jobs/{job_id}", "job cancelled")
 
 
 def _spec(form: Mapping[str, str]) -> DeploymentSpec:

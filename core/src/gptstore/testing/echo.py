@@ -173,7 +173,7 @@ class EchoCopy:
             context.progress(step / steps, f"step {step + 1}/{steps} loss {1 / (step + 1):.3f}")
             time.sleep(self.options.seconds / steps)
             if self.options.fail and step == steps - 1:
-                raise RuntimeError("echo-copy was told to fail")
+                raise RuntimeError(f"echo-copy was told to fail (writing {context.output_dir})")
         context.check_cancelled()
         context.progress(1.0, "done")
         options = {"seconds": self.options.seconds, "steps": steps, "fail": self.options.fail}

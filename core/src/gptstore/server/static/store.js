@@ -114,7 +114,11 @@ function refreshLive() {
   const live = document.querySelectorAll("[data-live]");
   if (!live.length) return;
   setInterval(async () => {
-    const response = await fetch(window.location.href, { credentials: "same-origin" });
+    // Marked as a refresh: it keeps no idle session alive (a person's next click does).
+    const response = await fetch(window.location.href, {
+      credentials: "same-origin",
+      headers: { "X-Gptstore-Refresh": "1" },
+    });
     if (!response.ok) return;
     const page = new DOMParser().parseFromString(await response.text(), "text/html");
     for (const part of live) {
