@@ -256,7 +256,8 @@ def test_the_job_list_pages_newest_first(tmp_path):
         code, page = call(base, "GET", f"/store/jobs?before={newest_first[4]}")
         assert (code, page) == (200, [])
         code, body = call(base, "GET", "/store/jobs?before=20260101-000000-abcdef")
-        assert code == 400, body
+        assert code == 404, body
+        assert call(base, "GET", "/store/jobs?before=nonsense")[0] == 400
         assert call(base, "GET", "/store/jobs?limit=0")[0] == 400
 
 

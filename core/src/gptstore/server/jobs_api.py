@@ -17,7 +17,7 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from gptstore.converter import unstructure
-from gptstore.errors import InvalidInput
+from gptstore.errors import NotFound
 from gptstore.optimization.jobs import JOB_ID_PATTERN, EventCursor, Job, JobRequest, Jobs
 from gptstore.server.auth import changed_by
 from gptstore.server.body import read_body
@@ -53,14 +53,17 @@ class JobsController(Controller):
         by = changed_by(request)
         return _status(await anyio.to_thread.run_sync(lambda: jobs.submit(body, by=by)))
 
-    @get("/", sync_to_thread=True, responses=errors(400, 401))
+    @get("/", sync_to_thread=True, responses=errors(400, 401, 404))
     def list_jobs(
         self,
         state: State,
         limit: Annotated[int, Parameter(ge=1, le=1000, description="the most jobs listed")] = 100,
         before: Annotated[
             str | None,
-            Parameter(description="list the jobs older than this job id (the next page)"),
+            Parameter(
+                pattern=JOB_ID_PATTERN,
+                description="list the jobs older than this job id (the next page)",
+            ),
         ] = None,
     ) -> list[JobStatus]:
         """The jobs, the newest first: ``limit`` of them, older than ``before`` when given
@@ -70,7 +73,7 @@ class JobsController(Controller):
         if before is not None:
             ids = [job.id for job in listed]
             if before not in ids:
-                raise InvalidInput("request", [f"no job {before!r} @ before"])
+                raise NotFound(f"no job {before!r} (before=)")
             listed = listed[ids.index(before) + 1 :]
         return [_status(job) for job in listed[:limit]]
 
