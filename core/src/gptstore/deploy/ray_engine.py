@@ -199,6 +199,10 @@ class RayEngine:
             options["include_dashboard"] = False
         elif address != "auto":
             reachable(address)
+        if address != "local" and "RAY_AUTH_MODE" not in os.environ and _auth_token():
+            # A cluster started where Ray's token exists requires it (Ray 2.52+), and a client
+            # presents it only when told: without this, ray.init waits forever.
+            os.environ["RAY_AUTH_MODE"] = "token"
         try:
             ray.init(
                 address=address,
@@ -619,6 +623,14 @@ def reachable(address: str, timeout: float = 5.0) -> None:
             f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one there "
             "(`ray start --head`), or set [server.ray] address / --ray-address"
         ) from None
+
+
+def _auth_token() -> bool:
+    """Whether Ray's authentication token is here (where Ray looks for it)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return os.path.isfile(path)
 
 
 def _replica_id() -> str:

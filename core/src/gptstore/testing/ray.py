@@ -21,11 +21,14 @@ from gptstore.testing import free_port
 
 
 def ray_env() -> dict[str, str]:
-    """The environment for Ray's commands: no usage reporting, no native crash handler."""
+    """The environment for Ray's commands and the servers that join the test head: no usage
+    reporting, no native crash handler, no token authentication."""
     return {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
+        # A head on 127.0.0.1 for tests: no token, whatever ~/.ray holds.
+        "RAY_AUTH_MODE": "disabled",
     }
 
 
