@@ -185,6 +185,11 @@ class RayEngine:
         worker thread: Ray then leaves the server's signal handlers alone."""
         # Ray's native handler would print a stack trace on the server's SIGTERM (a drain).
         os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+        address = self.settings.address or os.environ.get("RAY_ADDRESS") or "local"
+        if address != "local" and "RAY_AUTH_MODE" not in os.environ and _auth_token():
+            # A cluster started where Ray's token exists requires it (Ray 2.52+), and a client
+            # presents it only when told, before Ray is imported: else ray.init waits forever.
+            os.environ["RAY_AUTH_MODE"] = "token"
         try:
             import ray
             from ray import serve
@@ -193,16 +198,11 @@ class RayEngine:
                 "the ray engine needs Ray Serve: pip install 'gptstore[ray]' (or "
                 "'ray[serve]'), on the server and on every node of the cluster"
             ) from None
-        address = self.settings.address or os.environ.get("RAY_ADDRESS") or "local"
         options: dict[str, Any] = {}
         if address == "local":  # a Ray of the server's own, never a cluster found on the host
             options["include_dashboard"] = False
         elif address != "auto":
             reachable(address)
-        if address != "local" and "RAY_AUTH_MODE" not in os.environ and _auth_token():
-            # A cluster started where Ray's token exists requires it (Ray 2.52+), and a client
-            # presents it only when told: without this, ray.init waits forever.
-            os.environ["RAY_AUTH_MODE"] = "token"
         try:
             ray.init(
                 address=address,
