@@ -152,6 +152,47 @@ def test_quantize_measures_perplexity_and_serves(exported):
     runner.close()
 
 
+def test_int4_blocks_halve_int8_and_serve_what_onnx_runtime_computes(exported):
+    """bits = 4: every constant MatMul becomes a 4-bit MatMulNBits (the weights' bytes about
+    half of int8's), its perplexity is measured and recorded, and it serves; 4 bits is
+    weight-only, and a block size that is no power of two is refused before anything runs."""
+    import onnx as onnx_lib
+
+    manager, store, _base, onnx, _ = exported
+    int8 = optimize(manager, store, onnx.id, "onnx-quantize", {"block_size": 32}, new_id="q8")
+    int4 = optimize(
+        manager,
+        store,
+        onnx.id,
+        "onnx-quantize",
+        {"bits": 4, "block_size": 32, "symmetric": False},
+        new_id="q4",
+    )
+    model = onnx_lib.load(str(int4.path / "model.onnx"), load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 * 4 + 1
+    assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {4}
+    assert {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {4}
+    assert constant_matmuls(int4.path / "model.onnx") == []
+    options = int4.manifest.step.options
+    assert (options["bits"], options["symmetric"]) == (4, False)
+    assert int4.manifest.metrics_after["perplexity"] > 1
+
+    def weight_bytes(artifact):
+        loaded = onnx_lib.load(str(artifact.path / "model.onnx"))
+        return sum(len(i.raw_data) for i in loaded.graph.initializer if "MatMul" in i.name)
+
+    assert weight_bytes(int4) < 0.6 * weight_bytes(int8)
+    runner = manager.get(ServingBackend, "onnx").factory(OrtOptions()).load(int4)
+    [result] = runner.generate([GenerationRequest(prompt="Hello", max_tokens=5)])
+    assert result.completion_tokens >= 1 or result.finish_reason == "stop"
+    runner.close()
+    with pytest.raises(GptstoreError, match="4 bits is weight-only"):
+        optimize(manager, store, onnx.id, "onnx-quantize", {"method": "dynamic", "bits": 4})
+    with pytest.raises(GptstoreError, match="block_size must be a power of two"):
+        optimize(manager, store, onnx.id, "onnx-quantize", {"bits": 4, "block_size": 48})
+
+
 def test_wrong_inputs_are_refused_and_leave_the_store_as_it_was(exported):
     manager, store, base, onnx, _ = exported
     before = sorted(p.name for p in store.root.iterdir())
