@@ -62,14 +62,20 @@ def test_readme_names_the_setup_and_test_commands():
     assert test_command.group(1).strip() in ci
 
 
-def test_the_server_config_in_the_http_docs_is_accepted(tmp_path):
+def documented_config(tmp_path, page):
+    """The server config in ``docs/PAGE``'s one TOML block, checked as `gptstore serve` reads
+    it."""
     from gptstore.config import Store
     from gptstore.server.settings import server_config
 
-    text = (REPO / "docs" / "http.md").read_text()
-    [block] = re.findall(r"```toml\n(.*?)```", text, re.S)
+    [block] = re.findall(r"```toml\n(.*?)```", (REPO / "docs" / page).read_text(), re.S)
     (tmp_path / "serve.toml").write_text(block)
-    checked = server_config(Store(tmp_path / "home"), tmp_path / "serve.toml")
+    return server_config(Store(tmp_path / "home"), tmp_path / "serve.toml")
+
+
+def test_the_server_config_in_the_http_docs_is_accepted(tmp_path):
+
+    checked = documented_config(tmp_path, "http.md")
     settings, specs = checked.settings, checked.deployments
     assert [k.role for k in settings.api_keys] == ["admin", "user"]
     assert (specs["smol"].backend, specs["smol"].max_batch, specs["smol"].max_queue) == (
@@ -80,13 +86,8 @@ def test_the_server_config_in_the_http_docs_is_accepted(tmp_path):
 
 
 def test_the_ray_engine_config_in_the_scale_out_docs_is_accepted(tmp_path):
-    from gptstore.config import Store
-    from gptstore.server.settings import server_config
 
-    text = (REPO / "docs" / "scale-out.md").read_text()
-    [block] = re.findall(r"```toml\n(.*?)```", text, re.S)
-    (tmp_path / "serve.toml").write_text(block)
-    checked = server_config(Store(tmp_path / "home"), tmp_path / "serve.toml")
+    checked = documented_config(tmp_path, "scale-out.md")
     settings, specs = checked.settings, checked.deployments
     assert (settings.engine, settings.ray.address, settings.ray.replica_cpus) == (
         "ray",

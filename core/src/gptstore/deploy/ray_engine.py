@@ -370,18 +370,9 @@ class RayEndpoint(Endpoint):
     server sent it."""
 
     def __init__(self, label: str, version: int, deployment: str, max_queue: int) -> None:
-        self.label = label
-        self.version = version
+        super().__init__(label, version)
         self.deployment = deployment
         self.max_queue = max_queue
-        self.state: ReplicaState = "starting"
-        self.outstanding = 0
-        self.served = 0
-        self.restarts = 0
-        self.lost = 0
-        self.pid: int | None = None
-        self.error: str | None = None
-        self.ready: dict[str, Any] = {}
         #: Each replica's batch counts (by Serve's replica id), as of its last answer.
         self.batch_stats: dict[str, dict[str, int]] = {}
         self.handle: Any = None

@@ -41,17 +41,22 @@ class ReplicaLost(Unavailable):
 
 class Endpoint:
     """What the router calls: a replica process (:class:`Replica`), or a Ray Serve application
-    (:class:`~gptstore.deploy.ray_engine.RayEndpoint`). Subclasses set the counts and give
-    :meth:`call`."""
+    (:class:`~gptstore.deploy.ray_engine.RayEndpoint`), with the counts its status shows.
+    Subclasses give :meth:`call`."""
 
-    label: str
-    state: ReplicaState
-    pid: int | None
-    outstanding: int
-    served: int
-    restarts: int
-    lost: int
-    error: str | None
+    def __init__(self, label: str, version: int) -> None:
+        self.label = label
+        self.version = version
+        self.state: ReplicaState = "starting"
+        #: Calls sent and not finished; calls answered.
+        self.outstanding = 0
+        self.served = 0
+        self.restarts = 0
+        #: Calls in flight when a replica died (all its deaths): retried, or failed.
+        self.lost = 0
+        self.pid: int | None = None
+        self.error: str | None = None  # why it last failed
+        self.ready: dict[str, Any] = {}
 
     def call(self, op: str, **payload: Any) -> AsyncGenerator[dict[str, Any], None]:
         raise NotImplementedError
@@ -81,18 +86,8 @@ class Replica(Endpoint):
     load (see :func:`gptstore.deploy.replica.load`)."""
 
     def __init__(self, label: str, load: dict[str, Any]) -> None:
-        self.label = label
-        self.version = 1  # of the deployment: set by its ReplicaSet
+        super().__init__(label, 1)  # its version: set by its ReplicaSet
         self.load_message = load
-        self.state: ReplicaState = "starting"
-        self.outstanding = 0
-        self.served = 0
-        self.restarts = 0
-        #: Calls in flight when the process died (all its deaths): retried, or failed.
-        self.lost = 0
-        self.pid: int | None = None
-        self.error: str | None = None  # why it last failed
-        self.ready: dict[str, Any] = {}
         #: The replica's batch counts, as of its last answer.
         self.stats: dict[str, int] = {}
         self.started_at = 0.0
