@@ -166,6 +166,34 @@ def test_deeply_nested_json_is_a_400_not_a_500(server):
         ("/v1/completions", {"seed": 2**63}, "seed must lie in"),
         ("/v1/completions", {"max_tokens": 4.5}, "expected int, got float @ $.max_tokens"),
         ("/v1/completions", {"tools": []}, "tools"),
+        ("/v1/chat/completions", {"presence_penalty": 2.5}, "presence_penalty must lie in -2..2"),
+        ("/v1/completions", {"frequency_penalty": -3}, "frequency_penalty must lie in -2..2"),
+        ("/v1/completions", {"logit_bias": {"a": 1}}, "logit_bias keys are token ids"),
+        ("/v1/completions", {"logit_bias": {"1": -101}}, "logit_bias values lie in -100..100"),
+        ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "needs stream"),
+        (
+            "/v1/chat/completions",
+            {"stream": True, "stream_options": {"include_obfuscation": True}},
+            "include_obfuscation",
+        ),
+        ("/v1/chat/completions", {"service_tier": "gold"}, "service_tier"),
+        (
+            "/v1/chat/completions",
+            {"response_format": {"type": "json_schema"}},
+            "@ $.response_format.json_schema",
+        ),
+        ("/v1/completions", {"response_format": {"type": "xml"}}, "@ $.response_format.type"),
+        ("/v1/chat/completions", {"tool_choice": "required"}, "needs tools @ $.tool_choice"),
+        (
+            "/v1/chat/completions",
+            {"tools": [{"type": "function", "function": {"name": "a b"}}]},
+            "@ $.tools[0].function.name",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "assistant", "content": None}]},
+            "@ $.messages[0]",
+        ),
     ],
 )
 def test_out_of_range_fields_are_400s_that_name_the_field(server, path, extra, message):
@@ -211,6 +239,33 @@ def test_logprobs_are_refused_where_the_runner_declares_none(server):
     assert "deployment 'echo' (backend echo) does not return log-probabilities" in message
     message = refused(server, "/v1/chat/completions", {**CHAT, "logprobs": True})
     assert "does not return log-probabilities" in message
+
+
+def test_penalties_and_grammars_are_refused_where_the_runner_declares_none(server):
+    message = refused(server, "/v1/completions", {**COMPLETION, "frequency_penalty": 0.5})
+    assert "does not apply presence_penalty, frequency_penalty or logit_bias" in message
+    message = refused(server, "/v1/completions", {**COMPLETION, "logit_bias": {"3": 5}})
+    assert "does not apply presence_penalty" in message
+    json_object = {"response_format": {"type": "json_object"}}
+    message = refused(server, "/v1/chat/completions", {**CHAT, **json_object})
+    assert "does not follow a grammar; leave out response_format and tools" in message
+    tool = {"type": "function", "function": {"name": "f"}}
+    message = refused(server, "/v1/chat/completions", {**CHAT, "tools": [tool]})
+    assert "does not follow a grammar" in message
+    # what changes nothing is accepted: zero penalties, an empty bias, text, no tools
+    neutral = {
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "response_format": {"type": "text"},
+        "tools": [tool],
+        "tool_choice": "none",
+        "user": "u-1",
+        "service_tier": "auto",
+    }
+    status, _h, answer = call(server, "POST", "/v1/chat/completions", {**CHAT, **neutral})
+    assert status == 200, answer
+    assert answer["service_tier"] == "default"
 
 
 def test_a_runner_that_breaks_its_contract_is_a_500_naming_the_backend(server):

@@ -103,11 +103,15 @@ class Optimizer(Protocol):
 
 @frozen
 class StreamChunk:
-    """A piece of generated text; the last chunk of a stream has ``finish_reason`` set."""
+    """A piece of generated text; the last chunk of a stream has ``finish_reason`` set, and
+    (where the runner counts them; the core counts them otherwise) the tokens of the prompt and
+    of the completion."""
 
     text: str
     finish_reason: str | None = None
     logprob: TokenLogprob | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 @runtime_checkable

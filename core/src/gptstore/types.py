@@ -449,9 +449,23 @@ class Artifact:
 
 
 @frozen
+class ToolCall:
+    """A function call the model made: ``arguments`` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@frozen
 class ChatMessage:
+    """One message of a chat. An assistant's may carry the tool calls it made; a ``tool``
+    message answers one of them (``tool_call_id``)."""
+
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 #: One example of a dataset: a text, or a conversation to render with a model's chat template.
@@ -532,6 +546,28 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    #: Subtracted from a token's logit once if it occurs in the completion so far (OpenAI's
+    #: presence_penalty), and once per occurrence (frequency_penalty).
+    presence_penalty: float = field(default=0.0, validator=in_range(-2, 2))
+    frequency_penalty: float = field(default=0.0, validator=in_range(-2, 2))
+    #: (token id, bias) pairs added to the logits before picking (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    #: A grammar the completion must follow (structured outputs, tool calls).
+    constraint: Constraint | None = None
+
+
+@frozen(kw_only=True)
+class Constraint:
+    """A grammar a completion must follow, applied as a mask over the logits at every step.
+
+    :param kind: ``json_schema``: ``source`` is a JSON Schema as JSON text (``{"type":
+        "object"}`` for OpenAI's json_object); ``lark``: a grammar in llguidance's Lark syntax
+        (which may embed JSON schemas with ``%json``); ``regex``: a regular expression the whole
+        completion matches.
+    """
+
+    kind: Literal["json_schema", "lark", "regex"]
+    source: str
 
 
 @frozen
@@ -577,7 +613,14 @@ class RunnerInfo:
         checked).
     :param logprobs: whether ``generate`` and ``stream`` return token log-probabilities when a
         request asks for them; when False, such a request is refused with a 400.
+    :param penalties: whether the runner applies ``presence_penalty``, ``frequency_penalty`` and
+        ``logit_bias``; when False, a request that sets them is refused with a 400.
+    :param constraints: whether the runner follows a request's ``constraint`` (structured
+        outputs, tool calls); when False, such a request is refused with a 400. Runners on the
+        shared decode loop (:class:`~gptstore.serving.decoding.DecodingRunner`) do all three.
     """
 
     context_length: int | None = field(default=None, validator=at_least(1))
     logprobs: bool = False
+    penalties: bool = False
+    constraints: bool = False

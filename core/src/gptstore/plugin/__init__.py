@@ -87,6 +87,7 @@ from gptstore.serving.decoding import Decoder, DecodingRunner, serving_tokenizer
 from gptstore.types import (
     Artifact,
     ChatMessage,
+    Constraint,
     Criterion,
     Dataset,
     Example,
@@ -109,6 +110,7 @@ from gptstore.types import (
     SourceStatus,
     TextLogprobs,
     TokenLogprob,
+    ToolCall,
     str_tuple,
 )
 from gptstore.units import format_bytes, format_count, parse_bytes, parse_count
@@ -132,6 +134,7 @@ __all__ = [
     "Cancelled",
     "ChatMessage",
     "Conflict",
+    "Constraint",
     "ContextLengthExceeded",
     "Criterion",
     "Dataset",
@@ -177,6 +180,7 @@ __all__ = [
     "StreamChunk",
     "TextLogprobs",
     "TokenLogprob",
+    "ToolCall",
     "TrainingOptions",
     "Unavailable",
     "UnknownName",

@@ -2,7 +2,8 @@
 ``POST /v1/chat/completions`` (``stream: true`` as server-sent events in OpenAI's chunk format).
 
 Bodies are structured strictly with gptstore's converter: a field OpenAI has but gptstore does
-not implement (``tools``, ``response_format``...) is a 400 that names it, never silently ignored.
+not implement (``audio``, ``store``, ``echo``...) is a 400 that names it, never silently ignored.
+``user`` and ``service_tier`` are accepted and ignored (docs/http.md says why).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from attrs import field, frozen
 from litestar import Controller, Request, get, post
@@ -41,7 +42,16 @@ from gptstore.server.schema import (
     errors,
     streaming_json_body,
 )
-from gptstore.types import ChatMessage, Generation, GenerationRequest, TokenLogprob
+from gptstore.server.structured import (
+    OPEN,
+    parse_tools,
+    response_constraint,
+    tool_calls,
+    tool_choice,
+    tools_constraint,
+    with_tools,
+)
+from gptstore.types import ChatMessage, Generation, GenerationRequest, TokenLogprob, ToolCall
 
 T = TypeVar("T")
 MAX_N = 16
@@ -54,6 +64,8 @@ MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS = 5, 20
 SEED_RANGE = (-(2**63), 2**63 - 1)
 #: Longest stop sequence, in characters.
 MAX_STOP_CHARS = 256
+#: Most tokens one request may bias.
+MAX_LOGIT_BIAS = 1024
 
 _TEXT = Schema(type=OpenAPIType.STRING)
 _STOP_TEXT = Schema(type=OpenAPIType.STRING, max_length=MAX_STOP_CHARS)
@@ -80,7 +92,7 @@ _PROMPT = Schema(
 _MESSAGE = Schema(
     type=OpenAPIType.OBJECT,
     properties={
-        "role": Schema(enum=["system", "developer", "user", "assistant"]),
+        "role": Schema(enum=["system", "developer", "user", "assistant", "tool"]),
         "content": Schema(
             one_of=[
                 _TEXT,
@@ -92,12 +104,139 @@ _MESSAGE = Schema(
                         required=["type", "text"],
                     ),
                 ),
-            ]
+                Schema(type=OpenAPIType.NULL),
+            ],
+            description="Text (null only for an assistant message with tool_calls)",
         ),
+        "name": _TEXT,
+        "tool_calls": Schema(
+            type=OpenAPIType.ARRAY,
+            items=Schema(
+                type=OpenAPIType.OBJECT,
+                properties={
+                    "id": _TEXT,
+                    "type": Schema(const="function"),
+                    "function": Schema(
+                        type=OpenAPIType.OBJECT,
+                        properties={"name": _TEXT, "arguments": _TEXT},
+                        required=["name", "arguments"],
+                    ),
+                },
+                required=["id", "type", "function"],
+            ),
+            description="An assistant message's calls",
+        ),
+        "tool_call_id": Schema(type=OpenAPIType.STRING, description="A tool message's call"),
     },
-    required=["role", "content"],
+    required=["role"],
 )
 _MESSAGES = Schema(type=OpenAPIType.ARRAY, items=_MESSAGE, min_items=1)
+_OBJECT = Schema(type=OpenAPIType.OBJECT)
+_RESPONSE_FORMAT = Schema(
+    one_of=[
+        Schema(type=OpenAPIType.NULL),
+        Schema(
+            type=OpenAPIType.OBJECT,
+            properties={"type": Schema(enum=["text", "json_object"])},
+            required=["type"],
+            additional_properties=False,
+        ),
+        Schema(
+            type=OpenAPIType.OBJECT,
+            properties={
+                "type": Schema(const="json_schema"),
+                "json_schema": Schema(
+                    type=OpenAPIType.OBJECT,
+                    properties={
+                        "name": Schema(type=OpenAPIType.STRING, pattern="^[A-Za-z0-9_-]{1,64}$"),
+                        "description": _TEXT,
+                        "schema": _OBJECT,
+                        "strict": Schema(
+                            one_of=[Schema(type=OpenAPIType.BOOLEAN), Schema(type=OpenAPIType.NULL)]
+                        ),
+                    },
+                    required=["name"],
+                    additional_properties=False,
+                ),
+            },
+            required=["type", "json_schema"],
+            additional_properties=False,
+        ),
+    ],
+    description="text, json_object (any JSON object) or json_schema: the answer is decoded "
+    "under the schema's grammar, so it parses and validates",
+)
+_FUNCTION_NAME = Schema(type=OpenAPIType.STRING, pattern="^[A-Za-z0-9_-]{1,64}$")
+_TOOLS = Schema(
+    one_of=[
+        Schema(type=OpenAPIType.NULL),
+        Schema(
+            type=OpenAPIType.ARRAY,
+            max_items=128,
+            items=Schema(
+                type=OpenAPIType.OBJECT,
+                properties={
+                    "type": Schema(const="function"),
+                    "function": Schema(
+                        type=OpenAPIType.OBJECT,
+                        properties={
+                            "name": _FUNCTION_NAME,
+                            "description": _TEXT,
+                            "parameters": _OBJECT,
+                            "strict": Schema(
+                                one_of=[
+                                    Schema(type=OpenAPIType.BOOLEAN),
+                                    Schema(type=OpenAPIType.NULL),
+                                ]
+                            ),
+                        },
+                        required=["name"],
+                        additional_properties=False,
+                    ),
+                },
+                required=["type", "function"],
+                additional_properties=False,
+            ),
+        ),
+    ]
+)
+_TOOL_CHOICE = Schema(
+    one_of=[
+        Schema(type=OpenAPIType.NULL),
+        Schema(enum=["none", "auto", "required"]),
+        Schema(
+            type=OpenAPIType.OBJECT,
+            properties={
+                "type": Schema(const="function"),
+                "function": Schema(
+                    type=OpenAPIType.OBJECT,
+                    properties={"name": _FUNCTION_NAME},
+                    required=["name"],
+                    additional_properties=False,
+                ),
+            },
+            required=["type", "function"],
+            additional_properties=False,
+        ),
+    ]
+)
+
+
+def _check_logit_bias(_instance: Any, _attribute: Any, value: dict[str, float] | None) -> None:
+    if value is None:
+        return
+    if len(value) > MAX_LOGIT_BIAS:
+        raise FieldProblem("logit_bias", f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens")
+    for key, bias in value.items():
+        if not key.isdigit():
+            raise FieldProblem("logit_bias", f"logit_bias keys are token ids, got {key!r}")
+        if not -100 <= bias <= 100:
+            raise FieldProblem("logit_bias", f"logit_bias values lie in -100..100, got {bias}")
+
+
+@frozen(kw_only=True)
+class StreamOptions:
+    include_usage: bool = False
 
 
 @frozen(kw_only=True)
@@ -111,8 +250,45 @@ class _Sampling:
     n: int = field(default=1, validator=in_range(1, MAX_N))
     stop: Any = field(default=None, metadata={"json_schema": _STOP})
     seed: int | None = field(default=None, validator=in_range(*SEED_RANGE))
+    presence_penalty: float | None = field(default=None, validator=in_range(-2, 2))
+    frequency_penalty: float | None = field(default=None, validator=in_range(-2, 2))
+    logit_bias: dict[str, float] | None = field(
+        default=None,
+        validator=_check_logit_bias,
+        metadata={
+            "description": "Token id (as a string) to a bias in -100..100 added to its logit"
+        },
+    )
+    response_format: Any = field(default=None, metadata={"json_schema": _RESPONSE_FORMAT})
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    #: Accepted and ignored: an end-user id for OpenAI's abuse monitoring.
     user: str | None = None
+    #: Accepted and ignored: one server has one tier (answers say ``default``).
+    service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise FieldProblem("stream_options", "stream_options needs stream: true")
+
+    def request(
+        self, prompt: str, max_tokens: int, logprobs: int | None, row: int, constraint: Any
+    ) -> GenerationRequest:
+        """The row-th completion of ``prompt``, with this body's sampling settings."""
+        return GenerationRequest(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=None if self.seed is None else self.seed + row,
+            stop=_stops(self.stop),
+            logprobs=logprobs,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
+            constraint=constraint,
+        )
 
 
 @frozen(kw_only=True)
@@ -140,6 +316,9 @@ class ChatBody(_Sampling):
     max_completion_tokens: int | None = field(default=None, validator=at_least(1))
     logprobs: bool = False
     top_logprobs: int | None = field(default=None, validator=in_range(0, MAX_TOP_LOGPROBS))
+    tools: list[dict[str, Any]] | None = field(default=None, metadata={"json_schema": _TOOLS})
+    tool_choice: Any = field(default=None, metadata={"json_schema": _TOOL_CHOICE})
+    parallel_tool_calls: bool = True
 
     #: Rules across fields, for the OpenAPI schema: top_logprobs needs logprobs: true.
     json_schema_rules: ClassVar[dict[str, Any]] = {
@@ -151,6 +330,7 @@ class ChatBody(_Sampling):
     }
 
     def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldProblem("top_logprobs", "top_logprobs needs logprobs: true")
 
@@ -220,32 +400,81 @@ def _prompts(prompt: Any) -> list[str]:
     return prompts
 
 
-def _messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
-    messages = []
-    for index, message in enumerate(raw):
-        role, content = message.get("role"), message.get("content")
-        if isinstance(content, list):  # content parts: text ones only
-            if not all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                for p in content
-            ):
-                raise InvalidInput(
-                    "request",
-                    [
-                        'only text content parts ({"type": "text", "text": "..."}) '
-                        f"are supported @ $.messages[{index}].content"
-                    ],
-                )
-            content = "".join(p["text"] for p in content)
-        if role not in ("system", "user", "assistant", "developer") or not isinstance(content, str):
+def _content(message: dict[str, Any], index: int) -> str | None:
+    content = message.get("content")
+    if isinstance(content, list):  # content parts: text ones only
+        if not all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content
+        ):
             raise InvalidInput(
                 "request",
                 [
-                    f"each message needs a role (system, user, assistant) and text content "
-                    f"@ $.messages[{index}]"
+                    'only text content parts ({"type": "text", "text": "..."}) '
+                    f"are supported @ $.messages[{index}].content"
                 ],
             )
-        messages.append(ChatMessage("system" if role == "developer" else role, content))
+        return "".join(p["text"] for p in content)
+    if content is not None and not isinstance(content, str):
+        raise InvalidInput(
+            "request", [f"content must be text or text parts @ $.messages[{index}].content"]
+        )
+    return content
+
+
+def _calls(raw: Any, index: int) -> tuple[ToolCall, ...]:
+    where = f"$.messages[{index}].tool_calls"
+    if raw is None:
+        return ()
+    calls = []
+    for j, call in enumerate(raw if isinstance(raw, list) else [None]):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (
+            isinstance(call, dict)
+            and isinstance(call.get("id"), str)
+            and isinstance(function, dict)
+            and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments"), str)
+        ):
+            raise InvalidInput(
+                "request",
+                [
+                    'each tool call needs an id and a function {"name", "arguments"} '
+                    f"@ {where}[{j}]"
+                ],
+            )
+        calls.append(ToolCall(call["id"], function["name"], function["arguments"]))
+    return tuple(calls)
+
+
+def _messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
+    messages = []
+    for index, message in enumerate(raw):
+        role, content = message.get("role"), _content(message, index)
+        calls = _calls(message.get("tool_calls"), index) if role == "assistant" else ()
+        call_id = message.get("tool_call_id")
+        if role not in ("system", "user", "assistant", "developer", "tool") or (
+            content is None and not calls
+        ):
+            raise InvalidInput(
+                "request",
+                [
+                    f"each message needs a role (system, user, assistant, tool) and text content "
+                    f"(or, for an assistant, tool_calls) @ $.messages[{index}]"
+                ],
+            )
+        if role == "tool" and not isinstance(call_id, str):
+            raise InvalidInput(
+                "request", [f"a tool message needs its tool_call_id @ $.messages[{index}]"]
+            )
+        messages.append(
+            ChatMessage(
+                "system" if role == "developer" else role,
+                content or "",
+                calls,
+                call_id if role == "tool" else None,
+            )
+        )
     if not messages:
         raise InvalidInput("request", ["messages must not be empty @ $.messages"])
     return messages
@@ -326,17 +555,9 @@ class OpenAIController(Controller):
         _no_streamed_logprobs(body.stream, body.logprobs is not None)
         deployment: Served = state.deployments.get(body.model)
         max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS["completions"]
+        constraint = response_constraint(body.response_format)
         requests = [
-            GenerationRequest(
-                prompt=prompt,
-                max_tokens=max_tokens,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                top_k=body.top_k,
-                seed=None if body.seed is None else body.seed + j,
-                stop=_stops(body.stop),
-                logprobs=body.logprobs,
-            )
+            body.request(prompt, max_tokens, body.logprobs, j, constraint)
             for prompt in _prompts(body.prompt)
             for j in range(body.n)
         ]
@@ -356,29 +577,32 @@ class OpenAIController(Controller):
             "model": deployment.name,
         }
         if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            def events(index: int, chunk: StreamChunk) -> list[dict[str, Any]]:
+                choice = {
+                    "index": index,
+                    "text": chunk.text,
+                    "logprobs": None,
+                    "finish_reason": chunk.finish_reason,
+                }
+                return [{**head, "choices": [choice], **({"usage": None} if usage else {})}]
+
             return await _stream(  # type: ignore[return-value]  # described as text/event-stream
                 request,
                 deployment,
                 requests,
-                lambda index, chunk: {
-                    **head,
-                    "choices": [
-                        {
-                            "index": index,
-                            "text": chunk.text,
-                            "logprobs": None,
-                            "finish_reason": chunk.finish_reason,
-                        }
-                    ],
-                },
+                events,
+                usage=(
+                    lambda finals: {**head, "choices": [], "usage": _stream_usage(finals, body.n)}
+                )
+                if usage
+                else None,
             )
         generations = await unless_gone(request, deployment.generate(requests))
         prompt_tokens = sum(g.prompt_tokens for g in generations[:: body.n])
         return {
-            "id": ident,
-            "object": "text_completion",
-            "created": created,
-            "model": deployment.name,
+            **head,  # type: ignore[typeddict-item]
             "choices": [
                 {
                     "index": i,
@@ -389,6 +613,7 @@ class OpenAIController(Controller):
                 for i, g in enumerate(generations)
             ],
             "usage": _usage(generations, prompt_tokens),
+            "service_tier": "default",
         }
 
     @post(
@@ -402,71 +627,58 @@ class OpenAIController(Controller):
     ) -> ChatCompletion:
         body = await read_body(request, ChatBody)
         _no_streamed_logprobs(body.stream, body.logprobs)
+        tools = parse_tools(body.tools)
+        choice = tool_choice(body.tool_choice, tools)
+        constraint = tools_constraint(tools, choice, body.parallel_tool_calls)
+        if constraint is not None and body.response_format not in (None, {"type": "text"}):
+            raise InvalidInput(
+                "request",
+                [
+                    "response_format and tools constrain the same answer: leave out one, or set "
+                    'tool_choice to "none" @ $.response_format'
+                ],
+            )
+        constraint = constraint or response_constraint(body.response_format)
+        messages = with_tools(_messages(body.messages), tools, choice)
         deployment: Served = state.deployments.get(body.model)
-        prompt = await deployment.chat_prompt(_messages(body.messages))
+        prompt = await deployment.chat_prompt(messages)
         max_tokens = next(
             (n for n in (body.max_completion_tokens, body.max_tokens) if n is not None),
             DEFAULT_MAX_TOKENS["chat"],
         )
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         requests = [
-            GenerationRequest(
-                prompt=prompt,
-                max_tokens=max_tokens,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                top_k=body.top_k,
-                seed=None if body.seed is None else body.seed + j,
-                stop=_stops(body.stop),
-                logprobs=logprobs,
-            )
-            for j in range(body.n)
+            body.request(prompt, max_tokens, logprobs, j, constraint) for j in range(body.n)
         ]
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"model": deployment.name, "created": created, "id": ident}
-        if body.stream:
-
-            def chunk_event(index: int, chunk: Any) -> dict[str, Any]:
-                delta = {"content": chunk.text} if chunk.text or chunk.finish_reason is None else {}
-                return {
-                    **head,
-                    "object": "chat.completion.chunk",
-                    "choices": [
-                        {
-                            "index": index,
-                            "delta": delta,
-                            "logprobs": None,
-                            "finish_reason": chunk.finish_reason,
-                        }
-                    ],
-                }
-
-            def opening(index: int) -> dict[str, Any]:
-                return {
-                    **head,
-                    "object": "chat.completion.chunk",
-                    "choices": [
-                        {
-                            "index": index,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                }
-
-            return await _stream(request, deployment, requests, chunk_event, opening)  # type: ignore[return-value]
-        generations = await unless_gone(request, deployment.generate(requests))
-        return {
+        head = {
             "id": ident,
-            "object": "chat.completion",
+            "object": "chat.completion.chunk",
             "created": created,
             "model": deployment.name,
+            "service_tier": "default",
+        }
+        calling = bool(tools) and choice != "none"
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = _ChatChunks(head, usage, calling, hold_all=calling and choice != "auto")
+            return await _stream(  # type: ignore[return-value]  # described as text/event-stream
+                request,
+                deployment,
+                requests,
+                chunks.events,
+                usage=(lambda finals: {**head, "choices": [], "usage": _stream_usage(finals, 1)})
+                if usage
+                else None,
+            )
+        generations = await unless_gone(request, deployment.generate(requests))
+        return {
+            **head,  # type: ignore[typeddict-item]
+            "object": "chat.completion",
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": g.text},
-                    "finish_reason": g.finish_reason,
+                    **_answer_message(g.text, g.finish_reason, calling),
                     "logprobs": _chat_logprobs(g.logprobs),
                 }
                 for i, g in enumerate(generations)
@@ -475,17 +687,93 @@ class OpenAIController(Controller):
         }
 
 
+def _answer_message(text: str, finish: str, calling: bool) -> dict[str, Any]:
+    """A chat choice's message and finish_reason; with tools, its calls in OpenAI's shape."""
+    content, calls = tool_calls(text) if calling else (text, [])
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [_call_json(c) for c in calls]
+    return {"message": message, "finish_reason": "tool_calls" if calls else finish}
+
+
+def _call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    return {
+        **({"index": index} if index is not None else {}),
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def _stream_usage(finals: dict[int, StreamChunk], n: int) -> Usage:
+    """Usage of a whole stream from its choices' last chunks (each prompt counted once)."""
+    prompt = sum(c.prompt_tokens or 0 for i, c in finals.items() if i % n == 0)
+    completion = sum(c.completion_tokens or 0 for c in finals.values())
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+class _ChatChunks:
+    """A chat stream's events: the role first, then content deltas; with tools, text that may
+    be a tool call is held back until it is known, and calls go out whole, in OpenAI's
+    ``tool_calls`` deltas, before a last chunk whose finish_reason is ``tool_calls``."""
+
+    def __init__(self, head: dict[str, Any], usage: bool, calling: bool, hold_all: bool) -> None:
+        self.head = {**head, **({"usage": None} if usage else {})}
+        self.calling, self.hold_all = calling, hold_all
+        self.opened: set[int] = set()
+        self.held: dict[int, str] = {}
+        self.flowing: set[int] = set()  # choices known to be text, streamed as they come
+
+    def _event(self, index: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {**self.head, "choices": [choice]}
+
+    def events(self, index: int, chunk: StreamChunk) -> list[dict[str, Any]]:
+        out = []
+        if index not in self.opened:
+            self.opened.add(index)
+            out.append(self._event(index, {"role": "assistant", "content": ""}, None))
+        text = chunk.text
+        if self.calling and index not in self.flowing:
+            held = self.held.get(index, "") + text
+            undecided = self.hold_all or OPEN.startswith(held) or held.startswith(OPEN)
+            if chunk.finish_reason is None and undecided:
+                self.held[index] = held
+                return out
+            if self.hold_all or held.startswith(OPEN):
+                content, calls = tool_calls(held)
+                if calls:
+                    if content:
+                        out.append(self._event(index, {"content": content}, None))
+                    deltas = [_call_json(c, i) for i, c in enumerate(calls)]
+                    out.append(self._event(index, {"tool_calls": deltas}, None))
+                    out.append(self._event(index, {}, "tool_calls"))
+                    return out
+            self.flowing.add(index)
+            text = held
+        if text or chunk.finish_reason is None:
+            out.append(self._event(index, {"content": text}, None))
+        if chunk.finish_reason is not None:
+            out.append(self._event(index, {}, chunk.finish_reason))
+        return out
+
+
 async def _stream(
     request: Request[Any, Any, Any],
     deployment: Served,
     requests: list[GenerationRequest],
-    event: Any,
-    opening: Any = None,
+    events: Callable[[int, StreamChunk], list[dict[str, Any]]],
+    usage: Callable[[dict[int, StreamChunk]], dict[str, Any]] | None = None,
 ) -> Stream:
     """Server-sent events, one choice after another, decoded by the deployment's worker. The
     first chunk is awaited before the response starts, so a bad request still gets a 4xx
     instead of a broken stream; a client that disconnects, before or during the stream, stops
-    the decoding."""
+    the decoding. With ``usage`` (stream_options.include_usage), a last chunk before ``[DONE]``
+    has no choices and the usage of the whole stream."""
     chunks = deployment.stream(requests)
     try:
         first = await unless_gone(request, anext(chunks))
@@ -495,15 +783,17 @@ async def _stream(
         await chunks.aclose()
         raise
 
-    async def events() -> AsyncIterator[str]:
-        opened: set[int] = set()
+    async def sent() -> AsyncIterator[str]:
+        finals: dict[int, StreamChunk] = {}
         try:
             if first is not None:
                 async for index, chunk in _chain(first, chunks):
-                    if opening is not None and index not in opened:
-                        opened.add(index)
-                        yield f"data: {json.dumps(opening(index))}\n\n"
-                    yield f"data: {json.dumps(event(index, chunk))}\n\n"
+                    if chunk.finish_reason is not None:
+                        finals[index] = chunk
+                    for event in events(index, chunk):
+                        yield f"data: {json.dumps(event)}\n\n"
+            if usage is not None:
+                yield f"data: {json.dumps(usage(finals))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             await chunks.aclose()
@@ -511,7 +801,7 @@ async def _stream(
     # The content type goes in the headers: Litestar lets a handler's default (JSON) override a
     # Stream's media_type.
     return Stream(
-        events(),
+        sent(),
         headers={"content-type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"},
     )
 

@@ -68,6 +68,7 @@ class Completion(TypedDict):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+    service_tier: Literal["default"]
 
 
 class TopLogprob(TypedDict):
@@ -87,15 +88,33 @@ class ChatLogprobs(TypedDict):
     content: list[ChatTokenLogprob]
 
 
-class AssistantMessage(TypedDict):
+class FunctionCall(TypedDict):
+    name: str
+    arguments: str
+
+
+class ToolCallBody(TypedDict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class _AssistantFields(TypedDict):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+
+
+class AssistantMessage(_AssistantFields, total=False):
+    """``content`` is null when the answer is tool calls only; ``tool_calls`` is there when the
+    model called tools."""
+
+    tool_calls: list[ToolCallBody]
 
 
 class ChatChoice(TypedDict):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
     logprobs: ChatLogprobs | None
 
 
@@ -106,6 +125,7 @@ class ChatCompletion(TypedDict):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    service_tier: Literal["default"]
 
 
 class Model(TypedDict):
@@ -361,6 +381,10 @@ def json_body(cls: type, *, extra: dict[str, Schema | Reference] | None = None) 
     return WithBody
 
 
+_USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
+_CALL = ("name", "arguments")
+
+
 def _chunk(kind: str, choice: dict[str, Schema]) -> Schema:
     """One streamed chunk in OpenAI's format: ``object`` is ``kind``, each choice has ``choice``'s
     fields besides ``index``, ``logprobs`` (null: log-probabilities are not streamed) and
@@ -369,7 +393,7 @@ def _chunk(kind: str, choice: dict[str, Schema]) -> Schema:
         "index": Schema(type=OpenAPIType.INTEGER),
         **choice,
         "logprobs": Schema(type=OpenAPIType.NULL),
-        "finish_reason": Schema(enum=["stop", "length", None]),
+        "finish_reason": Schema(enum=["stop", "length", "tool_calls", None]),
     }
     return Schema(
         type=OpenAPIType.OBJECT,
@@ -381,7 +405,21 @@ def _chunk(kind: str, choice: dict[str, Schema]) -> Schema:
             "choices": Schema(
                 type=OpenAPIType.ARRAY,
                 items=Schema(type=OpenAPIType.OBJECT, properties=fields, required=list(fields)),
+                description="Empty in the last chunk of a stream with "
+                "stream_options.include_usage, which carries the usage",
             ),
+            "usage": Schema(
+                one_of=[
+                    Schema(type=OpenAPIType.NULL),
+                    Schema(
+                        type=OpenAPIType.OBJECT,
+                        properties={k: Schema(type=OpenAPIType.INTEGER) for k in _USAGE},
+                        required=list(_USAGE),
+                    ),
+                ],
+                description="With stream_options.include_usage: null, but in the last chunk",
+            ),
+            "service_tier": Schema(const="default"),
         },
         required=["id", "object", "created", "model", "choices"],
     )
@@ -399,6 +437,24 @@ CHAT_CHUNK = _chunk(
             properties={
                 "role": Schema(const="assistant"),
                 "content": Schema(type=OpenAPIType.STRING),
+                "tool_calls": Schema(
+                    type=OpenAPIType.ARRAY,
+                    items=Schema(
+                        type=OpenAPIType.OBJECT,
+                        properties={
+                            "index": Schema(type=OpenAPIType.INTEGER),
+                            "id": Schema(type=OpenAPIType.STRING),
+                            "type": Schema(const="function"),
+                            "function": Schema(
+                                type=OpenAPIType.OBJECT,
+                                properties={k: Schema(type=OpenAPIType.STRING) for k in _CALL},
+                                required=list(_CALL),
+                            ),
+                        },
+                        required=["index", "id", "type", "function"],
+                    ),
+                    description="Tool calls, each whole in one chunk",
+                ),
             },
             additional_properties=False,
         )

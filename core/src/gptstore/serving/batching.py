@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
+import attrs
 from attrs import define, frozen
 
 from gptstore.errors import GptstoreError, PluginError, Unavailable
@@ -308,10 +309,21 @@ class Batcher:
                 if not job.wanted():  # the client left while this stream waited
                     return
                 chunks = self.runner.stream(request)
+                texts = 0
                 try:
                     for chunk in chunks:
                         if not job.wanted():
                             return
+                        texts += bool(chunk.text)
+                        if chunk.finish_reason is not None and chunk.completion_tokens is None:
+                            # a runner that does not count: a chunk with text is about a token
+                            count = getattr(self.runner, "count_tokens", None)
+                            chunk = attrs.evolve(
+                                chunk,
+                                prompt_tokens=chunk.prompt_tokens
+                                or (count(request.prompt) if count else None),
+                                completion_tokens=texts,
+                            )
                         job.push((index, chunk))
                 finally:
                     close = getattr(chunks, "close", None)

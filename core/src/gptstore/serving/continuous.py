@@ -37,8 +37,7 @@ from gptstore.serving.decoding import (
     Row,
     check_context,
     check_request,
-    generator,
-    pick,
+    final_chunk,
     visible_text,
 )
 from gptstore.types import Generation
@@ -113,7 +112,7 @@ class ContinuousBatcher(Batcher):
             check_request(request)
             ids = self.decoder.token_ids(request.prompt)
             check_context(len(ids), request.max_tokens, self.decoder.context_length)
-            row = Row(request, len(ids), generator(request.seed))
+            row = self.decoder.row(request, len(ids))
             seat = _Seat(row, ids, tally, index)
             if self.kv_per_token and seat.reserved * self.kv_per_token > (self.kv_budget or 0):
                 raise InvalidInput(
@@ -229,9 +228,7 @@ class ContinuousBatcher(Batcher):
 
         logits = np.asarray(logits, dtype=np.float32)
         for index, seat in enumerate(seats):
-            token = pick(logits[index], seat.row.request, seat.row.rng)
-            self.decoder.advance(seat.row, token, logits[index])
-            seat.token = token
+            seat.token = self.decoder.choose(seat.row, logits[index])
 
     def _join(self, first: _Running, second: _Running) -> _Running:
         import numpy as np
@@ -277,10 +274,7 @@ class ContinuousBatcher(Batcher):
         if isinstance(job, _StreamJob):
             last = row.logprobs[-1] if row.logprobs else None
             if row.finish is not None:
-                _answer(
-                    job.push,
-                    (seat.index, StreamChunk(row.text[len(seat.sent) :], row.finish, last)),
-                )
+                _answer(job.push, (seat.index, final_chunk(row, row.text[len(seat.sent) :], last)))
             else:
                 safe = visible_text(row)
                 if len(safe) > len(seat.sent):

@@ -23,6 +23,7 @@ from attrs import define, field
 
 from gptstore.errors import ContextLengthExceeded, GptstoreError, InvalidInput, Unavailable
 from gptstore.protocols import StreamChunk
+from gptstore.serving.grammar import Grammars, allowed
 from gptstore.types import (
     ChatMessage,
     Generation,
@@ -74,6 +75,10 @@ class Row:
     logprobs: list[TokenLogprob] = field(factory=list)
     text: str = ""
     finish: Literal["stop", "length"] | None = None
+    #: llguidance's matcher of the request's constraint (None: unconstrained).
+    matcher: Any = None
+    #: How often each token occurs in the completion so far (for the penalties).
+    counts: dict[int, int] = field(factory=dict)
 
 
 class Decoder:
@@ -88,6 +93,60 @@ class Decoder:
         self.tokenizer = tokenizer
         self.eos_ids = {t for t in [*configured, tokenizer.eos_token_id] if t is not None}
         self.context_length = context_length
+        self.vocab = len(tokenizer)
+        self.grammars = Grammars(tokenizer, self.eos_ids)
+
+    def row(self, request: GenerationRequest, prompt_tokens: int) -> Row:
+        """A request's row, its grammar compiled (InvalidInput for a bad grammar or a
+        logit_bias token the vocabulary does not have)."""
+        outside = [t for t, _ in request.logit_bias if not 0 <= t < self.vocab]
+        if outside:
+            raise InvalidInput(
+                "request",
+                [
+                    f"logit_bias names token {outside[0]}, which is not in the model's vocabulary "
+                    f"of {self.vocab} tokens (ids 0..{self.vocab - 1}) @ $.logit_bias"
+                ],
+            )
+        matcher = None if request.constraint is None else self.grammars.matcher(request.constraint)
+        return Row(request, prompt_tokens, generator(request.seed), matcher=matcher)
+
+    def choose(self, row: Row, logits: Any) -> int:
+        """Pick ``row``'s next token from its ``logits`` (the model's, [vocab]) and add it to the
+        row: the request's logit_bias and penalties, then its grammar's mask, then greedy or
+        sampled picking. Log-probabilities are reported from the model's own logits."""
+        import numpy as np
+
+        request = row.request
+        scores = logits
+        if request.logit_bias or (
+            row.counts and (request.presence_penalty or request.frequency_penalty)
+        ):
+            scores = logits.copy()
+            for token, bias in request.logit_bias:
+                scores[token] += bias
+            if row.counts and (request.presence_penalty or request.frequency_penalty):
+                ids = np.fromiter(row.counts, dtype=np.int64, count=len(row.counts))
+                times = np.fromiter(row.counts.values(), dtype=np.float32, count=len(ids))
+                scores[ids] -= times * request.frequency_penalty + request.presence_penalty
+        if row.matcher is not None:
+            permitted = allowed(row.matcher, self.vocab)
+            if row.matcher.is_accepting():
+                permitted[[t for t in self.eos_ids if t < self.vocab]] = True
+            if not permitted.any():
+                raise GptstoreError(f"the grammar allows no next token: {row.matcher.get_error()}")
+            masked = np.full_like(scores, -np.inf)
+            masked[: self.vocab][permitted] = scores[: self.vocab][permitted]
+            scores = masked
+        token = pick(scores, request, row.rng)
+        self.advance(row, token, logits)
+        if row.matcher is not None and row.finish is None:
+            row.matcher.consume_token(token)
+            if row.matcher.is_stopped():  # the grammar admits nothing more: done
+                row.finish = "stop"
+        if row.finish is None:
+            row.counts[token] = row.counts.get(token, 0) + 1
+        return token
 
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
         """Messages rendered with the tokenizer's chat template, ready for generation."""
@@ -124,7 +183,7 @@ class Decoder:
         ids, mask, lengths = self.encode([r.prompt for r in requests])
         for request, length in zip(requests, lengths, strict=True):
             check_context(length, request.max_tokens, self.context_length)
-        rows = [Row(r, n, generator(r.seed)) for r, n in zip(requests, lengths, strict=True)]
+        rows = [self.row(r, n) for r, n in zip(requests, lengths, strict=True)]
         positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
         state = None
         pad = self.tokenizer.pad_token_id or 0
@@ -136,9 +195,7 @@ class Decoder:
                 if row.finish is not None:
                     chosen.append(pad)
                     continue
-                token = pick(logits[index], row.request, row.rng)
-                chosen.append(token)
-                self.advance(row, token, logits[index])
+                chosen.append(self.choose(row, logits[index]))
             yield rows
             if all(row.finish is not None for row in rows):
                 return
@@ -218,12 +275,24 @@ class Decoder:
             row = rows[0]
             last = row.logprobs[-1] if row.logprobs else None
             if row.finish is not None:
-                yield StreamChunk(row.text[len(sent) :], row.finish, last)
+                yield final_chunk(row, row.text[len(sent) :], last)
                 return
             safe = visible_text(row)
             if len(safe) > len(sent):
                 yield StreamChunk(safe[len(sent) :], None, last)
                 sent = safe
+
+
+def final_chunk(row: Row, text: str, logprob: TokenLogprob | None) -> StreamChunk:
+    """A finished row's last chunk, with its token counts."""
+    assert row.finish is not None
+    return StreamChunk(
+        text,
+        row.finish,
+        logprob,
+        prompt_tokens=row.prompt_tokens,
+        completion_tokens=len(row.tokens),
+    )
 
 
 def visible_text(row: Row) -> str:
@@ -319,7 +388,12 @@ class DecodingRunner:
         return len(self._counting_tokenizer(text)["input_ids"])
 
     def info(self) -> RunnerInfo:
-        return RunnerInfo(context_length=self.decoder.context_length or None, logprobs=True)
+        return RunnerInfo(
+            context_length=self.decoder.context_length or None,
+            logprobs=True,
+            penalties=True,
+            constraints=True,
+        )
 
     def _check_open(self) -> None:
         if self._closed:

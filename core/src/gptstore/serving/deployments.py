@@ -284,13 +284,35 @@ class Deployment:
         """Refuse, before queueing, what the runner says it cannot do."""
         for request in requests:
             check_request(request)
-            if request.logprobs is not None and not self.info.logprobs:
+            lacks = [
+                what
+                for what, asked, can in (
+                    (
+                        "return log-probabilities; leave out logprobs",
+                        request.logprobs is not None,
+                        self.info.logprobs,
+                    ),
+                    (
+                        "apply presence_penalty, frequency_penalty or logit_bias; leave them out",
+                        bool(
+                            request.presence_penalty
+                            or request.frequency_penalty
+                            or request.logit_bias
+                        ),
+                        self.info.penalties,
+                    ),
+                    (
+                        "follow a grammar; leave out response_format and tools",
+                        request.constraint is not None,
+                        self.info.constraints,
+                    ),
+                )
+                if asked and not can
+            ]
+            if lacks:
                 raise InvalidInput(
                     "request",
-                    [
-                        f"deployment {self.name!r} (backend {self.backend}) does not return "
-                        "log-probabilities; leave out logprobs"
-                    ],
+                    [f"deployment {self.name!r} (backend {self.backend}) does not {lacks[0]}"],
                 )
         if self.info.context_length:
             counted: dict[str, int] = {}
