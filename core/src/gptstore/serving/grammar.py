@@ -1,12 +1,13 @@
 """Constrained decoding with llguidance: a request's grammar as a mask over the logits.
 
 llguidance was measured against xgrammar and outlines-core on SmolLM2's tokenizer
-(``bench/grammar_bench.py``, docs/benchmarks.md): it compiles a schema in about a millisecond
-where outlines-core needs seconds, computes a mask in tens of microseconds, takes OpenAI's
-``json_object`` (any JSON: recursive, which outlines-core's regular expressions cannot express)
-and Lark grammars that embed JSON schemas (tool calls), and needs only numpy, where xgrammar
-needs torch. Each row of a batch has its own matcher, so rows with different grammars (or none)
-decode together.
+(``bench/grammar_bench.py``, docs/benchmarks.md). It compiles a schema in about a millisecond
+(xgrammar 4-24 ms, outlines-core 40-600 ms), computes a mask and advances in 20-30 µs (xgrammar
+about 10 µs, outlines-core 75-240 µs: all under 1% of a decode step of several milliseconds),
+takes OpenAI's ``json_object`` (any JSON: recursive, which outlines-core's regular expressions
+cannot express) and Lark grammars that embed JSON schemas (tool calls), and needs nothing but
+numpy, where xgrammar needs torch and triton. Each row of a batch has its own matcher, so rows
+with different grammars (or none) decode together.
 
 JSON is written compactly with ``", "`` and ``": "`` separators, as ``json.dumps`` writes it:
 flexible whitespace lets a small model pad an answer with newlines until max_tokens runs out.
