@@ -554,6 +554,9 @@ class GenerationRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     #: A grammar the completion must follow (structured outputs, tool calls).
     constraint: Constraint | None = None
+    #: The LoRA adapter (its artifact id, one of the deployment's ``adapters``) this row is
+    #: decoded with; None: the base model.
+    adapter: str | None = None
 
 
 @frozen(kw_only=True)
@@ -618,9 +621,13 @@ class RunnerInfo:
     :param constraints: whether the runner follows a request's ``constraint`` (structured
         outputs, tool calls); when False, such a request is refused with a 400. Runners on the
         shared decode loop (:class:`~gptstore.serving.decoding.DecodingRunner`) do all three.
+    :param adapters: whether the runner decodes rows with LoRA adapters on its base model
+        (``GenerationRequest.adapter``), rows of different adapters in one batch; when False, a
+        deployment that declares adapters is refused.
     """
 
     context_length: int | None = field(default=None, validator=at_least(1))
     logprobs: bool = False
     penalties: bool = False
     constraints: bool = False
+    adapters: bool = False

@@ -80,6 +80,8 @@ class TorchRunner(DecodingRunner):
         self.dtype = getattr(torch, options.dtype)
         #: A prompt-tuning adapter's virtual token embeddings, [1, tokens, hidden]; else None.
         self.prefix: Any = None
+        #: Whether ``model`` is peft's wrapper of the deployment's adapters (rows pick theirs).
+        self._multi = False
         self.model = (
             AutoModelForCausalLM.from_pretrained(
                 folder,
@@ -116,8 +118,44 @@ class TorchRunner(DecodingRunner):
         """How many virtual tokens a prompt-tuning adapter puts before every prompt (else 0)."""
         return 0 if self.prefix is None else int(self.prefix.shape[1])
 
+    def _load_adapter(self, name: str, folder: Path) -> None:
+        """One more LoRA adapter on the base model (peft's multi-adapter model, decoded with
+        each row's adapter in one batch: peft's mixed adapter batches)."""
+        from peft import PeftModel
+
+        if self.prefix is not None or (isinstance(self.model, PeftModel) and not self._multi):
+            raise RefusedModel(
+                "adapters are served on a base model; this deployment's artifact is an adapter"
+            )
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise RefusedModel(
+                f"{folder}: no adapter_model.safetensors; gptstore loads safetensors only"
+            )
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(folder, adapter_name=name, is_trainable=False)
+        else:
+            self.model = PeftModel.from_pretrained(
+                self.model, folder, adapter_name=name, is_trainable=False
+            ).eval()
+            self._multi = True
+
+    def _unload_adapter(self, name: str) -> None:
+        if len(self.model.peft_config) == 1:  # the last one: back to the plain base model
+            self.model = self.model.unload().eval()
+            self._multi = False
+        else:
+            self.model.delete_adapter(name)
+        gc.collect()
+
     def _model(
-        self, ids: Any, mask: Any, positions: Any, past: Any, *, last: bool
+        self,
+        ids: Any,
+        mask: Any,
+        positions: Any,
+        past: Any,
+        *,
+        last: bool,
+        adapters: Sequence[str | None] | None = None,
     ) -> tuple[Any, Any]:
         import torch
 
@@ -131,6 +169,10 @@ class TorchRunner(DecodingRunner):
             }
             if self.prefix is not None:
                 inputs = self._with_virtual_tokens(inputs, first=past is None)
+            if adapters is not None:  # each row with its adapter, "__base__" for none
+                inputs["adapter_names"] = [a or "__base__" for a in adapters]
+            elif self._multi:
+                inputs["adapter_names"] = ["__base__"] * ids.shape[0]
             out = self.model(**inputs, past_key_values=past, use_cache=True)
             # Decoding needs only the last position: slice before copying out of torch.
             logits = out.logits[:, -1, :] if last else out.logits[:, -ids.shape[1] :, :]
@@ -156,8 +198,15 @@ class TorchRunner(DecodingRunner):
         positions = torch.cat([ahead, positions], dim=1)
         return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
 
-    def _step(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
-        return self._model(ids, mask, positions, past, last=True)
+    def _step(
+        self,
+        ids: Any,
+        mask: Any,
+        positions: Any,
+        past: Any,
+        adapters: Sequence[str | None] | None = None,
+    ) -> tuple[Any, Any]:
+        return self._model(ids, mask, positions, past, last=True, adapters=adapters)
 
     def _forward_all(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
         return self._model(ids, mask, positions, past, last=False)

@@ -108,7 +108,9 @@ class Deployments:
                 spec.artifact,
                 spec.backend,
                 spec.options,
+                adapters=spec.adapters,
                 where=f"{where}.options",
+                adapters_where=f"{where}.adapters",
             )
         except UnknownName as exc:
             raise InvalidInput(f"deployment {name!r}", [f"{exc} @ {where}.backend"]) from None
@@ -137,6 +139,13 @@ class Deployments:
                 raise Unavailable(f"deployment {name!r} is being deleted; retry shortly")
             if name in self._items or name in self._pending:
                 raise Conflict(f"deployment {name!r} already exists; delete it first")
+            taken = self._model_names()
+            for model in (name, *spec.adapters):
+                if model in taken and taken[model] != name:
+                    raise Conflict(
+                        f"model name {model!r} is served by deployment {taken[model]!r} "
+                        "(adapters are models of their own)"
+                    )
             self._reserve(name, spec.most_replicas(), f"deployment {name!r} asks for")
             self._pending[name] = "loading"
         try:
@@ -268,6 +277,22 @@ class Deployments:
     def loading(self) -> list[str]:
         with self._lock:
             return sorted(n for n, state in self._pending.items() if state == "loading")
+
+    def _model_names(self) -> dict[str, str]:
+        """Every model name served, to the deployment serving it (call with the lock held)."""
+        names = {name: name for name in self._items}
+        for name, deployment in self._items.items():
+            names.update(dict.fromkeys(deployment.spec.adapters, name))
+        return names
+
+    def resolve(self, model: str) -> tuple[Served, str | None]:
+        """The deployment serving OpenAI model name ``model``, and the adapter it names (None:
+        the deployment's own model)."""
+        with self._lock:
+            owner = self._model_names().get(model)
+        if owner is None or owner == model:
+            return self.get(model), None
+        return self.get(owner), model
 
     def get(self, name: str) -> Served:
         with self._lock:

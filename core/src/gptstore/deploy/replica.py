@@ -46,6 +46,7 @@ def load(message: dict[str, Any]) -> Deployment:
         spec.artifact,
         spec.backend,
         spec.options,
+        adapters=spec.adapters,
     )
     runner = load_runner(checked)
     try:

@@ -689,6 +689,7 @@ class ReplicatedDeployment:
             "max_queue": spec.max_queue,
             "context_length": self.info.context_length,
             "logprobs": self.info.logprobs,
+            "adapters": list(spec.adapters),
             "batches": counts,  # type: ignore[typeddict-item]
             "created_at": self.created_at.isoformat(),
             "health": {

@@ -37,6 +37,7 @@ from gptstore.server.schema import (
     ChatLogprobs,
     Completion,
     CompletionLogprobs,
+    Model,
     ModelList,
     Usage,
     errors,
@@ -272,7 +273,13 @@ class _Sampling:
             raise FieldProblem("stream_options", "stream_options needs stream: true")
 
     def request(
-        self, prompt: str, max_tokens: int, logprobs: int | None, row: int, constraint: Any
+        self,
+        prompt: str,
+        max_tokens: int,
+        logprobs: int | None,
+        row: int,
+        constraint: Any,
+        adapter: str | None,
     ) -> GenerationRequest:
         """The row-th completion of ``prompt``, with this body's sampling settings."""
         return GenerationRequest(
@@ -288,6 +295,7 @@ class _Sampling:
             frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
             constraint=constraint,
+            adapter=adapter,
         )
 
 
@@ -529,20 +537,33 @@ class OpenAIController(Controller):
     @get("/models", sync_to_thread=False, responses=errors(401))
     def models(self, state: State) -> ModelList:
         deployments: Deployments = state.deployments
-        return {
-            "object": "list",
-            "data": [
+        models: list[Model] = []
+        for d in deployments.list():
+            created = int(d.created_at.timestamp())
+            models.append(
                 {
                     "id": d.name,
                     "object": "model",
-                    "created": int(d.created_at.timestamp()),
+                    "created": created,
                     "owned_by": "gptstore",
                     "backend": d.backend,
                     "artifact": d.artifact.id,
+                    "parent": None,
                 }
-                for d in deployments.list()
-            ],
-        }
+            )
+            models += [
+                {
+                    "id": adapter,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "gptstore",
+                    "backend": d.backend,
+                    "artifact": adapter,
+                    "parent": d.name,
+                }
+                for adapter in d.spec.adapters
+            ]
+        return {"object": "list", "data": models}
 
     @post(
         "/completions",
@@ -553,11 +574,11 @@ class OpenAIController(Controller):
     async def completions(self, state: State, request: Request[Any, Any, Any]) -> Completion:
         body = await read_body(request, CompletionBody)
         _no_streamed_logprobs(body.stream, body.logprobs is not None)
-        deployment: Served = state.deployments.get(body.model)
+        deployment, adapter = state.deployments.resolve(body.model)
         max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS["completions"]
         constraint = response_constraint(body.response_format)
         requests = [
-            body.request(prompt, max_tokens, body.logprobs, j, constraint)
+            body.request(prompt, max_tokens, body.logprobs, j, constraint, adapter)
             for prompt in _prompts(body.prompt)
             for j in range(body.n)
         ]
@@ -574,7 +595,7 @@ class OpenAIController(Controller):
             "id": ident,
             "object": "text_completion",
             "created": created,
-            "model": deployment.name,
+            "model": adapter or deployment.name,
         }
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -640,7 +661,7 @@ class OpenAIController(Controller):
             )
         constraint = constraint or response_constraint(body.response_format)
         messages = with_tools(_messages(body.messages), tools, choice)
-        deployment: Served = state.deployments.get(body.model)
+        deployment, adapter = state.deployments.resolve(body.model)
         prompt = await deployment.chat_prompt(messages)
         max_tokens = next(
             (n for n in (body.max_completion_tokens, body.max_tokens) if n is not None),
@@ -648,14 +669,15 @@ class OpenAIController(Controller):
         )
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         requests = [
-            body.request(prompt, max_tokens, logprobs, j, constraint) for j in range(body.n)
+            body.request(prompt, max_tokens, logprobs, j, constraint, adapter)
+            for j in range(body.n)
         ]
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {
             "id": ident,
             "object": "chat.completion.chunk",
             "created": created,
-            "model": deployment.name,
+            "model": adapter or deployment.name,
             "service_tier": "default",
         }
         calling = bool(tools) and choice != "none"

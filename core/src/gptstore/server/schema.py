@@ -135,6 +135,8 @@ class Model(TypedDict):
     owned_by: str
     backend: str
     artifact: str
+    #: For an adapter: the deployment whose base model it runs on; else null.
+    parent: str | None
 
 
 class ModelList(TypedDict):

@@ -244,12 +244,23 @@ def plan_deployments(
                 spec.artifact,
                 spec.backend,
                 spec.options,
+                adapters=spec.adapters,
                 where=f"{where}.options",
+                adapters_where=f"{where}.adapters",
             )
         except InvalidInput as exc:
             problems.extend(exc.problems)
         except GptstoreError as exc:
             problems.append(f"{exc} @ {where}")
+    served: dict[str, str] = {name: name for name in config.deployments}
+    for name, spec in config.deployments.items():
+        for i, adapter in enumerate(spec.adapters):
+            if adapter in served:
+                problems.append(
+                    f"model name {adapter!r} is taken by deployment {served[adapter]!r}: an "
+                    f"adapter is served as a model of its own @ $.deployments.{name}.adapters[{i}]"
+                )
+            served[adapter] = name
     if problems:
         raise InvalidInput(f"[deployments] in {config.files['deployments']}", problems)
     return plans

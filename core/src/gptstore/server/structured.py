@@ -221,7 +221,7 @@ def with_tools(messages: list[ChatMessage], tools: list[Tool], choice: str) -> l
 
 def tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
     """The text before the first call (None when empty) and the calls in an answer."""
-    calls = []
+    calls: list[ToolCall] = []
     for match in _CALL.finditer(text):
         try:
             call = json.loads(match.group(1))

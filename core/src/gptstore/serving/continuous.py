@@ -192,13 +192,21 @@ class ContinuousBatcher(Batcher):
         """One token for every running row, and the first for every admitted one."""
         import numpy as np
 
+        seats = [*(running.seats if running is not None else []), *admitted]
+        adapters = [s.row.request.adapter for s in seats]
+        if any(adapters):
+            self.stepper.use_adapters(adapters)
         if running is not None:
             ids = np.asarray([[s.token] for s in running.seats], dtype=np.int64)
             mask = np.concatenate(
                 [running.mask, np.ones((len(running.seats), 1), dtype=np.int64)], axis=1
             )
             logits, state = self.stepper.forward_step(
-                ids, mask, running.positions[:, None], running.state
+                ids,
+                mask,
+                running.positions[:, None],
+                running.state,
+                [s.row.request.adapter for s in running.seats],
             )
             running = _Running(running.seats, mask, running.positions + 1, state)
             self._pick(running.seats, logits)
@@ -210,7 +218,9 @@ class ContinuousBatcher(Batcher):
                 [[0] * (width - len(s.ids)) + [1] * len(s.ids) for s in admitted], np.int64
             )
             positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
-            logits, state = self.stepper.forward_step(ids, mask, positions, None)
+            logits, state = self.stepper.forward_step(
+                ids, mask, positions, None, [s.row.request.adapter for s in admitted]
+            )
             joined = _Running(admitted, mask, positions[:, -1] + 1, state)
             self._pick(admitted, logits)
             running = joined if running is None else self._join(running, joined)

@@ -12,10 +12,11 @@ numpy is imported when a loop runs: backends depend on it, the core does not.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -323,6 +324,12 @@ class DecodingRunner:
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
         self.tokenizer = decoder.tokenizer
+        #: LoRA adapters this runner may load, by name; loaded ones in use order (last: most
+        #: recent); at most ``_budget`` stay loaded once no row needs them.
+        self._adapter_folders: dict[str, Path] = {}
+        self._loaded: OrderedDict[str, None] = OrderedDict()
+        self._pinned: set[str] = set()
+        self._budget = 8
         # count_tokens runs on the server's event loop while a batch is being tokenized on the
         # worker thread; a fast tokenizer used from two threads at once fails ("Already
         # borrowed"), so counting has its own copy.
@@ -349,6 +356,74 @@ class DecodingRunner:
         ``second``, each left-padded by its ``*_pad`` positions (which the mask hides)."""
         raise NotImplementedError
 
+    def _load_adapter(self, name: str, folder: Path) -> None:
+        """Load the LoRA adapter in ``folder`` as ``name`` next to the others (a backend that
+        implements it and ``_unload_adapter`` serves a deployment's ``adapters``; its ``_step``
+        then takes ``adapters``: each row's adapter name, or None for the base model)."""
+        raise NotImplementedError
+
+    def _unload_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    @property
+    def adapters_supported(self) -> bool:
+        cls = type(self)
+        return (
+            cls._load_adapter is not DecodingRunner._load_adapter
+            and cls._unload_adapter is not DecodingRunner._unload_adapter
+        )
+
+    def set_adapters(self, folders: dict[str, Path], budget: int) -> None:
+        """The adapters requests may name (loaded on first use), and how many stay loaded."""
+        with self._lock:
+            self._adapter_folders, self._budget = dict(folders), budget
+
+    def loaded_adapters(self) -> list[str]:
+        """The adapters loaded now, least recently used first."""
+        return list(self._loaded)
+
+    def use_adapters(self, names: Iterable[str | None]) -> None:
+        """Load what the next steps' rows need (those rows' adapters stay loaded until the next
+        call), and unload the least recently used others past the budget."""
+        with self._lock:
+            self._check_open()
+            self._pinned = {n for n in names if n}
+            self._prepare(self._pinned)
+
+    def _prepare(self, wanted: set[str]) -> None:
+        unknown = sorted(n for n in wanted if n not in self._adapter_folders)
+        if unknown:
+            raise InvalidInput(
+                "request",
+                [f"adapter {unknown[0]!r} is not one of this deployment's adapters @ $.model"],
+            )
+        for name in sorted(wanted):
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+            else:
+                self._load_adapter(name, self._adapter_folders[name])
+                self._loaded[name] = None
+        while len(self._loaded) > self._budget:
+            spare = next((n for n in self._loaded if n not in wanted | self._pinned), None)
+            if spare is None:  # every loaded one is in use: over budget until rows finish
+                return
+            self._unload_adapter(spare)
+            del self._loaded[spare]
+
+    def _forward(self, requests: Sequence[GenerationRequest]) -> Forward:
+        """The decode step of a batch of ``requests`` (with their rows' adapters)."""
+        adapters = [r.adapter for r in requests]
+        if not any(adapters):
+            return self._step
+        self._prepare({a for a in adapters if a})
+        return functools.partial(self._adapter_step, adapters=adapters)
+
+    def _adapter_step(
+        self, ids: Any, mask: Any, positions: Any, state: Any, *, adapters: list[str | None]
+    ) -> tuple[Any, Any]:
+        step: Any = self._step
+        return step(ids, mask, positions, state, adapters=adapters)  # type: ignore[no-any-return]
+
     def kv_bytes_per_token(self) -> int | None:
         """Bytes of KV cache one token of one row takes (None: unknown); the continuous
         batcher keeps its running batch under the deployment's KV budget with it."""
@@ -364,12 +439,23 @@ class DecodingRunner:
             and cls._cache_join is not DecodingRunner._cache_join
         )
 
-    def forward_step(self, ids: Any, mask: Any, positions: Any, state: Any) -> tuple[Any, Any]:
+    def forward_step(
+        self,
+        ids: Any,
+        mask: Any,
+        positions: Any,
+        state: Any,
+        adapters: Sequence[str | None] | None = None,
+    ) -> tuple[Any, Any]:
         """One decode step (the last position's logits and the new cache), for a batcher that
-        runs the loop itself; refuses once the runner is closed."""
+        runs the loop itself, with each row's adapter (None: the base model); refuses once the
+        runner is closed."""
         with self._lock:
             self._check_open()
-            return self._step(ids, mask, positions, state)
+            if adapters is None or not any(adapters):
+                return self._step(ids, mask, positions, state)
+            self._prepare({a for a in adapters if a})
+            return self._adapter_step(ids, mask, positions, state, adapters=list(adapters))
 
     def cache_select(self, state: Any, rows: Sequence[int], drop: int) -> Any:
         with self._lock:
@@ -393,6 +479,7 @@ class DecodingRunner:
             logprobs=True,
             penalties=True,
             constraints=True,
+            adapters=self.adapters_supported,
         )
 
     def _check_open(self) -> None:
@@ -402,12 +489,12 @@ class DecodingRunner:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         with self._lock:
             self._check_open()
-            return self.decoder.generate(requests, self._step)
+            return self.decoder.generate(requests, self._forward(requests))
 
     def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
         with self._lock:
             self._check_open()
-            yield from self.decoder.stream(request, self._step)
+            yield from self.decoder.stream(request, self._forward([request]))
 
     def logprobs(self, texts: Sequence[str]) -> list[TextLogprobs]:
         with self._lock:

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypedDict
 from attrs import Factory, field, frozen
 
 from gptstore.artifacts import ARTIFACT_ID_PATTERN, ArtifactStore
-from gptstore.converter import in_range, unstructure
+from gptstore.converter import FieldProblem, in_range, unstructure
 from gptstore.errors import InvalidInput, PluginError
 from gptstore.manager import PluginManager, structure_options
 from gptstore.protocols import Runner, StreamChunk
@@ -55,6 +55,14 @@ class Autoscaling:
             )
 
 
+def _distinct(_instance: Any, _attribute: Any, value: tuple[str, ...]) -> None:
+    twice = sorted({a for a in value if value.count(a) > 1})
+    if twice:
+        raise FieldProblem("adapters", f"adapters lists {twice[0]!r} twice")
+    if len(value) > 1024:
+        raise FieldProblem("adapters", "at most 1024 adapters per deployment")
+
+
 @frozen(kw_only=True)
 class DeploymentSpec:
     """An artifact served on a backend: ``[deployments.NAME]`` in a config file, or the body of
@@ -71,6 +79,13 @@ class DeploymentSpec:
     runs one replica inside the server's process (no process hop, no crash isolation). With
     ``gptstore serve --engine ray`` the replicas are Ray Serve replicas, and ``autoscaling``
     may replace ``replicas`` with bounds (see :class:`Autoscaling`).
+
+    ``adapters``: LoRA adapter artifacts of this deployment's artifact, each served as its own
+    model (its artifact id is the name a request gives as ``model``) on the one loaded base: an
+    adapter is loaded on its first request, rows of different adapters decode in one batch,
+    and past ``max_adapters`` loaded the least recently used one that no running row needs is
+    unloaded. The backend's runner must declare ``RunnerInfo.adapters`` (torch does; on onnx,
+    deploy each adapter merged and exported as its own deployment).
     """
 
     artifact: str = field(metadata={"json_schema": {"pattern": ARTIFACT_ID_PATTERN}})
@@ -83,6 +98,12 @@ class DeploymentSpec:
     batching: Literal["continuous", "static"] = "continuous"
     kv_cache_mb: int | None = field(default=None, validator=in_range(1, 1 << 24))
     autoscaling: Autoscaling | None = None
+    adapters: tuple[str, ...] = field(
+        default=(),
+        validator=_distinct,
+        metadata={"json_schema": {"items": {"pattern": ARTIFACT_ID_PATTERN}, "max_items": 1024}},
+    )
+    max_adapters: int = field(default=8, validator=in_range(1, 1024))
 
     def most_replicas(self) -> int:
         """The replicas it may run at once: ``replicas``, or its autoscaling bound."""
@@ -151,6 +172,8 @@ class Plan:
     artifact: Artifact
     backend: ServingBackend
     options: Any
+    #: The LoRA adapters it serves on its artifact, by name (their artifact ids).
+    adapters: Mapping[str, Artifact] = Factory(dict)
 
 
 def plan(
@@ -160,13 +183,64 @@ def plan(
     backend: str,
     options: Mapping[str, Any] | None,
     *,
+    adapters: Sequence[str] = (),
     where: str = "$.options",
+    adapters_where: str = "$.adapters",
 ) -> Plan:
-    """Check that ``artifact_id`` exists, ``backend`` is installed and ``options`` are its
-    options (problems named at ``where``), without loading anything."""
+    """Check that ``artifact_id`` exists, ``backend`` is installed, ``options`` are its
+    options (problems named at ``where``) and each of ``adapters`` is a LoRA adapter of that
+    artifact (named at ``adapters_where``), without loading anything."""
     artifact = artifacts.get(artifact_id)
     record = manager.get(ServingBackend, backend)
-    return Plan(artifact, record, structure_options(record, dict(options or {}), where=where))
+    checked = {
+        name: adapter_artifact(artifacts, artifact, name, f"{adapters_where}[{i}]")
+        for i, name in enumerate(adapters)
+    }
+    return Plan(
+        artifact, record, structure_options(record, dict(options or {}), where=where), checked
+    )
+
+
+def adapter_artifact(artifacts: ArtifactStore, base: Artifact, name: str, where: str) -> Artifact:
+    """Adapter ``name`` of ``base``, or InvalidInput saying why it cannot be served on it."""
+    import json
+
+    found = artifacts.find(name)
+    if found is None:
+        raise InvalidInput("adapters", [f"no artifact {name!r} in the store @ {where}"])
+    config_file = found.path / "adapter_config.json"
+    if not config_file.is_file():
+        raise InvalidInput(
+            "adapters",
+            [
+                f"{name!r} is not a PEFT adapter (no adapter_config.json); deploy it on its "
+                f"own @ {where}"
+            ],
+        )
+    if found.manifest.parent != base.id:
+        raise InvalidInput(
+            "adapters",
+            [
+                f"{name!r} was made from {found.manifest.parent or 'no recorded parent'}, not from "
+                f"this deployment's artifact {base.id} @ {where}"
+            ],
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError:
+        raise InvalidInput(
+            "adapters", [f"{name!r}: adapter_config.json is not JSON @ {where}"]
+        ) from None
+    if config.get("peft_type") != "LORA" or config.get("use_dora"):
+        kind = "DoRA" if config.get("use_dora") else str(config.get("peft_type"))
+        raise InvalidInput(
+            "adapters",
+            [
+                f"{name!r} is a {kind} adapter: rows of different adapters share a batch only with "
+                f"LoRA; deploy it as its own deployment (artifact = {name!r}) @ {where}"
+            ],
+        )
+    return found
 
 
 def load_runner(plan: Plan) -> Runner:
@@ -247,6 +321,8 @@ class DeploymentStatus(TypedDict):
     max_queue: int
     context_length: int | None
     logprobs: bool
+    #: The adapters it serves as models of their own.
+    adapters: list[str]
     batches: BatchCounts
     created_at: str
     health: Health
@@ -272,6 +348,19 @@ class Deployment:
             raise PluginError(
                 f"backend {self.backend}: its runner's info() failed: {exc}"
             ) from None
+        if plan.adapters:
+            if not (self.info.adapters and isinstance(runner, DecodingRunner)):
+                raise InvalidInput(
+                    f"deployment {name!r}",
+                    [
+                        f"backend {self.backend} does not apply LoRA adapters at run time: merge "
+                        "each one (lora with merge = true, then the backend's export) and deploy "
+                        "the merged artifacts as deployments of their own @ $.adapters"
+                    ],
+                )
+            runner.set_adapters(
+                {n: a.path for n, a in plan.adapters.items()}, budget=spec.max_adapters
+            )
         self.batcher = batcher(runner, name, spec, self.backend)
         self.created_at = datetime.now(UTC)
         self.served = 0
@@ -284,6 +373,14 @@ class Deployment:
         """Refuse, before queueing, what the runner says it cannot do."""
         for request in requests:
             check_request(request)
+            if request.adapter is not None and request.adapter not in self.spec.adapters:
+                raise InvalidInput(
+                    "request",
+                    [
+                        f"{request.adapter!r} is not an adapter of deployment {self.name!r} "
+                        f"(it has: {', '.join(self.spec.adapters) or 'none'}) @ $.model"
+                    ],
+                )
             lacks = [
                 what
                 for what, asked, can in (
@@ -388,6 +485,7 @@ class Deployment:
             "max_queue": self.spec.max_queue,
             "context_length": self.info.context_length,
             "logprobs": self.info.logprobs,
+            "adapters": list(self.spec.adapters),
             "batches": {
                 "batches": self.batcher.stats.batches,
                 "rows": self.batcher.stats.rows,
