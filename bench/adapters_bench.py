@@ -30,48 +30,30 @@ HERE = Path(__file__).parent
 KEY = "sk-bench-adapters"
 ADAPTERS = [f"smollm2-lora-{i}" for i in range(8)]
 CLIENTS, REQUESTS, NEW_TOKENS = 8, 4, 64
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def make_artifacts(home: Path) -> Any:
     """SmolLM2, 8 LoRA adapters of it (r 8 on every projection; random weights: speed does not
-    depend on what they learned) and the first one merged (made once)."""
-    import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    depend on what they learned) and the first one merged (made once; those made before with
+    other weights are kept)."""
+    from peft import PeftModel
     from serving_bench import import_smollm2  # type: ignore[import-not-found]
     from transformers import AutoModelForCausalLM
 
     from gptstore.artifacts import hash_files
+    from gptstore.testing import add_artifact
+    from gptstore.testing.models import build_lora_adapter
     from gptstore.types import Manifest
 
     store = import_smollm2(home)
     base = store.get("smollm2")
     for seed, name in enumerate(ADAPTERS):
-        if store.find(name) is not None:
-            continue
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(base.path)
-        config = LoraConfig(
-            r=8,
-            lora_alpha=16,
-            target_modules=[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
-            init_lora_weights="gaussian",
-        )
-        staging = store.staging_dir()
-        get_peft_model(model, config).save_pretrained(staging / "a", safe_serialization=True)
-        store.commit(
-            staging / "a",
-            Manifest(id=name, kind="adapter", parent="smollm2", files=hash_files(staging / "a")),
-        )
-        store.discard(staging)
+        if store.find(name) is None:
+            folder = build_lora_adapter(
+                home / "made" / name, base.path, seed=seed, r=8, target_modules=PROJECTIONS
+            )
+            add_artifact(store.root, folder, name, kind="adapter", parent="smollm2")
     if store.find("smollm2-lora-merged") is None:
         model = AutoModelForCausalLM.from_pretrained(base.path)
         merged = PeftModel.from_pretrained(model, store.get(ADAPTERS[0]).path).merge_and_unload()

@@ -10,8 +10,6 @@ the decode loop only lets it pick tokens the schema's grammar allows.
 from __future__ import annotations
 
 import json
-import shutil
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
@@ -20,12 +18,12 @@ import pytest
 import tomli_w
 import transformers
 
-from gptstore.artifacts import ArtifactStore, hash_files
+from gptstore.artifacts import ArtifactStore
 from gptstore.manager import make_plugin_manager
 from gptstore.optimization.run import optimize
 from gptstore.server import create_app
-from gptstore.testing import running_server
-from gptstore.types import Manifest
+from gptstore.testing import add_artifact, running_server
+from gptstore.testing.load import status as deployment_status
 
 KEY = "sk-fields"
 MODELS = ("tiny", "tiny-onnx")
@@ -107,11 +105,7 @@ PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATH
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model):
     home = tmp_path_factory.mktemp("home")
-    store = ArtifactStore(home / "artifacts")
-    staging = store.staging_dir()
-    shutil.copytree(tiny_model, staging / "m")
-    store.commit(staging / "m", Manifest(id="tiny-1", files=hash_files(staging / "m")))
-    store.discard(staging)
+    store = ArtifactStore.of(add_artifact(home / "artifacts", tiny_model, "tiny-1"))
     onnx = optimize(make_plugin_manager(), store, "tiny-1", "onnx-export")
     (home / "config.toml").write_text(
         tomli_w.dumps(
@@ -230,11 +224,7 @@ def test_rows_with_different_grammars_decode_in_one_batch(server, client, model)
     for name, text in answers:
         if name is not None:
             jsonschema.validate(json.loads(text), SCHEMAS[name])
-    request = urllib.request.Request(
-        f"{server}/store/deployments/{model}", headers={"Authorization": f"Bearer {KEY}"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        batches = json.load(answer)["batches"]
+    batches = deployment_status(server, model, key=KEY)["batches"]
     assert batches["largest"] > 1, batches
 
 

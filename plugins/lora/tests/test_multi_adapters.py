@@ -6,59 +6,36 @@ adapter answers exactly as a deployment of that adapter alone does."""
 from __future__ import annotations
 
 import json
-import shutil
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 import tomli_w
 
-from gptstore.artifacts import ArtifactStore, hash_files
+from gptstore.artifacts import ArtifactStore
 from gptstore.server import create_app
-from gptstore.testing import running_server
-from gptstore.types import GenerationRequest, Manifest
+from gptstore.testing import add_artifact, running_server
+from gptstore.testing.load import call
+from gptstore.testing.load import status as deployment_status
+from gptstore.testing.models import build_lora_adapter
+from gptstore.types import GenerationRequest
 
 ADMIN = "sk-adapters-admin"
 ADAPTERS = ("lora-a", "lora-b", "lora-c")
 
 
-def save_adapter(store, base_folder, name, seed, *, dora=False):
-    """A LoRA adapter of ``base`` with random (not zero) weights, so that each one changes the
-    model's answers in its own way."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_folder)
-    config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "up_proj"],
-        init_lora_weights=False,
-        use_dora=dora,
-    )
-    staging = store.staging_dir()
-    get_peft_model(model, config).save_pretrained(staging / "a", safe_serialization=True)
-    store.commit(
-        staging / "a",
-        Manifest(id=name, kind="adapter", parent="base", files=hash_files(staging / "a")),
-    )
-    store.discard(staging)
+def add_adapter(home, base_folder, name, seed, *, dora=False):
+    folder = build_lora_adapter(home / "made" / name, base_folder, seed=seed, use_dora=dora)
+    add_artifact(home / "artifacts", folder, name, kind="adapter", parent="base")
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, tiny_model):
     home = tmp_path_factory.mktemp("home")
-    store = ArtifactStore(home / "artifacts")
-    staging = store.staging_dir()
-    shutil.copytree(tiny_model, staging / "m")
-    store.commit(staging / "m", Manifest(id="base", files=hash_files(staging / "m")))
-    store.discard(staging)
+    add_artifact(home / "artifacts", tiny_model, "base")
     for seed, name in enumerate(ADAPTERS, start=1):
-        save_adapter(store, tiny_model, name, seed)
-    save_adapter(store, tiny_model, "dora-x", 9, dora=True)
+        add_adapter(home, tiny_model, name, seed)
+    add_adapter(home, tiny_model, "dora-x", 9, dora=True)
     solo = {f"solo-{a}": {"artifact": a, "backend": "torch"} for a in ADAPTERS}
     (home / "config.toml").write_text(
         tomli_w.dumps(
@@ -127,11 +104,7 @@ def test_rows_of_different_adapters_share_a_batch(server, client):
         answers = list(pool.map(lambda m: (m, complete(client, m, "Once upon")), jobs))
     for model, text in answers:
         assert text == expected[model], model
-    request = urllib.request.Request(
-        f"{server}/store/deployments/tiny", headers={"Authorization": f"Bearer {ADMIN}"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        status = json.load(answer)
+    status = deployment_status(server, "tiny", key=ADMIN)
     assert status["adapters"] == list(ADAPTERS)
     assert status["batches"]["largest"] > 1
 
@@ -169,49 +142,19 @@ def test_least_recently_used_adapters_are_unloaded_past_the_budget(home):
         runner.close()
 
 
-def post(server, path, body):
-    request = urllib.request.Request(
-        f"{server}{path}",
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as answer:
-            return answer.status, json.load(answer)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
-
-
 def test_adapters_that_cannot_be_served_are_refused_with_the_reason(server, client):
-    status, body = post(
-        server,
-        "/store/deployments",
-        {"name": "d1", "artifact": "base", "backend": "torch", "adapters": ["dora-x"]},
-    )
-    assert status == 400
-    assert "DoRA adapter" in body["error"]["message"]
-    assert "$.adapters[0]" in body["error"]["message"]
-    status, body = post(
-        server,
-        "/store/deployments",
-        {"name": "d2", "artifact": "lora-a", "backend": "torch", "adapters": ["lora-b"]},
-    )
-    assert status == 400
-    assert "made from base, not from this deployment's artifact lora-a" in body["error"]["message"]
-    status, body = post(
-        server,
-        "/store/deployments",
-        {"name": "d3", "artifact": "base", "backend": "torch", "adapters": ["lora-a"]},
-    )
-    assert status == 409
-    assert "'lora-a' is served by deployment 'tiny'" in body["error"]["message"]
-    status, body = post(
-        server,
-        "/store/deployments",
-        {"name": "d4", "artifact": "base", "backend": "torch", "adapters": ["lora-a", "lora-a"]},
-    )
-    assert status == 400
-    assert "twice" in body["error"]["message"]
+    cases = [
+        ("base", ["dora-x"], 400, "'dora-x' is a DoRA adapter"),
+        ("base", ["dora-x"], 400, "@ $.adapters[0]"),
+        ("lora-a", ["lora-b"], 400, "made from base, not from this deployment's artifact lora-a"),
+        ("base", ["lora-a"], 409, "'lora-a' is served by deployment 'tiny'"),
+        ("base", ["lora-a", "lora-a"], 400, "adapters lists 'lora-a' twice"),
+        ("base", ["nothing"], 400, "no artifact 'nothing' in the store @ $.adapters[0]"),
+    ]
+    for artifact, adapters, code, message in cases:
+        body = {"name": "new", "artifact": artifact, "backend": "torch", "adapters": adapters}
+        status, _headers, text = call(server, "POST", "/store/deployments", body, key=ADMIN)
+        assert status == code, (adapters, text)
+        assert message in json.loads(text)["error"]["message"], (adapters, text)
     with pytest.raises(openai.NotFoundError):
         complete(client, "lora-z")

@@ -133,6 +133,8 @@ _MESSAGE = Schema(
 )
 _MESSAGES = Schema(type=OpenAPIType.ARRAY, items=_MESSAGE, min_items=1)
 _OBJECT = Schema(type=OpenAPIType.OBJECT)
+_OPTIONAL_BOOL = Schema(one_of=[Schema(type=OpenAPIType.BOOLEAN), Schema(type=OpenAPIType.NULL)])
+_OPTIONAL_BOOL = _OPTIONAL_BOOL
 _RESPONSE_FORMAT = Schema(
     one_of=[
         Schema(type=OpenAPIType.NULL),
@@ -152,9 +154,7 @@ _RESPONSE_FORMAT = Schema(
                         "name": Schema(type=OpenAPIType.STRING, pattern="^[A-Za-z0-9_-]{1,64}$"),
                         "description": _TEXT,
                         "schema": _OBJECT,
-                        "strict": Schema(
-                            one_of=[Schema(type=OpenAPIType.BOOLEAN), Schema(type=OpenAPIType.NULL)]
-                        ),
+                        "strict": _OPTIONAL_BOOL,
                     },
                     required=["name"],
                     additional_properties=False,

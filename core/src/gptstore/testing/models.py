@@ -101,3 +101,32 @@ def build_causal_lm(
     if readme is not None:
         (dest / "README.md").write_text(readme_text(readme, description), encoding="utf-8")
     return dest
+
+
+def build_lora_adapter(
+    dest: Path,
+    base: Path,
+    *,
+    seed: int = 0,
+    r: int = 4,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "up_proj"),
+    use_dora: bool = False,
+) -> Path:
+    """A PEFT LoRA adapter of the model in ``base``, saved (safetensors) into ``dest``, with
+    random weights rather than peft's zero start, so each seed changes the model's answers in its
+    own way (needs peft)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=list(target_modules),
+        init_lora_weights=False,
+        use_dora=use_dora,
+    )
+    get_peft_model(model, config).save_pretrained(dest, safe_serialization=True)
+    return dest
