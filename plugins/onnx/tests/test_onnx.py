@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from gptstore.artifacts import ArtifactStore, hash_files
-from gptstore.errors import GptstoreError
+from gptstore.errors import GptstoreError, InvalidInput
 from gptstore.optimization.gates import GateFailed
 from gptstore.optimization.run import optimize
 from gptstore.records import ServingBackend
@@ -180,7 +180,10 @@ def test_int4_blocks_halve_int8_and_serve_what_onnx_runtime_computes(exported):
 
     def weight_bytes(artifact):
         loaded = onnx_lib.load(str(artifact.path / "model.onnx"))
-        return sum(len(i.raw_data) for i in loaded.graph.initializer if "MatMul" in i.name)
+        used = {
+            n for node in loaded.graph.node if node.op_type == "MatMulNBits" for n in node.input
+        }
+        return sum(len(i.raw_data) for i in loaded.graph.initializer if i.name in used)
 
     assert weight_bytes(int4) < 0.6 * weight_bytes(int8)
     runner = manager.get(ServingBackend, "onnx").factory(OrtOptions()).load(int4)
@@ -224,8 +227,7 @@ def test_optimize_from_the_command_line(tmp_path, tiny_model):
     # One line per stage, not pages of tracer warnings.
     stages = [line.split("] ", 1)[1] for line in result.stderr.splitlines() if line.strip()]
     assert stages == [
-        "exporting with optimum-onnx",
-        "fusing normalization and rotary-embedding operators",
+        "writing the lean graph from the weights",
         "comparing logits with the torch model",
         "done",
     ], result.stderr
@@ -259,7 +261,11 @@ def test_tied_output_embedding_is_quantized_and_plain_export_still_serves(tmp_pa
     store.commit(staging / "m", Manifest(id="tied", files=hash_files(staging / "m")))
     store.discard(staging)
     onnx = optimize(
-        manager, store, "tied", "onnx-export", {"fuse": False, "grouped_attention": False}
+        manager,
+        store,
+        "tied",
+        "onnx-export",
+        {"graph": "optimum", "fuse": False, "grouped_attention": False},
     )
     assert onnx.manifest.metrics_after["fused_operators"] == 0
     assert len(repeated_caches(onnx.path / "model.onnx")) == 4  # 2 layers x (key, value)
@@ -272,6 +278,57 @@ def test_tied_output_embedding_is_quantized_and_plain_export_still_serves(tmp_pa
     [result] = runner.generate([GenerationRequest(prompt="Hello", max_tokens=3)])
     assert result.finish_reason in ("length", "stop")
     runner.close()
+
+
+def test_the_lean_graph_decodes_what_the_optimum_export_and_torch_do(exported, tiny_model):
+    """graph = auto wrote the lean graph for this Llama model (a fraction of optimum's nodes);
+    both graphs give torch's greedy text, batched with left padding and streamed, and the same
+    log-probabilities."""
+    manager, store, base, lean, _ = exported
+    traced = optimize(manager, store, base.id, "onnx-export", {"graph": "optimum"})
+    assert (
+        lean.manifest.metrics_after["graph_nodes"] * 3
+        < traced.manifest.metrics_after["graph_nodes"]
+    )
+    assert operator_counts(lean.path / "model.onnx")["GroupQueryAttention"] == 2
+    runners = [
+        manager.get(ServingBackend, "onnx").factory(OrtOptions()).load(a) for a in (lean, traced)
+    ]
+    requests = [
+        GenerationRequest(prompt=p, max_tokens=12)
+        for p in (*PROMPTS, "A much longer prompt than the others, to pad them")
+    ]
+    texts = [[g.text for g in r.generate(requests)] for r in runners]
+    assert texts[0] == texts[1]
+    scores = [r.logprobs(["The quick brown fox jumps"])[0].logprobs[1:] for r in runners]
+    assert max(abs(a - b) for a, b in zip(*scores, strict=True)) < 1e-4
+    for runner in runners:
+        runner.close()
+
+
+def test_graph_lean_refuses_a_model_it_cannot_represent(tmp_path):
+    import json
+
+    from gptstore.manager import make_plugin_manager
+    from gptstore.testing.models import build_causal_lm
+    from gptstore_onnx import plugin
+
+    manager = make_plugin_manager(entrypoints=False)
+    manager.register_plugin(plugin, "onnx")
+    store = ArtifactStore(tmp_path / "artifacts")
+    staging = store.staging_dir()
+    folder = build_causal_lm(staging / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    store.commit(folder, Manifest(id="scaled", files=hash_files(folder)))
+    store.discard(staging)
+    with pytest.raises(InvalidInput, match="graph = lean: rope_scaling"):
+        optimize(manager, store, "scaled", "onnx-export", {"graph": "lean"})
+    # auto falls back to optimum's export, which handles it
+    traced = optimize(manager, store, "scaled", "onnx-export")
+    assert traced.manifest.metrics_after["max_logit_diff"] < 1e-3
+    assert operator_counts(traced.path / "model.onnx").get("GroupQueryAttention", 0) == 0
 
 
 @pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])

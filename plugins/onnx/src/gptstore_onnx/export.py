@@ -1,12 +1,16 @@
-"""The ``onnx-export`` strategy: optimum-onnx's export with the KV cache, grouped-query
-attention kept grouped, fused operators, and a gate on the logits' difference from torch."""
+"""The ``onnx-export`` strategy: the lean graph written from the weights (Llama-family models),
+or optimum-onnx's export with the KV cache, grouped-query attention kept grouped and fused
+operators; either way a gate on the logits' difference from torch."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 from attrs import field, frozen
 
@@ -20,8 +24,9 @@ from gptstore.plugin import (
     unstructure,
 )
 from gptstore_onnx.attention import grouped_attention
-from gptstore_onnx.graph import fuse_graph
-from gptstore_onnx.runner import OrtOptions, OrtRunner
+from gptstore_onnx.builder import FUSED, build, check_config
+from gptstore_onnx.graph import fuse_graph, save_model
+from gptstore_onnx.runner import MODEL_FILE, OrtOptions, OrtRunner
 
 
 @contextlib.contextmanager
@@ -68,6 +73,12 @@ class ExportOptions:
         verification (fewer, larger operators per token).
     :param grouped_attention: export grouped-query attention without repeating the key/value
         heads at every step (see ``gptstore_onnx.attention``).
+    :param graph: ``lean``: the graph written from the weights with ONNX Runtime's fused
+        decoder operators (``gptstore_onnx.builder``: Llama, Mistral and Qwen2 models, a fraction
+        of optimum's nodes per step); ``optimum``: optimum-onnx's traced export (any causal LM
+        it supports), with ``fuse`` and ``grouped_attention``; ``auto`` (default): ``lean``
+        where the model's configuration allows it, else ``optimum``. ``fuse``, ``opset`` and
+        ``grouped_attention`` apply to ``optimum`` only.
     """
 
     verify_prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS, converter=str_tuple)
@@ -75,6 +86,7 @@ class ExportOptions:
     opset: int | None = None
     fuse: bool = True
     grouped_attention: bool = True
+    graph: Literal["auto", "lean", "optimum"] = "auto"
 
 
 def require_kind(artifact: Artifact, kind: str, strategy: str, wanted: str) -> None:
@@ -112,6 +124,13 @@ def max_logit_difference(torch_folder: Path, onnx_folder: Path, prompts: Sequenc
     return worst
 
 
+def graph_nodes(folder: Path) -> int:
+    """How many nodes the exported graph runs per step."""
+    import onnx
+
+    return len(onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph.node)
+
+
 class OnnxExport:
     def __init__(self, options: ExportOptions | None = None) -> None:
         self.options = options or ExportOptions()
@@ -121,23 +140,41 @@ class OnnxExport:
         from optimum.exporters.onnx import main_export
 
         require_kind(artifact, "hf", "onnx-export", "a Hugging Face format artifact")
-        context.progress(0.05, "exporting with optimum-onnx")
-        grouped = grouped_attention() if options.grouped_attention else contextlib.nullcontext()
-        with grouped, quiet():
-            main_export(
-                str(artifact.path),
-                output=context.output_dir,
-                task="text-generation-with-past",
-                do_validation=False,
-                opset=options.opset,
-                trust_remote_code=False,
-                library_name="transformers",
-            )
-        context.check_cancelled()
+        config = json.loads((artifact.path / "config.json").read_text())
+        unsupported = check_config(config)
+        if options.graph == "lean" and unsupported:
+            raise InvalidInput("onnx-export", [f"graph = lean: {p}" for p in unsupported])
         fused = 0
-        if options.fuse:
-            context.progress(0.6, "fusing normalization and rotary-embedding operators")
-            fused = fuse_graph(context.output_dir)
+        if options.graph == "optimum" or unsupported:
+            context.progress(0.05, "exporting with optimum-onnx")
+            grouped = grouped_attention() if options.grouped_attention else contextlib.nullcontext()
+            with grouped, quiet():
+                main_export(
+                    str(artifact.path),
+                    output=context.output_dir,
+                    task="text-generation-with-past",
+                    do_validation=False,
+                    opset=options.opset,
+                    trust_remote_code=False,
+                    library_name="transformers",
+                )
+            context.check_cancelled()
+            if options.fuse:
+                context.progress(0.6, "fusing normalization and rotary-embedding operators")
+                fused = fuse_graph(context.output_dir)
+        else:
+            context.progress(0.05, "writing the lean graph from the weights")
+            for path in artifact.path.iterdir():
+                if (
+                    path.is_file()
+                    and path.suffix != ".safetensors"
+                    and path.name != "manifest.json"
+                ):
+                    shutil.copy2(path, context.output_dir / path.name)
+            lean = build(artifact.path)
+            fused = sum(n.op_type in FUSED for n in lean.graph.node)
+            save_model(lean, context.output_dir)
+            context.check_cancelled()
         context.progress(0.7, "comparing logits with the torch model")
         difference = max_logit_difference(artifact.path, context.output_dir, options.verify_prompts)
         Gate(metric="max logit difference from torch", at_most=options.max_logit_diff).check(
@@ -150,6 +187,10 @@ class OnnxExport:
             strategy="onnx-export",
             options=unstructure(options),
             kind="onnx",
-            metrics_after={"max_logit_diff": difference, "fused_operators": fused},
+            metrics_after={
+                "max_logit_diff": difference,
+                "fused_operators": fused,
+                "graph_nodes": graph_nodes(context.output_dir),
+            },
         )
         return Artifact(context.output_dir, manifest)
