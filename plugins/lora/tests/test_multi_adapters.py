@@ -156,5 +156,9 @@ def test_adapters_that_cannot_be_served_are_refused_with_the_reason(server, clie
         status, _headers, text = call(server, "POST", "/store/deployments", body, key=ADMIN)
         assert status == code, (adapters, text)
         assert message in json.loads(text)["error"]["message"], (adapters, text)
+    swap = {"artifact": "base", "backend": "torch", "adapters": ["lora-a"]}
+    status, _headers, text = call(server, "PUT", "/store/deployments/plain", swap, key=ADMIN)
+    assert status == 409, text
+    assert "'lora-a' is served by deployment 'tiny'" in text
     with pytest.raises(openai.NotFoundError):
         complete(client, "lora-z")

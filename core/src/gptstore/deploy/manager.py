@@ -139,13 +139,7 @@ class Deployments:
                 raise Unavailable(f"deployment {name!r} is being deleted; retry shortly")
             if name in self._items or name in self._pending:
                 raise Conflict(f"deployment {name!r} already exists; delete it first")
-            taken = self._model_names()
-            for model in (name, *spec.adapters):
-                if model in taken and taken[model] != name:
-                    raise Conflict(
-                        f"model name {model!r} is served by deployment {taken[model]!r} "
-                        "(adapters are models of their own)"
-                    )
+            self._check_model_names(name, spec)
             self._reserve(name, spec.most_replicas(), f"deployment {name!r} asks for")
             self._pending[name] = "loading"
         try:
@@ -278,6 +272,17 @@ class Deployments:
         with self._lock:
             return sorted(n for n, state in self._pending.items() if state == "loading")
 
+    def _check_model_names(self, name: str, spec: DeploymentSpec) -> None:
+        """Conflict when ``spec`` as deployment ``name`` would serve a model name another
+        deployment serves (call with the lock held)."""
+        taken = self._model_names()
+        for model in (name, *spec.adapters):
+            if model in taken and taken[model] != name:
+                raise Conflict(
+                    f"model name {model!r} is served by deployment {taken[model]!r} "
+                    "(adapters are models of their own)"
+                )
+
     def _model_names(self) -> dict[str, str]:
         """Every model name served, to the deployment serving it (call with the lock held)."""
         names = {name: name for name in self._items}
@@ -370,6 +375,8 @@ class Deployments:
                 )
             return self.create(name, spec, checked=checked, persist=True, by=by), True
         deployment = self._replicated(name)
+        with self._lock:
+            self._check_model_names(name, spec)
         if spec.isolation != "process":
             raise InvalidInput(
                 "request",
