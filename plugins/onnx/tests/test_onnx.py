@@ -401,3 +401,78 @@ class TestOnnxIOBindingContinuousBatching(ContinuousBatchingContract):
         runner = OrtBackend(OrtOptions(io_binding=True)).load(onnx)
         yield runner
         runner.close()
+
+
+def snapped_to_q4_1(source, dest):
+    """A copy of the model in ``source`` whose projections hold Q4_1's values (blocks of 32
+    along the input: ``m + k·d``) and whose output layer holds Q8_0's (``k·d``, |k| <= 127), as
+    SmolLM2's GGUF does."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, dest)
+    [weights_file] = dest.glob("*.safetensors")
+    tensors = load_file(weights_file)
+    for name, w in tensors.items():
+        if w.ndim != 2 or "embed" in name:
+            continue
+        rows, cols = w.shape
+        blocks = w.reshape(rows, cols // 32, 32).astype(np.float64)
+        if "lm_head" in name:
+            scale = np.abs(blocks).max(-1, keepdims=True) / 127
+            snapped = np.rint(blocks / scale) * scale
+        else:
+            low = blocks.min(-1, keepdims=True)
+            step = (blocks.max(-1, keepdims=True) - low) / 15
+            snapped = low + np.rint((blocks - low) / step) * step
+        tensors[name] = snapped.reshape(rows, cols).astype(np.float32)
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    return dest
+
+
+def test_offsets_hold_q4_1_weights_exactly(tmp_path, tiny_model):
+    """offsets = true: 4-bit blocks plus float block offsets represent Q4_1 weights exactly
+    (computed in fp32, the perplexity is the float model's), where integer zero points round
+    every block again; the output layer goes to 8 bits; it serves."""
+    from gptstore.manager import make_plugin_manager
+    from gptstore_onnx import plugin
+
+    manager = make_plugin_manager(entrypoints=False)
+    manager.register_plugin(plugin, "onnx")
+    store = ArtifactStore(tmp_path / "artifacts")
+    staging = store.staging_dir()
+    snapped_to_q4_1(tiny_model, staging / "m")
+    store.commit(staging / "m", Manifest(id="q41", files=hash_files(staging / "m")))
+    store.discard(staging)
+    onnx = optimize(manager, store, "q41", "onnx-export")
+    exact = optimize(
+        manager,
+        store,
+        onnx.id,
+        "onnx-quantize",
+        {"bits": 4, "offsets": True, "accuracy_level": 1},
+        new_id="exact",
+    )
+    rounded = optimize(
+        manager,
+        store,
+        onnx.id,
+        "onnx-quantize",
+        {"bits": 4, "symmetric": False, "accuracy_level": 1},
+        new_id="rounded",
+    )
+    assert abs(exact.manifest.metrics_after["perplexity_change"]) < 1e-4
+    assert rounded.manifest.metrics_after["perplexity_change"] > 10 * abs(
+        exact.manifest.metrics_after["perplexity_change"]
+    )
+    operators = operator_counts(exact.path / "model.onnx")
+    assert operators["MatMulNBits"] == 2 * 4 + 1  # 4 projections a layer, and the output
+    offset_products = constant_matmuls(exact.path / "model.onnx")  # the float part left
+    assert len(offset_products) == 2 * 4
+    assert all(n.endswith("offset_matmul") for n in offset_products)
+    runner = manager.get(ServingBackend, "onnx").factory(OrtOptions()).load(exact)
+    [result] = runner.generate([GenerationRequest(prompt="Hello", max_tokens=4)])
+    assert result.completion_tokens >= 1 or result.finish_reason == "stop"
+    runner.close()
+    with pytest.raises(GptstoreError, match="offsets = true is a form of 4-bit"):
+        optimize(manager, store, onnx.id, "onnx-quantize", {"bits": 8, "offsets": True})
