@@ -53,11 +53,6 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "smollm2-lean-q4": ("smollm2-lean", "onnx-quantize", Q4),
     "smollm2-lean-q4a": ("smollm2-lean", "onnx-quantize", Q4A),
     "smollm2-lean-q4o": ("smollm2-lean", "onnx-quantize", {"bits": 4, "offsets": True}),
-    "smollm2-lean-q4o1": (
-        "smollm2-lean",
-        "onnx-quantize",
-        {"bits": 4, "offsets": True, "accuracy_level": 1},
-    ),
 }
 
 
