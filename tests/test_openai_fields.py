@@ -473,15 +473,12 @@ def test_field_bounds_and_unknown_fields_are_400s_naming_them(client):
 def test_langchain_chat_openai_invokes_streams_structures_and_calls_tools(server):
     from langchain_openai import ChatOpenAI
 
-    chat = ChatOpenAI(
-        model="tiny",
-        base_url=f"{server}/v1",
-        api_key=KEY,
-        temperature=0,
-        max_tokens=16,
-        max_retries=0,
-        stream_usage=True,
-    )
+    def chat_model(**settings):
+        return ChatOpenAI(
+            model="tiny", base_url=f"{server}/v1", api_key=KEY, max_retries=0, **settings
+        )
+
+    chat = chat_model(temperature=0, max_tokens=16, stream_usage=True)
     answer = chat.invoke("hello")
     assert answer.content
     assert answer.usage_metadata["output_tokens"] > 0
@@ -490,22 +487,13 @@ def test_langchain_chat_openai_invokes_streams_structures_and_calls_tools(server
         streamed = chunk if streamed is None else streamed + chunk
     assert streamed.content == answer.content
     assert streamed.usage_metadata["output_tokens"] == answer.usage_metadata["output_tokens"]
-    structured = ChatOpenAI(
-        model="tiny", base_url=f"{server}/v1", api_key=KEY, temperature=0.7, max_retries=0
-    ).with_structured_output(
+    structured = chat_model(temperature=0.7).with_structured_output(
         {"title": "person", "description": "a person", **PERSON}, method="json_schema"
     )
     person = structured.invoke("Describe a person")
     jsonschema.validate(person, PERSON)
     called = (
-        ChatOpenAI(
-            model="tiny",
-            base_url=f"{server}/v1",
-            api_key=KEY,
-            temperature=0,
-            max_tokens=200,
-            max_retries=0,
-        )
+        chat_model(temperature=0, max_tokens=200)
         .bind_tools([WEATHER], tool_choice="get_weather")
         .invoke("Weather in Oslo?")
     )

@@ -445,21 +445,9 @@ def test_offsets_hold_q4_1_weights_exactly(tmp_path, tiny_model):
     store.commit(staging / "m", Manifest(id="q41", files=hash_files(staging / "m")))
     store.discard(staging)
     onnx = optimize(manager, store, "q41", "onnx-export")
-    exact = optimize(
-        manager,
-        store,
-        onnx.id,
-        "onnx-quantize",
-        {"bits": 4, "offsets": True, "accuracy_level": 1},
-        new_id="exact",
-    )
-    rounded = optimize(
-        manager,
-        store,
-        onnx.id,
-        "onnx-quantize",
-        {"bits": 4, "symmetric": False, "accuracy_level": 1},
-        new_id="rounded",
+    exact, rounded = (
+        optimize(manager, store, onnx.id, "onnx-quantize", {"bits": 4, "accuracy_level": 1, **form})
+        for form in ({"offsets": True}, {"symmetric": False})
     )
     assert abs(exact.manifest.metrics_after["perplexity_change"]) < 1e-4
     assert rounded.manifest.metrics_after["perplexity_change"] > 10 * abs(

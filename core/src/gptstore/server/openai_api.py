@@ -135,6 +135,25 @@ _MESSAGES = Schema(type=OpenAPIType.ARRAY, items=_MESSAGE, min_items=1)
 _OBJECT = Schema(type=OpenAPIType.OBJECT)
 _OPTIONAL_BOOL = Schema(one_of=[Schema(type=OpenAPIType.BOOLEAN), Schema(type=OpenAPIType.NULL)])
 _OPTIONAL_BOOL = _OPTIONAL_BOOL
+_FUNCTION_NAME = Schema(type=OpenAPIType.STRING, pattern="^[A-Za-z0-9_-]{1,64}$")
+
+
+def _named_schema(field: str) -> Schema:
+    """A named JSON Schema as OpenAI's request shapes hold one: ``json_schema`` of
+    response_format (``field`` schema), a tool's ``function`` (``field`` parameters)."""
+    return Schema(
+        type=OpenAPIType.OBJECT,
+        properties={
+            "name": _FUNCTION_NAME,
+            "description": _TEXT,
+            field: _OBJECT,
+            "strict": _OPTIONAL_BOOL,
+        },
+        required=["name"],
+        additional_properties=False,
+    )
+
+
 _RESPONSE_FORMAT = Schema(
     one_of=[
         Schema(type=OpenAPIType.NULL),
@@ -148,17 +167,7 @@ _RESPONSE_FORMAT = Schema(
             type=OpenAPIType.OBJECT,
             properties={
                 "type": Schema(const="json_schema"),
-                "json_schema": Schema(
-                    type=OpenAPIType.OBJECT,
-                    properties={
-                        "name": Schema(type=OpenAPIType.STRING, pattern="^[A-Za-z0-9_-]{1,64}$"),
-                        "description": _TEXT,
-                        "schema": _OBJECT,
-                        "strict": _OPTIONAL_BOOL,
-                    },
-                    required=["name"],
-                    additional_properties=False,
-                ),
+                "json_schema": _named_schema("schema"),
             },
             required=["type", "json_schema"],
             additional_properties=False,
@@ -167,7 +176,6 @@ _RESPONSE_FORMAT = Schema(
     description="text, json_object (any JSON object) or json_schema: the answer is decoded "
     "under the schema's grammar, so it parses and validates",
 )
-_FUNCTION_NAME = Schema(type=OpenAPIType.STRING, pattern="^[A-Za-z0-9_-]{1,64}$")
 _TOOLS = Schema(
     one_of=[
         Schema(type=OpenAPIType.NULL),
@@ -178,22 +186,7 @@ _TOOLS = Schema(
                 type=OpenAPIType.OBJECT,
                 properties={
                     "type": Schema(const="function"),
-                    "function": Schema(
-                        type=OpenAPIType.OBJECT,
-                        properties={
-                            "name": _FUNCTION_NAME,
-                            "description": _TEXT,
-                            "parameters": _OBJECT,
-                            "strict": Schema(
-                                one_of=[
-                                    Schema(type=OpenAPIType.BOOLEAN),
-                                    Schema(type=OpenAPIType.NULL),
-                                ]
-                            ),
-                        },
-                        required=["name"],
-                        additional_properties=False,
-                    ),
+                    "function": _named_schema("parameters"),
                 },
                 required=["type", "function"],
                 additional_properties=False,

@@ -180,20 +180,16 @@ def build(folder: Path) -> Any:
             np.array([layer_heads * head_dim, layer_kv * head_dim, layer_kv * head_dim], np.int64),
         )
         q, k, v = node("Split", [qkv, sizes], [f"{p}.q", f"{p}.k", f"{p}.v"], axis=-1)
-        q = node(
-            "RotaryEmbedding",
-            [q, "position_ids", "cos_cache", "sin_cache"],
-            [f"{p}.q_rot"],
-            num_heads=layer_heads,
-            interleaved=0,
-        )[0]
-        k = node(
-            "RotaryEmbedding",
-            [k, "position_ids", "cos_cache", "sin_cache"],
-            [f"{p}.k_rot"],
-            num_heads=layer_kv,
-            interleaved=0,
-        )[0]
+        q, k = (
+            node(
+                "RotaryEmbedding",
+                [x, "position_ids", "cos_cache", "sin_cache"],
+                [f"{x}_rot"],
+                num_heads=count,
+                interleaved=0,
+            )[0]
+            for x, count in ((q, layer_heads), (k, layer_kv))
+        )
         past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         context = node(
             "GroupQueryAttention",
