@@ -102,7 +102,7 @@ def test_onnx_runner_matches_torch_greedy(exported, tiny_model):
         )
     request = GenerationRequest(prompt="Hello world", max_tokens=10)
     assert "".join(c.text for c in runner.stream(request)) == results[0].text
-    assert runner.health().message == "onnxruntime CPUExecutionProvider"
+    assert runner.health().message == "onnxruntime CPUExecutionProvider (shared KV buffer)"
     [scored] = runner.logprobs(["The quick brown fox"])
     assert scored.logprobs[0] is None
     assert all(v < 0 for v in scored.logprobs[1:])
@@ -114,20 +114,69 @@ def test_io_binding_decodes_the_same(exported):
     (the cache passed from step to step as OrtValues) must give the same tokens and scores."""
     manager, _store, _base, onnx, _ = exported
     record = manager.get(ServingBackend, "onnx")
-    plain = record.factory(OrtOptions()).load(onnx)
-    bound = record.factory(OrtOptions(io_binding=True)).load(onnx)
+    plain = record.factory(OrtOptions(shared_cache=False)).load(onnx)
+    bound = record.factory(OrtOptions(io_binding=True, shared_cache=False)).load(onnx)
     assert (plain.io_binding, bound.io_binding) == (False, True)
     assert bound.health().message == "onnxruntime CPUExecutionProvider (IOBinding)"
-    requests = [GenerationRequest(prompt=p, max_tokens=12) for p in PROMPTS]
-    assert [g.text for g in bound.generate(requests)] == [g.text for g in plain.generate(requests)]
-    request = GenerationRequest(prompt="Hello world", max_tokens=12, temperature=0.8, seed=3)
-    assert "".join(c.text for c in bound.stream(request)) == "".join(
-        c.text for c in plain.stream(request)
-    )
-    [a], [b] = plain.logprobs(["The quick brown fox"]), bound.logprobs(["The quick brown fox"])
-    assert a.logprobs[1:] == pytest.approx(b.logprobs[1:], abs=1e-5)
+    same_answers(plain, bound)
     plain.close()
     bound.close()
+
+
+def same_answers(plain, other, max_tokens=12):
+    """``other`` answers as ``plain``: greedy and sampled tokens, streamed, and scores."""
+    requests = [GenerationRequest(prompt=p, max_tokens=max_tokens) for p in PROMPTS]
+    assert [g.text for g in other.generate(requests)] == [g.text for g in plain.generate(requests)]
+    request = GenerationRequest(prompt="Hello world", max_tokens=12, temperature=0.8, seed=3)
+    assert "".join(c.text for c in other.stream(request)) == "".join(
+        c.text for c in plain.stream(request)
+    )
+    [a], [b] = plain.logprobs(["The quick brown fox"]), other.logprobs(["The quick brown fox"])
+    assert a.logprobs[1:] == pytest.approx(b.logprobs[1:], abs=1e-5)
+
+
+def test_shared_cache_decodes_the_same_and_grows(exported):
+    """The lean graph's attention appends into one buffer per layer, bound as both past and
+    present: the default there. Tokens and scores are those of fresh arrays every step, also
+    when a generation outgrows the buffer (256 positions) and moves to a larger one."""
+    import numpy as np
+
+    from gptstore_onnx.runner import CACHE_BLOCK, SharedCache
+
+    manager, _store, _base, onnx, _ = exported
+    record = manager.get(ServingBackend, "onnx")
+    plain = record.factory(OrtOptions(shared_cache=False)).load(onnx)
+    shared = record.factory(OrtOptions()).load(onnx)
+    assert (plain.shared_cache, shared.shared_cache) == (False, True)
+    same_answers(plain, shared)
+    # A prompt 4 positions short of the first buffer's end, then 12 tokens: it grows once.
+    long = " ".join(["fox"] * 400)
+    ids = shared.decoder.tokenizer(long)["input_ids"][: CACHE_BLOCK - 4]
+    prompt = shared.decoder.tokenizer.decode(ids)
+    assert shared.count_tokens(prompt) == CACHE_BLOCK - 4
+    request = GenerationRequest(prompt=prompt, max_tokens=12, logprobs=1)
+    [want], [got] = plain.generate([request]), shared.generate([request])
+    assert got.completion_tokens == want.completion_tokens == 12
+    assert got.text == want.text
+    assert [t.logprob for t in got.logprobs] == pytest.approx(
+        [t.logprob for t in want.logprobs], abs=1e-5
+    )
+    # One step at the forward level: the state is the buffer, grown past the block.
+    tokens = np.asarray([ids], dtype=np.int64)
+    mask, positions = np.ones_like(tokens), np.arange(tokens.shape[1])[None]
+    _logits, state = shared.forward(tokens, mask, positions, None)
+    assert isinstance(state, SharedCache)
+    assert (state.length, state.capacity) == (CACHE_BLOCK - 4, CACHE_BLOCK)
+    for step in range(5):
+        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+        _logits, state = shared.forward(
+            np.asarray([[ids[step]]]), mask, positions[:, -1:] + step + 1, state
+        )
+    assert (state.length, state.capacity) == (CACHE_BLOCK + 1, 2 * CACHE_BLOCK)
+    with pytest.raises(GptstoreError, match="the cache holds 257 positions"):
+        shared.forward(np.asarray([[5]]), mask, positions[:, -1:], state)
+    plain.close()
+    shared.close()
 
 
 def test_quantize_measures_perplexity_and_serves(exported):
@@ -302,6 +351,11 @@ def test_the_lean_graph_decodes_what_the_optimum_export_and_torch_do(exported, t
     assert texts[0] == texts[1]
     scores = [r.logprobs(["The quick brown fox jumps"])[0].logprobs[1:] for r in runners]
     assert max(abs(a - b) for a, b in zip(*scores, strict=True)) < 1e-4
+    # optimum's graph concatenates past and new keys into new arrays: it cannot share a
+    # buffer, and asking it to is an error that says which graph can.
+    assert [r.shared_cache for r in runners] == [True, False]
+    with pytest.raises(InvalidInput, match="not written by GroupQueryAttention"):
+        OrtBackend(OrtOptions(shared_cache=True)).load(traced)
     for runner in runners:
         runner.close()
 
@@ -391,6 +445,17 @@ class TestOnnxContinuousBatching(ContinuousBatchingContract):
         runner.close()
 
 
+class TestOnnxArraysContinuousBatching(ContinuousBatchingContract):
+    """Without the shared buffer the cache is new numpy arrays every step."""
+
+    @pytest.fixture
+    def runner(self, exported):
+        _manager, _store, _base, onnx, _ = exported
+        runner = OrtBackend(OrtOptions(shared_cache=False)).load(onnx)
+        yield runner
+        runner.close()
+
+
 class TestOnnxIOBindingContinuousBatching(ContinuousBatchingContract):
     """With IOBinding the cache is OrtValues between steps; joins and leaves go through the
     host."""
@@ -398,7 +463,7 @@ class TestOnnxIOBindingContinuousBatching(ContinuousBatchingContract):
     @pytest.fixture
     def runner(self, exported):
         _manager, _store, _base, onnx, _ = exported
-        runner = OrtBackend(OrtOptions(io_binding=True)).load(onnx)
+        runner = OrtBackend(OrtOptions(io_binding=True, shared_cache=False)).load(onnx)
         yield runner
         runner.close()
 

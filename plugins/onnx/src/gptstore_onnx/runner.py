@@ -15,11 +15,14 @@ from gptstore.plugin import (
     DecodingRunner,
     InvalidInput,
     NotFound,
+    PluginError,
     serving_tokenizer,
     str_tuple,
 )
 
 MODEL_FILE = "model.onnx"
+#: A shared cache buffer grows by this many positions at a time.
+CACHE_BLOCK = 256
 #: Providers whose outputs IOBinding can keep in CUDA memory between steps.
 CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
@@ -34,12 +37,18 @@ class OrtOptions:
         to the next instead of copying it through numpy each token. None (default): on when the
         first provider is CUDA's (or TensorRT's); on the CPU numpy arrays are already used in
         place, and other providers keep the cache in host memory when it is forced on.
+    :param shared_cache: decode into one preallocated KV buffer per layer, bound as both the
+        step's past input and its present output, so attention appends the step's keys and
+        values in place instead of copying the whole cache into new arrays every token. Only a
+        graph whose attention is ``GroupQueryAttention`` (the lean graph) can; None (default):
+        on when the graph can, True: refuse a graph that cannot.
     """
 
     providers: tuple[str, ...] = field(default=(), converter=str_tuple)
     intra_op_threads: int | None = None
     inter_op_threads: int | None = None
     io_binding: bool | None = None
+    shared_cache: bool | None = None
 
 
 def _cuda_usable() -> bool:
@@ -108,7 +117,22 @@ class OrtRunner(DecodingRunner):
         first = inputs[self.past_names[0]] if self.past_names else None
         self.kv_shape = (int(first.shape[1]), int(first.shape[3])) if first is not None else None
         self.kv_dtype = "float16" if first is not None and "float16" in first.type else "float32"
+        can_share = appends_in_place(model, self.present_names)
+        if options.shared_cache and not can_share:
+            raise InvalidInput(
+                "shared_cache",
+                [
+                    f"{model}'s cache outputs are not written by GroupQueryAttention, which "
+                    'alone appends to a shared buffer; export with `graph = "lean"` or leave '
+                    "shared_cache unset"
+                ],
+            )
+        self.shared_cache = can_share if options.shared_cache is None else options.shared_cache
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+        [logits] = [o for o in self.session.get_outputs() if o.name == "logits"]
+        vocab = logits.shape[-1]
+        self.vocab_size = vocab if isinstance(vocab, int) else int(config.vocab_size)
+        self.logits_dtype = "float16" if "float16" in logits.type else "float32"
         super().__init__(
             Decoder(
                 serving_tokenizer(folder),
@@ -124,6 +148,8 @@ class OrtRunner(DecodingRunner):
         feeds = {"input_ids": ids, "attention_mask": mask}
         if self.uses_positions:
             feeds["position_ids"] = positions
+        if self.shared_cache:
+            return self._forward_shared(feeds, past)
         if past is None and self.kv_shape is not None:
             heads, size = self.kv_shape
             empty = np.zeros((ids.shape[0], heads, 0, size), dtype=self.kv_dtype)
@@ -154,6 +180,62 @@ class OrtRunner(DecodingRunner):
         outputs = binding.get_outputs()
         return outputs[0].numpy(), outputs[1:]
 
+    def _forward_shared(self, feeds: dict[str, Any], past: SharedCache | None) -> tuple[Any, Any]:
+        """One step into the shared buffers: GroupQueryAttention writes the step's keys and
+        values after the ``past.length`` filled positions, where the next step reads them."""
+        import numpy as np
+        import onnxruntime as ort
+
+        batch, steps = feeds["input_ids"].shape
+        total = feeds["attention_mask"].shape[1]
+        if past is not None and past.length != total - steps:
+            raise PluginError(
+                f"the cache holds {past.length} positions but the attention mask covers "
+                f"{total} with {steps} new"
+            )
+        if past is None:
+            cache = self._shared([], batch, total)
+        elif past.capacity < total:  # full: move to a larger buffer
+            cache = self._shared(past.filled(), batch, total)
+        else:
+            cache = past
+        binding = cache.binding  # the buffers stay bound from step to step
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        logits = np.empty((batch, steps, self.vocab_size), dtype=self.logits_dtype)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(binding)
+        return logits, SharedCache(cache.values, cache.arrays, total, binding)
+
+    def _shared(self, filled: Sequence[Any], batch: int, length: int) -> SharedCache:
+        """New buffers for ``batch`` rows with room past ``length`` positions, the first of
+        them copied from ``filled`` (one array [batch, heads, positions, size] per buffer)."""
+        import numpy as np
+        import onnxruntime as ort
+
+        assert self.kv_shape is not None
+        heads, size = self.kv_shape
+        capacity = (length // CACHE_BLOCK + 1) * CACHE_BLOCK
+        if self.decoder.context_length:  # never more than the model can attend to
+            capacity = max(length, min(capacity, self.decoder.context_length))
+        arrays: list[Any] = []
+        for index in range(len(self.past_names)):
+            array: Any = np.zeros((batch, heads, capacity, size), dtype=self.kv_dtype)
+            if filled:
+                array[:, :, : filled[index].shape[2]] = filled[index]
+            arrays.append(array)
+        # On the CPU an OrtValue wraps its array (no copy); elsewhere it is copied to the device
+        # and the host array is dropped.
+        values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in arrays]
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # first: the outputs' order is the binding's
+        for past_name, present_name, value in zip(
+            self.past_names, self.present_names, values, strict=True
+        ):
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)
+        return SharedCache(values, arrays if self.device == "cpu" else None, length, binding)
+
     def _step(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
         logits, present = self.forward(ids, mask, positions, past)
         return logits[:, -1, :], present
@@ -165,15 +247,24 @@ class OrtRunner(DecodingRunner):
         import numpy as np
 
         index = np.asarray(rows, dtype=np.int64)
-        return [np.ascontiguousarray(x[index, :, drop:]) for x in _host(state)]
+        kept = [np.ascontiguousarray(x[index, :, drop:]) for x in _host(state)]
+        return self._wrap(kept)
 
     def _cache_join(self, first: Any, first_pad: int, second: Any, second_pad: int) -> Any:
         import numpy as np
 
-        return [
+        joined = [
             np.concatenate([_left_pad(a, first_pad), _left_pad(b, second_pad)])
             for a, b in zip(_host(first), _host(second), strict=True)
         ]
+        return self._wrap(joined)
+
+    def _wrap(self, arrays: list[Any]) -> Any:
+        """A cache made on the host, in the form the next step takes."""
+        if not self.shared_cache:
+            return arrays
+        batch, _heads, length, _size = arrays[0].shape
+        return self._shared(arrays, batch, length)
 
     def kv_bytes_per_token(self) -> int | None:
         if self.kv_shape is None:
@@ -182,18 +273,58 @@ class OrtRunner(DecodingRunner):
         return len(self.past_names) * heads * size * (2 if self.kv_dtype == "float16" else 4)
 
     def _describe(self) -> str:
-        binding = " (IOBinding)" if self.io_binding else ""
+        if self.shared_cache:
+            binding = " (shared KV buffer)"
+        else:
+            binding = " (IOBinding)" if self.io_binding else ""
         return "onnxruntime " + ", ".join(self.session.get_providers()) + binding
 
     def _release(self) -> None:
         del self.session
 
 
-def _host(state: Sequence[Any]) -> list[Any]:
+@frozen
+class SharedCache:
+    """The KV cache in shared buffers: one OrtValue [batch, heads, capacity, size] per past
+    input, of which the first ``length`` positions are filled (``arrays``: the same memory as
+    numpy arrays on the CPU, None on a device). A step writes into it: a state once passed to
+    a step is that step's, and only the state it returns is read again."""
+
+    values: list[Any]
+    arrays: list[Any] | None
+    length: int
+    binding: Any  # an IOBinding with the buffers bound as past inputs and present outputs
+
+    @property
+    def capacity(self) -> int:
+        return int(self.values[0].shape()[2])
+
+    def filled(self) -> list[Any]:
+        """The filled positions as numpy arrays (views on the CPU, copies from a device)."""
+        if self.arrays is not None:
+            return [a[:, :, : self.length] for a in self.arrays]
+        return [v.numpy()[:, :, : self.length] for v in self.values]
+
+
+def appends_in_place(model: Path, present_names: Sequence[str]) -> bool:
+    """Whether every cache output of the graph in ``model`` is written by GroupQueryAttention,
+    which appends to a buffer shared by its past input and present output."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    writers = {output: node.op_type for node in graph.node for output in node.output}
+    return bool(present_names) and all(
+        writers.get(name) == "GroupQueryAttention" for name in present_names
+    )
+
+
+def _host(state: Any) -> list[Any]:
     """The cache as numpy arrays [batch, heads, positions, size] (an IOBinding's OrtValues are
     copied to the host: rows join and leave far less often than tokens are decoded)."""
     import numpy as np
 
+    if isinstance(state, SharedCache):
+        return state.filled()
     return [x if isinstance(x, np.ndarray) else x.numpy() for x in state]
 
 
