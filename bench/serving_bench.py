@@ -78,7 +78,8 @@ def prepare(home: Path) -> tuple[dict[str, Path], Any]:
     return folders, quantized.manifest
 
 
-def runner_for(name: str, folder: Path) -> Any:
+def runner_for(name: str, folder: Path, **options: Any) -> Any:
+    """A runner of ``folder`` (``options``: the onnx backend's, such as shared_cache)."""
     from gptstore.types import Artifact, Manifest
 
     artifact = Artifact(folder, Manifest(id=name))
@@ -88,7 +89,7 @@ def runner_for(name: str, folder: Path) -> Any:
         return TorchBackend(TorchOptions()).load(artifact)
     from gptstore_onnx.runner import OrtBackend, OrtOptions
 
-    return OrtBackend(OrtOptions()).load(artifact)
+    return OrtBackend(OrtOptions(**options)).load(artifact)
 
 
 LOOKUP_TABLES = {("Gather", 0), ("RotaryEmbedding", 2), ("RotaryEmbedding", 3)}
