@@ -80,6 +80,11 @@ class Row:
     matcher: Any = None
     #: How often each token occurs in the completion so far (for the penalties).
     counts: dict[int, int] = field(factory=dict)
+    #: Incremental detokenizing: ``tokens[:read]`` decode to ``read_text``, whole characters;
+    #: ``tokens[prefix:read]`` are decoded again with the new ones, for their context.
+    prefix: int = 0
+    read: int = 0
+    read_text: str = ""
 
 
 class Decoder:
@@ -221,14 +226,36 @@ class Decoder:
             row.finish = "stop"
             return
         row.tokens.append(token)
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in request.stop if s) if i >= 0), default=-1)
+        before = row.read_text  # it holds no stop sequence, or the row would have stopped
+        text = self.detokenize(row)
+        settled = len(before) if text.startswith(before) else 0
+        found = (text.find(s, max(0, settled - len(s) + 1)) for s in request.stop if s)
+        cut = min((i for i in found if i >= 0), default=-1)
         if cut >= 0:
             row.text, row.finish = text[:cut], "stop"
             return
         row.text = text
         if len(row.tokens) >= request.max_tokens:
             row.finish = "length"
+
+    def detokenize(self, row: Row) -> str:
+        """The text of the row's tokens, decoding only the newest of them (vLLM's incremental
+        detokenizing): the tokens since the last whole characters, after those before them for
+        context. Decoding every token at every step costs time in the length of the answer.
+        Gives what decoding every token gives, an incomplete last character as U+FFFD."""
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+        context = decode(row.tokens[row.prefix : row.read])
+        window = decode(row.tokens[row.prefix :])
+        # The context must show something: a decoder that strips the space starting a text
+        # (SentencePiece's) would otherwise strip it from the new tokens. And where a
+        # tokenizer's clean-up changed text across the window's start, decode it all.
+        if window.startswith(context) and (context or not row.prefix):
+            text: str = row.read_text + window[len(context) :]
+        else:
+            text = decode(row.tokens)
+        if not text.endswith("\ufffd"):  # whole characters: the next window starts here
+            row.prefix, row.read, row.read_text = row.read, len(row.tokens), text
+        return text
 
     def score(self, texts: Sequence[str], forward: Forward) -> list[TextLogprobs]:
         """Log-probability of each token of each text given the ones before it (the first has
