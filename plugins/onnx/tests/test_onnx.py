@@ -179,6 +179,27 @@ def test_shared_cache_decodes_the_same_and_grows(exported):
     shared.close()
 
 
+def test_the_lean_graph_computes_only_the_logits_asked_for(exported):
+    """``logits_to_keep``: a generating step asks for its last position's logits alone (the
+    others over the vocabulary cost time and memory); scoring asks for all."""
+    import numpy as np
+
+    manager, _store, _base, onnx, _ = exported
+    for options in (OrtOptions(), OrtOptions(shared_cache=False)):
+        runner = manager.get(ServingBackend, "onnx").factory(options).load(onnx)
+        assert runner.keeps_logits
+        ids = runner.tokenizer(["The quick brown fox jumps"], return_tensors="np")["input_ids"]
+        mask, positions = np.ones_like(ids), np.arange(ids.shape[1])[None]
+        every, _ = runner.forward(ids, mask, positions, None)
+        last, _ = runner.forward(ids, mask, positions, None, keep=1)
+        two, _ = runner.forward(ids, mask, positions, None, keep=2)
+        assert every.shape == (1, ids.shape[1], runner.vocab_size)
+        assert (last.shape[1], two.shape[1]) == (1, 2)
+        np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(two, every[:, -2:], rtol=1e-5, atol=1e-5)
+        runner.close()
+
+
 def test_quantize_measures_perplexity_and_serves(exported):
     manager, store, _base, onnx, _ = exported
     quantized = optimize(manager, store, onnx.id, "onnx-quantize")

@@ -17,8 +17,11 @@ has 12 nodes per layer, ONNX Runtime's fused operators doing the work:
 The inputs and outputs are those of the optimum export (``input_ids``, ``attention_mask``,
 ``position_ids``, ``past_key_values.N.key/value`` in, ``logits`` and ``present.N.key/value``
 out), so the onnx runner, its cache surgery for continuous batching and ``onnx-quantize`` serve it
-unchanged. Supported: Llama, Mistral (without a sliding window) and Qwen2 configurations with the
-default rotary embedding; anything else is refused with the reason, and the optimum export
+unchanged; one more input, ``logits_to_keep`` ([1], int64), says of how many last positions the
+logits are wanted (the runner asks for 1 when it generates).
+
+Supported: Llama, Mistral (without a sliding window) and Qwen2 configurations with the default
+rotary embedding; anything else is refused with the reason, and the optimum export
 remains.
 """
 
@@ -224,8 +227,17 @@ def build(folder: Path) -> Any:
         ["final_norm", "", "", ""],
         epsilon=eps,
     )
+    # Logits of the last ``logits_to_keep`` positions only: a prompt's step needs its last
+    # position's, and all of them over a 49k vocabulary cost time and memory (batch 8 x 2,048
+    # tokens of SmolLM2: 3.2 GB).
+    start = node("Neg", ["logits_to_keep"], ["keep_from"])[0]
+    kept = node(
+        "Slice",
+        [h, start, const("to_end", np.array([2**62], np.int64)), const("axis1", np.array([1]))],
+        ["kept_positions"],
+    )[0]
     head = weights.get("lm_head.weight", embedding)
-    node("MatMul", [h, const("lm_head.weight", head.T)], ["logits"])
+    node("MatMul", [kept, const("lm_head.weight", head.T)], ["logits"])
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [
@@ -234,6 +246,7 @@ def build(folder: Path) -> Any:
             "attention_mask", i64, ["batch_size", "past_sequence_length + sequence_length"]
         ),
         helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("logits_to_keep", i64, [1]),
     ]
     outputs = [
         helper.make_tensor_value_info(

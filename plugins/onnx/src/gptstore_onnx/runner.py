@@ -114,6 +114,7 @@ class OrtRunner(DecodingRunner):
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.uses_positions = "position_ids" in inputs
+        self.keeps_logits = "logits_to_keep" in inputs  # the lean graph's
         first = inputs[self.past_names[0]] if self.past_names else None
         self.kv_shape = (int(first.shape[1]), int(first.shape[3])) if first is not None else None
         self.kv_dtype = "float16" if first is not None and "float16" in first.type else "float32"
@@ -141,13 +142,19 @@ class OrtRunner(DecodingRunner):
             )
         )
 
-    def forward(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
-        """All logits of a step and the new cache (``past`` None: an empty cache)."""
+    def forward(
+        self, ids: Any, mask: Any, positions: Any, past: Any, keep: int | None = None
+    ) -> tuple[Any, Any]:
+        """The logits of a step and the new cache (``past`` None: an empty cache). ``keep``:
+        the logits of that many last positions, where the graph can leave the others out
+        (None: every position's)."""
         import numpy as np
 
         feeds = {"input_ids": ids, "attention_mask": mask}
         if self.uses_positions:
             feeds["position_ids"] = positions
+        if self.keeps_logits:
+            feeds["logits_to_keep"] = np.array([keep or ids.shape[1]], dtype=np.int64)
         if self.shared_cache:
             return self._forward_shared(feeds, past)
         if past is None and self.kv_shape is not None:
@@ -202,7 +209,8 @@ class OrtRunner(DecodingRunner):
         binding = cache.binding  # the buffers stay bound from step to step
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
-        logits = np.empty((batch, steps, self.vocab_size), dtype=self.logits_dtype)
+        kept = int(feeds["logits_to_keep"][0]) if self.keeps_logits else steps
+        logits = np.empty((batch, kept, self.vocab_size), dtype=self.logits_dtype)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
         return logits, SharedCache(cache.values, cache.arrays, total, binding)
@@ -237,7 +245,7 @@ class OrtRunner(DecodingRunner):
         return SharedCache(values, arrays if self.device == "cpu" else None, length, binding)
 
     def _step(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
-        logits, present = self.forward(ids, mask, positions, past)
+        logits, present = self.forward(ids, mask, positions, past, keep=1)
         return logits[:, -1, :], present
 
     def _forward_all(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
