@@ -230,6 +230,8 @@ def build(folder: Path) -> Any:
     # Logits of the last ``logits_to_keep`` positions only: a prompt's step needs its last
     # position's, and all of them over a 49k vocabulary cost time and memory (batch 8 x 2,048
     # tokens of SmolLM2: 3.2 GB).
+    # A required input: ONNX Runtime cannot bind an input with a default (an initializer of
+    # the same name) through IOBinding, which the shared KV buffer needs.
     start = node("Neg", ["logits_to_keep"], ["keep_from"])[0]
     kept = node(
         "Slice",
