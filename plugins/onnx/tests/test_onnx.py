@@ -137,11 +137,12 @@ def same_answers(plain, other, max_tokens=12):
 
 def test_shared_cache_decodes_the_same_and_grows(exported):
     """The lean graph's attention appends into one buffer per layer, bound as both past and
-    present: the default there. Tokens and scores are those of fresh arrays every step, also
-    when a generation outgrows the buffer (256 positions) and moves to a larger one."""
+    present: the default there. Tokens, scores and the cache itself are those of fresh arrays
+    every step, also when a generation outgrows the buffer and moves to a larger one; the
+    buffer never holds more than ``kv_positions`` says (what the KV budget counts)."""
     import numpy as np
 
-    from gptstore_onnx.runner import CACHE_BLOCK, SharedCache
+    from gptstore_onnx.runner import SharedCache
 
     manager, _store, _base, onnx, _ = exported
     record = manager.get(ServingBackend, "onnx")
@@ -149,34 +150,99 @@ def test_shared_cache_decodes_the_same_and_grows(exported):
     shared = record.factory(OrtOptions()).load(onnx)
     assert (plain.shared_cache, shared.shared_cache) == (False, True)
     same_answers(plain, shared)
-    # A prompt 4 positions short of the first buffer's end, then 12 tokens: it grows once.
-    long = " ".join(["fox"] * 400)
-    ids = shared.decoder.tokenizer(long)["input_ids"][: CACHE_BLOCK - 4]
+    # The allocation: ahead of the length, in whole blocks, never past the context (2048).
+    assert [shared.kv_positions(n) for n in (1, 100, 1000, 2000, 2048)] == [
+        128,
+        192,
+        1280,
+        2048,
+        2048,
+    ]
+    assert plain.kv_positions(100) == 100
+    # A 100-token prompt gets 192 positions; 120 new tokens outgrow them.
+    ids = shared.decoder.tokenizer(" ".join(["fox"] * 400))["input_ids"][:100]
     prompt = shared.decoder.tokenizer.decode(ids)
-    assert shared.count_tokens(prompt) == CACHE_BLOCK - 4
-    request = GenerationRequest(prompt=prompt, max_tokens=12, logprobs=1)
+    assert shared.count_tokens(prompt) == 100
+    request = GenerationRequest(prompt=prompt, max_tokens=120, logprobs=1, logit_bias=((0, -100),))
     [want], [got] = plain.generate([request]), shared.generate([request])
-    assert got.completion_tokens == want.completion_tokens == 12
+    assert got.completion_tokens == want.completion_tokens
     assert got.text == want.text
     assert [t.logprob for t in got.logprobs] == pytest.approx(
         [t.logprob for t in want.logprobs], abs=1e-5
     )
-    # One step at the forward level: the state is the buffer, grown past the block.
+    # Step by step at the forward level: the same cache as the arrays', grown past 192.
     tokens = np.asarray([ids], dtype=np.int64)
     mask, positions = np.ones_like(tokens), np.arange(tokens.shape[1])[None]
     _logits, state = shared.forward(tokens, mask, positions, None)
+    _logits, arrays = plain.forward(tokens, mask, positions, None)
     assert isinstance(state, SharedCache)
-    assert (state.length, state.capacity) == (CACHE_BLOCK - 4, CACHE_BLOCK)
-    for step in range(5):
+    assert (state.length, state.capacity) == (100, 192)
+    first = state.values[0]
+    for step in range(100):
         mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-        _logits, state = shared.forward(
-            np.asarray([[ids[step]]]), mask, positions[:, -1:] + step + 1, state
-        )
-    assert (state.length, state.capacity) == (CACHE_BLOCK + 1, 2 * CACHE_BLOCK)
-    with pytest.raises(GptstoreError, match="the cache holds 257 positions"):
+        token, where = np.asarray([[ids[step]]]), np.asarray([[100 + step]])
+        _logits, state = shared.forward(token, mask, where, state)
+        _logits, arrays = plain.forward(token, mask, where, arrays)
+        if step == 91:  # the 192nd position: still the first buffer
+            assert state.values[0] is first
+    assert (state.length, state.capacity) == (200, shared.kv_positions(193))
+    assert state.values[0] is not first
+    for got_cache, want_cache in zip(state.filled(), arrays, strict=True):
+        np.testing.assert_allclose(got_cache, want_cache, rtol=1e-6, atol=1e-6)
+    # A device's buffers are read back through their OrtValues: the same positions.
+    device_like = SharedCache(state.values, None, state.length, state.binding)
+    for a, b in zip(device_like.filled(), state.filled(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(GptstoreError, match="the cache holds 200 positions"):
         shared.forward(np.asarray([[5]]), mask, positions[:, -1:], state)
     plain.close()
     shared.close()
+
+
+def test_shared_cache_in_a_continuous_batch_that_outgrows_its_buffer(exported):
+    """Rows join a running batch (left padding, new buffers) and the batch then grows past its
+    buffer, rows leaving on the way: every row answers as alone."""
+    import asyncio
+
+    from gptstore.serving.continuous import ContinuousBatcher
+
+    manager, _store, _base, onnx, _ = exported
+    runner = manager.get(ServingBackend, "onnx").factory(OrtOptions()).load(onnx)
+    tokenizer = runner.decoder.tokenizer
+    ids = tokenizer(" ".join(["fox"] * 400))["input_ids"]
+    no_end = tuple((t, -100.0) for t in runner.decoder.eos_ids)
+    # 120 positions, then 90 more: the joined batch's buffer (192 positions) fills on the way.
+    first = GenerationRequest(prompt=tokenizer.decode(ids[:120]), max_tokens=90, logit_bias=no_end)
+    later = [
+        GenerationRequest(prompt="The quick brown fox", max_tokens=40, logit_bias=no_end),
+        GenerationRequest(
+            prompt=tokenizer.decode(ids[:30]), max_tokens=80, temperature=0.7, seed=1
+        ),
+    ]
+    batcher = ContinuousBatcher(runner, "grow", max_batch=4, max_queue=8)
+
+    async def scenario():
+        streamed, joined = [], None
+        async for _index, chunk in batcher.stream([first]):
+            streamed.append(chunk.text)
+            if joined is None:
+                joined = asyncio.ensure_future(
+                    asyncio.gather(*(batcher.generate([r]) for r in later))
+                )
+        assert joined is not None
+        return "".join(streamed), [g for [g] in await joined]
+
+    try:
+        text, answers = asyncio.run(scenario())
+    finally:
+        batcher.close()
+    [alone] = runner.generate([first])
+    assert alone.completion_tokens == 90
+    assert text == alone.text
+    for request, answer in zip(later, answers, strict=True):
+        assert answer.text == runner.generate([request])[0].text
+    assert batcher.stats.largest == 3
+    runner.close()
 
 
 def test_the_lean_graph_computes_only_the_logits_asked_for(exported):
@@ -375,7 +441,7 @@ def test_the_lean_graph_decodes_what_the_optimum_export_and_torch_do(exported, t
     # optimum's graph concatenates past and new keys into new arrays: it cannot share a
     # buffer, and asking it to is an error that says which graph can.
     assert [r.shared_cache for r in runners] == [True, False]
-    with pytest.raises(InvalidInput, match="not written by GroupQueryAttention"):
+    with pytest.raises(InvalidInput, match="not all written by GroupQueryAttention"):
         OrtBackend(OrtOptions(shared_cache=True)).load(traced)
     for runner in runners:
         runner.close()

@@ -114,12 +114,12 @@ class ContinuousBatcher(Batcher):
             check_context(len(ids), request.max_tokens, self.decoder.context_length)
             row = self.decoder.row(request, len(ids))
             seat = _Seat(row, ids, tally, index)
-            if self.kv_per_token and seat.reserved * self.kv_per_token > (self.kv_budget or 0):
+            if self.kv_per_token and self._kv_bytes(1, seat.reserved) > (self.kv_budget or 0):
                 raise InvalidInput(
                     "request",
                     [
                         f"its prompt ({len(ids)} tokens) plus max_tokens {request.max_tokens} "
-                        f"need {format_bytes(seat.reserved * self.kv_per_token)} of KV cache; "
+                        f"need {format_bytes(self._kv_bytes(1, seat.reserved))} of KV cache; "
                         f"deployment {self.name!r} has {format_bytes(self.kv_budget or 0)} "
                         "(kv_cache_mb); lower max_tokens or shorten the prompt"
                     ],
@@ -133,9 +133,11 @@ class ContinuousBatcher(Batcher):
             return False
         if not self.kv_per_token or len(rows) == 1:
             return True
-        return len(rows) * max(s.reserved for s in rows) * self.kv_per_token <= (
-            self.kv_budget or 0
-        )
+        return self._kv_bytes(len(rows), max(s.reserved for s in rows)) <= (self.kv_budget or 0)
+
+    def _kv_bytes(self, rows: int, length: int) -> int:
+        """The cache ``rows`` rows hold once they reach ``length`` positions."""
+        return rows * self.stepper.kv_positions(length) * (self.kv_per_token or 0)
 
     # -- the worker -----------------------------------------------------------------------------
 

@@ -456,6 +456,11 @@ class DecodingRunner:
         batcher keeps its running batch under the deployment's KV budget with it."""
         return None
 
+    def kv_positions(self, length: int) -> int:
+        """Positions of cache a row holds once the batch's rows reach ``length``: more than
+        ``length`` where the runner allocates ahead (the onnx runner's shared buffers)."""
+        return length
+
     @property
     def continuous(self) -> bool:
         """Whether this runner's cache can take rows joining and leaving a running batch

@@ -343,16 +343,16 @@ class ContinuousBatchingContract:
             pytest.skip("the runner does not say how much cache a token takes")
         requests = [GenerationRequest(prompt=self.prompts[1], max_tokens=6) for _ in range(4)]
         reserved = runner.count_tokens(self.prompts[1]) + 6
-        batcher = self._batcher(runner, kv_budget=2 * reserved * per_token)
+        held = runner.kv_positions(reserved)  # what a row holds, allocated ahead or not
+        assert held >= reserved
+        batcher = self._batcher(runner, kv_budget=2 * held * per_token)
 
         async def scenario() -> list[Generation]:
             answers = await asyncio.gather(*(batcher.generate([r]) for r in requests))
             return [g for [g] in answers]
 
         async def too_large() -> None:
-            await batcher.generate(
-                [GenerationRequest(prompt=self.prompts[1], max_tokens=3 * reserved)]
-            )
+            await batcher.generate([GenerationRequest(prompt=self.prompts[1], max_tokens=3 * held)])
 
         try:
             answers = asyncio.run(scenario())

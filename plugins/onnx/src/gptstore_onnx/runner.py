@@ -21,8 +21,12 @@ from gptstore.plugin import (
 )
 
 MODEL_FILE = "model.onnx"
-#: A shared cache buffer grows by this many positions at a time.
-CACHE_BLOCK = 256
+#: A shared cache buffer holds whole blocks of this many positions, and room for a quarter more
+#: than it fills (at least a block) when it is made: a batch outgrows it rarely, and a row holds
+#: at most a quarter and two blocks more than it needs (which the KV budget counts).
+CACHE_BLOCK = 64
+#: The lean graph's name (builder.py): its cache outputs are GroupQueryAttention's.
+LEAN_GRAPH = "gptstore-lean"
 #: Providers whose outputs IOBinding can keep in CUDA memory between steps.
 CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
@@ -118,19 +122,30 @@ class OrtRunner(DecodingRunner):
         first = inputs[self.past_names[0]] if self.past_names else None
         self.kv_shape = (int(first.shape[1]), int(first.shape[3])) if first is not None else None
         self.kv_dtype = "float16" if first is not None and "float16" in first.type else "float32"
-        can_share = appends_in_place(model, self.present_names)
+        [logits] = [o for o in self.session.get_outputs() if o.name == "logits"]
+        # Only the lean graph is read to check (a whole protobuf parse): no other graph shares
+        # unless asked to. Buffers are numpy arrays: fp32 or fp16 caches and logits only.
+        host_types = {"tensor(float)", "tensor(float16)"}
+        wanted = options.shared_cache
+        if wanted is None:
+            wanted = self.session.get_modelmeta().graph_name == LEAN_GRAPH
+        can_share = (
+            wanted
+            and first is not None
+            and {first.type, logits.type} <= host_types
+            and appends_in_place(model, self.present_names)
+        )
         if options.shared_cache and not can_share:
             raise InvalidInput(
                 "shared_cache",
                 [
-                    f"{model}'s cache outputs are not written by GroupQueryAttention, which "
-                    'alone appends to a shared buffer; export with `graph = "lean"` or leave '
-                    "shared_cache unset"
+                    f"{model}'s cache outputs are not all written by GroupQueryAttention into "
+                    "fp32 or fp16 tensors, which alone append to a shared buffer here; export "
+                    'with `graph = "lean"` or leave shared_cache unset'
                 ],
             )
         self.shared_cache = can_share if options.shared_cache is None else options.shared_cache
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
-        [logits] = [o for o in self.session.get_outputs() if o.name == "logits"]
         vocab = logits.shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else int(config.vocab_size)
         self.logits_dtype = "float16" if "float16" in logits.type else "float32"
@@ -209,7 +224,7 @@ class OrtRunner(DecodingRunner):
         binding = cache.binding  # the buffers stay bound from step to step
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
-        kept = int(feeds["logits_to_keep"][0]) if self.keeps_logits else steps
+        kept = min(int(feeds["logits_to_keep"][0]), steps) if self.keeps_logits else steps
         logits = np.empty((batch, kept, self.vocab_size), dtype=self.logits_dtype)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
@@ -223,9 +238,7 @@ class OrtRunner(DecodingRunner):
 
         assert self.kv_shape is not None
         heads, size = self.kv_shape
-        capacity = (length // CACHE_BLOCK + 1) * CACHE_BLOCK
-        if self.decoder.context_length:  # never more than the model can attend to
-            capacity = max(length, min(capacity, self.decoder.context_length))
+        capacity = self.kv_positions(length)
         arrays: list[Any] = []
         for index in range(len(self.past_names)):
             array: Any = np.zeros((batch, heads, capacity, size), dtype=self.kv_dtype)
@@ -233,8 +246,11 @@ class OrtRunner(DecodingRunner):
                 array[:, :, : filled[index].shape[2]] = filled[index]
             arrays.append(array)
         # On the CPU an OrtValue wraps its array (no copy); elsewhere it is copied to the device
-        # and the host array is dropped.
-        values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in arrays]
+        # and the host array is dropped. ONNX Runtime's CUDA GroupQueryAttention takes fp16 and
+        # bf16 only: an fp32 graph's attention runs on the CPU, so its buffers stay there (on
+        # the device they would be copied to the host and back, whole, every step).
+        device = self.device if self.kv_dtype == "float16" else "cpu"
+        values = [ort.OrtValue.ortvalue_from_numpy(a, device, 0) for a in arrays]
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")  # first: the outputs' order is the binding's
         for past_name, present_name, value in zip(
@@ -242,7 +258,7 @@ class OrtRunner(DecodingRunner):
         ):
             binding.bind_ortvalue_input(past_name, value)
             binding.bind_ortvalue_output(present_name, value)
-        return SharedCache(values, arrays if self.device == "cpu" else None, length, binding)
+        return SharedCache(values, arrays if device == "cpu" else None, length, binding)
 
     def _step(self, ids: Any, mask: Any, positions: Any, past: Any) -> tuple[Any, Any]:
         logits, present = self.forward(ids, mask, positions, past, keep=1)
@@ -273,6 +289,15 @@ class OrtRunner(DecodingRunner):
             return arrays
         batch, _heads, length, _size = arrays[0].shape
         return self._shared(arrays, batch, length)
+
+    def kv_positions(self, length: int) -> int:
+        if not self.shared_cache:
+            return length
+        ahead = length + max(CACHE_BLOCK, length // 4)
+        capacity = -(-ahead // CACHE_BLOCK) * CACHE_BLOCK
+        if self.decoder.context_length:  # never more than the model can attend to
+            capacity = max(length, min(capacity, self.decoder.context_length))
+        return capacity
 
     def kv_bytes_per_token(self) -> int | None:
         if self.kv_shape is None:
