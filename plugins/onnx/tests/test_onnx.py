@@ -202,9 +202,8 @@ def test_shared_cache_decodes_the_same_and_grows(exported):
 def test_shared_cache_in_a_continuous_batch_that_outgrows_its_buffer(exported):
     """Rows join a running batch (left padding, new buffers) and the batch then grows past its
     buffer, rows leaving on the way: every row answers as alone."""
-    import asyncio
-
     from gptstore.serving.continuous import ContinuousBatcher
+    from gptstore.testing.contracts import join_while_streaming
 
     manager, _store, _base, onnx, _ = exported
     runner = manager.get(ServingBackend, "onnx").factory(OrtOptions()).load(onnx)
@@ -220,22 +219,7 @@ def test_shared_cache_in_a_continuous_batch_that_outgrows_its_buffer(exported):
         ),
     ]
     batcher = ContinuousBatcher(runner, "grow", max_batch=4, max_queue=8)
-
-    async def scenario():
-        streamed, joined = [], None
-        async for _index, chunk in batcher.stream([first]):
-            streamed.append(chunk.text)
-            if joined is None:
-                joined = asyncio.ensure_future(
-                    asyncio.gather(*(batcher.generate([r]) for r in later))
-                )
-        assert joined is not None
-        return "".join(streamed), [g for [g] in await joined]
-
-    try:
-        text, answers = asyncio.run(scenario())
-    finally:
-        batcher.close()
+    text, answers = join_while_streaming(batcher, first, later)
     [alone] = runner.generate([first])
     assert alone.completion_tokens == 90
     assert text == alone.text

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,31 @@ class BackendContract:
         assert "Hi" in prompt
 
 
+def join_while_streaming(
+    batcher: Any, first: GenerationRequest, later: Sequence[GenerationRequest]
+) -> tuple[str, list[Generation]]:
+    """Stream ``first`` through a continuous ``batcher``; once its first chunk is out, the
+    ``later`` requests join the running batch. The first's streamed text and the others'
+    answers; the batcher is closed."""
+    import asyncio
+
+    async def scenario() -> tuple[str, list[Generation]]:
+        streamed, joined = [], None
+        async for _index, chunk in batcher.stream([first]):
+            streamed.append(chunk.text)
+            if joined is None:  # the first row runs: the others join it
+                joined = asyncio.ensure_future(
+                    asyncio.gather(*(batcher.generate([r]) for r in later))
+                )
+        assert joined is not None
+        return "".join(streamed), [g for [g] in await joined]
+
+    try:
+        return asyncio.run(scenario())
+    finally:
+        batcher.close()
+
+
 class ContinuousBatchingContract:
     """A runner of the shared decode loop whose cache supports continuous batching (its
     ``_cache_select`` and ``_cache_join``): rows that join a running batch, leave it, or are
@@ -254,8 +280,6 @@ class ContinuousBatchingContract:
         assert per_token is None or per_token > 0
 
     def test_rows_joining_a_running_batch_decode_as_alone(self, runner: Any) -> None:
-        import asyncio
-
         first = self._longest(runner, 24)
         later = [
             GenerationRequest(prompt=self.prompts[0], max_tokens=12),
@@ -264,22 +288,7 @@ class ContinuousBatchingContract:
             GenerationRequest(prompt=self.prompts[3], max_tokens=10, stop=("e",)),
         ]
         batcher = self._batcher(runner)
-
-        async def scenario() -> tuple[str, list[Generation]]:
-            streamed, joined = [], None
-            async for _index, chunk in batcher.stream([first]):
-                streamed.append(chunk.text)
-                if joined is None:  # the first row runs: the others join it
-                    joined = asyncio.ensure_future(
-                        asyncio.gather(*(batcher.generate([r]) for r in later))
-                    )
-            assert joined is not None
-            return "".join(streamed), [g for [g] in await joined]
-
-        try:
-            text, answers = asyncio.run(scenario())
-        finally:
-            batcher.close()
+        text, answers = join_while_streaming(batcher, first, later)
         assert text == self._alone(runner, first).text
         for request, answer in zip(later, answers, strict=True):
             alone = self._alone(runner, request)
